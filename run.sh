@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Set up, build and run mla from a fresh clone on Debian 12.
+#
+#   ./run.sh demo  [preset]   install what is missing, build, run examples/quickstart
+#   ./run.sh test  [preset]   install what is missing, build, run the whole test suite (ctest)
+#   ./run.sh bench [preset]   install what is missing, build, run the benchmarks (JSON to build/)
+#   ./run.sh format           check the sources with clang-format (exit 1 on any difference)
+#
+# preset is one of CMakePresets.json's configure presets: release (default), debug, asan, clang.
+# Missing Debian packages are installed with apt-get (as root, or through sudo when available);
+# packages already present are left alone.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+usage() {
+  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+# Installs every listed Debian package that is not installed yet.
+ensure_packages() {
+  local missing=() p
+  for p in "$@"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+      missing+=("$p")
+    fi
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+      sudo=(sudo)
+    else
+      echo "error: missing Debian packages (${missing[*]}); run as root or install them" >&2
+      exit 1
+    fi
+  fi
+  echo "Installing missing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+build_packages() {
+  local preset=$1
+  local pkgs=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev)
+  case "$preset" in
+    clang*) pkgs+=(clang) ;;
+  esac
+  ensure_packages "${pkgs[@]}"
+}
+
+[ $# -ge 1 ] || usage
+command=$1
+preset=${2:-release}
+
+case "$command" in
+  demo)
+    build_packages "$preset"
+    cmake --preset "$preset" >/dev/null
+    cmake --build --preset "$preset" --target quickstart
+    "build/$preset/examples/quickstart"
+    ;;
+  test)
+    build_packages "$preset"
+    # configure + build + ctest; ctest's summary line is the last thing printed.
+    cmake --workflow --preset "$preset"
+    ;;
+  bench)
+    build_packages "$preset"
+    cmake --preset "$preset" >/dev/null
+    cmake --build --preset "$preset"
+    for b in "build/$preset"/bench/bench_*; do
+      [ -x "$b" ] || continue
+      name=$(basename "$b")
+      echo "== $name -> build/$preset/$name.json"
+      "$b" --benchmark_format=console --benchmark_out="build/$preset/$name.json" \
+        --benchmark_out_format=json
+    done
+    ;;
+  format)
+    ensure_packages clang-format
+    find include tests bench examples \( -name '*.hpp' -o -name '*.cpp' \) -print0 |
+      xargs -0 clang-format --dry-run --Werror
+    echo "clang-format: all sources formatted"
+    ;;
+  *)
+    usage
+    ;;
+esac
