@@ -119,36 +119,29 @@ class Fp8Rounder {
   std::vector<double> grid_;
 };
 
-/// IEEE half (binary16) bit pattern to its value, by the formula.
-inline double fp16_value(std::uint16_t bits) {
+/// The value of a 16-bit IEEE-style pattern with the given field widths, by the formula
+/// (exponent all ones: Inf/NaN; exponent 0: subnormal).
+inline double binary16_value(std::uint16_t bits, int exponent_bits, int mantissa_bits) {
   const bool negative = bits >> 15;
-  const unsigned e = (bits >> 10) & 0x1F;
-  const unsigned m = bits & 0x3FF;
+  const unsigned e = (bits >> mantissa_bits) & ((1u << exponent_bits) - 1);
+  const unsigned m = bits & ((1u << mantissa_bits) - 1);
+  const int bias = (1 << (exponent_bits - 1)) - 1;
   double v;
-  if (e == 31) {
+  if (e == (1u << exponent_bits) - 1) {
     v = m == 0 ? std::numeric_limits<double>::infinity() : std::numeric_limits<double>::quiet_NaN();
   } else if (e == 0) {
-    v = std::ldexp(static_cast<double>(m), -24);
+    v = std::ldexp(static_cast<double>(m), 1 - bias - mantissa_bits);
   } else {
-    v = std::ldexp(1.0 + m / 1024.0, static_cast<int>(e) - 15);
+    v = std::ldexp(1.0 + std::ldexp(static_cast<double>(m), -mantissa_bits),
+                   static_cast<int>(e) - bias);
   }
   return negative ? -v : v;
 }
 
-/// bfloat16 bit pattern to its value, by the formula.
-inline double bf16_value(std::uint16_t bits) {
-  const bool negative = bits >> 15;
-  const unsigned e = (bits >> 7) & 0xFF;
-  const unsigned m = bits & 0x7F;
-  double v;
-  if (e == 255) {
-    v = m == 0 ? std::numeric_limits<double>::infinity() : std::numeric_limits<double>::quiet_NaN();
-  } else if (e == 0) {
-    v = std::ldexp(static_cast<double>(m), -133);
-  } else {
-    v = std::ldexp(1.0 + m / 128.0, static_cast<int>(e) - 127);
-  }
-  return negative ? -v : v;
-}
+/// IEEE half (binary16): 5 exponent bits, 10 mantissa bits.
+inline double fp16_value(std::uint16_t bits) { return binary16_value(bits, 5, 10); }
+
+/// bfloat16: 8 exponent bits, 7 mantissa bits.
+inline double bf16_value(std::uint16_t bits) { return binary16_value(bits, 8, 7); }
 
 }  // namespace ref
