@@ -10,8 +10,10 @@
 /// widens both operands and is computed in float. The bulk conversions `to_fp8` / `from_fp8`
 /// are what hot paths call; element by element they equal the scalar conversions.
 ///
-/// The conversions are pure integer arithmetic on the IEEE bit patterns, so they do not depend
-/// on the floating-point environment (rounding mode, flush-to-zero).
+/// The conversions are integer arithmetic on the IEEE bit patterns (decoding adds one float
+/// subtraction that is always exact), so they do not depend on the floating-point environment
+/// (rounding mode, flush-to-zero). Only the optional scale of the bulk narrowing divides in
+/// float, under the current rounding mode.
 
 #include <Eigen/Core>
 #include <cstddef>
