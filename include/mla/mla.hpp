@@ -5,5 +5,13 @@
 /// mla is a header-only C++17 library for DeepSeek-style Multi-Head Latent Attention with a
 /// latent KV cache. Element types are template parameters; every dimension is a runtime value.
 
+#include "mla/config.hpp"
+#include "mla/error.hpp"
 #include "mla/fp8.hpp"
+#include "mla/latent_cache.hpp"
+#include "mla/matrix.hpp"
+#include "mla/norm.hpp"
+#include "mla/projection.hpp"
+#include "mla/rope.hpp"
 #include "mla/version.hpp"
+#include "mla/weights.hpp"

@@ -1,0 +1,191 @@
+#pragma once
+/// \file
+/// `MlaConfig`: the runtime dimensions and hyper-parameters of one MLA layer, with the field
+/// names of DeepSeek's config.json, plus presets for DeepSeek-V2-Lite, V2 and V3.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "mla/error.hpp"
+#include "mla/matrix.hpp"
+
+namespace mla {
+
+/// How the rotary part of a query/key is paired for rotation.
+enum class RopeLayout : std::uint8_t {
+  /// Pairs (x[2i], x[2i+1]): DeepSeek's checkpoints and official inference code.
+  kInterleaved,
+  /// Pairs (x[i], x[i + R/2]) ("rotate half"): Hugging Face / GPT-NeoX storage order.
+  kHalfSplit,
+};
+
+/// config.json's `rope_scaling`. `type == kNone` means plain RoPE (the other fields unused).
+struct RopeScaling {
+  enum class Type : std::uint8_t { kNone, kYarn };
+  Type type = Type::kNone;
+  double factor = 1.0;                                   ///< context extension factor s
+  std::int64_t original_max_position_embeddings = 4096;  ///< pre-extension context length
+  double beta_fast = 32.0;      ///< rotations at which the YaRN ramp starts (high frequencies)
+  double beta_slow = 1.0;       ///< rotations at which the ramp ends (low frequencies)
+  double mscale = 1.0;          ///< HF's cos/sin magnitude numerator
+  double mscale_all_dim = 0.0;  ///< softmax-scale mscale; 0 leaves the softmax scale alone
+};
+
+/// Dimensions and hyper-parameters of one MLA layer. Field names follow DeepSeek's
+/// config.json so a loaded config reads line by line against the file.
+///
+/// Symbols used in the docs: H heads, d_c = kv_lora_rank, d_c' = q_lora_rank,
+/// P = qk_nope_head_dim, R = qk_rope_head_dim, V = v_head_dim.
+struct MlaConfig {
+  std::int64_t hidden_size = 0;          ///< model width (DeepSeek "dim")
+  std::int64_t num_attention_heads = 0;  ///< H
+  std::int64_t q_lora_rank = 0;          ///< d_c'; 0 means no query compression (plain wq)
+  std::int64_t kv_lora_rank = 0;         ///< d_c, the cached latent width
+  std::int64_t qk_nope_head_dim = 0;     ///< P, per-head key/query width without RoPE
+  std::int64_t qk_rope_head_dim = 0;     ///< R, the decoupled rotary width (even)
+  std::int64_t v_head_dim = 0;           ///< V
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling{};
+  std::int64_t max_position_embeddings = 163840;
+  /// Pairing of the rotary dimensions in the weights and in the cached k^R. Not a config.json
+  /// field: DeepSeek's own checkpoints are interleaved.
+  RopeLayout rope_layout = RopeLayout::kInterleaved;
+
+  /// P + R, the per-head query/key width of the expanded path.
+  Index qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  /// True when the query goes through its own latent (q_lora_rank > 0).
+  bool has_q_lora() const { return q_lora_rank > 0; }
+  /// Numbers cached per token and layer: d_c + R.
+  Index latent_cache_width() const { return kv_lora_rank + qk_rope_head_dim; }
+
+  /// Throws mla::Error naming the first field that holds an impossible value.
+  void validate() const;
+
+  /// DeepSeek-V2-Lite: 16 heads, no query compression, YaRN (factor 40, mscale 0.707).
+  static MlaConfig deepseek_v2_lite();
+  /// DeepSeek-V2: 128 heads, q_lora_rank 1536, YaRN (factor 40, mscale 0.707).
+  static MlaConfig deepseek_v2();
+  /// DeepSeek-V3 / R1: 128 heads, q_lora_rank 1536, YaRN (factor 40, mscale 1.0).
+  static MlaConfig deepseek_v3();
+  /// Test-sized config shaped like V2-Lite (no query compression, mscale 0.707): hidden 64,
+  /// 4 heads, d_c 32, P 16, R 8, V 16.
+  static MlaConfig small_v2_lite();
+  /// Test-sized config shaped like V3 (query compression, mscale 1.0): hidden 64, 4 heads,
+  /// d_c' 24, d_c 32, P 16, R 8, V 12.
+  static MlaConfig small_v3();
+};
+
+namespace detail {
+
+inline void require_dim(std::int64_t value, std::int64_t min, const char* field) {
+  // The bound keeps every product of dimensions far from overflow.
+  constexpr std::int64_t kMax = std::int64_t{1} << 24;
+  require(value >= min && value <= kMax, "MlaConfig.", field, " must be in [", min, ", ", kMax,
+          "], got ", value);
+}
+
+inline void require_finite(double value, double min_exclusive, const char* field) {
+  require(std::isfinite(value) && value > min_exclusive, "MlaConfig.", field,
+          " must be a finite number > ", min_exclusive, ", got ", value);
+}
+
+/// DeepSeek's YaRN defaults (all published V2/V3 configs share them but mscale).
+inline RopeScaling deepseek_yarn(double mscale) {
+  RopeScaling s;
+  s.type = RopeScaling::Type::kYarn;
+  s.factor = 40.0;
+  s.original_max_position_embeddings = 4096;
+  s.beta_fast = 32.0;
+  s.beta_slow = 1.0;
+  s.mscale = mscale;
+  s.mscale_all_dim = mscale;
+  return s;
+}
+
+}  // namespace detail
+
+inline void MlaConfig::validate() const {
+  using detail::require;
+  detail::require_dim(hidden_size, 1, "hidden_size");
+  detail::require_dim(num_attention_heads, 1, "num_attention_heads");
+  detail::require_dim(q_lora_rank, 0, "q_lora_rank");
+  detail::require_dim(kv_lora_rank, 1, "kv_lora_rank");
+  detail::require_dim(qk_nope_head_dim, 0, "qk_nope_head_dim");
+  detail::require_dim(qk_rope_head_dim, 0, "qk_rope_head_dim");
+  detail::require_dim(v_head_dim, 1, "v_head_dim");
+  require(qk_rope_head_dim % 2 == 0,
+          "MlaConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got ", qk_rope_head_dim);
+  require(qk_nope_head_dim + qk_rope_head_dim > 0,
+          "MlaConfig.qk_nope_head_dim + qk_rope_head_dim must be > 0, got 0");
+  detail::require_finite(rms_norm_eps, 0.0, "rms_norm_eps");
+  detail::require_finite(rope_theta, 1.0, "rope_theta");
+  detail::require_dim(max_position_embeddings, 1, "max_position_embeddings");
+  if (rope_scaling.type == RopeScaling::Type::kYarn) {
+    detail::require_finite(rope_scaling.factor, 0.0, "rope_scaling.factor");
+    require(rope_scaling.original_max_position_embeddings > 0,
+            "MlaConfig.rope_scaling.original_max_position_embeddings must be > 0, got ",
+            rope_scaling.original_max_position_embeddings);
+    detail::require_finite(rope_scaling.beta_slow, 0.0, "rope_scaling.beta_slow");
+    detail::require_finite(rope_scaling.beta_fast, rope_scaling.beta_slow,
+                           "rope_scaling.beta_fast (which must exceed beta_slow)");
+    require(std::isfinite(rope_scaling.mscale),
+            "MlaConfig.rope_scaling.mscale must be finite, got ", rope_scaling.mscale);
+    require(std::isfinite(rope_scaling.mscale_all_dim) && rope_scaling.mscale_all_dim >= 0.0,
+            "MlaConfig.rope_scaling.mscale_all_dim must be finite and >= 0, got ",
+            rope_scaling.mscale_all_dim);
+  }
+}
+
+inline MlaConfig MlaConfig::deepseek_v2_lite() {
+  MlaConfig c;
+  c.hidden_size = 2048;
+  c.num_attention_heads = 16;
+  c.q_lora_rank = 0;
+  c.kv_lora_rank = 512;
+  c.qk_nope_head_dim = 128;
+  c.qk_rope_head_dim = 64;
+  c.v_head_dim = 128;
+  c.rope_scaling = detail::deepseek_yarn(0.707);
+  return c;
+}
+
+inline MlaConfig MlaConfig::deepseek_v2() {
+  MlaConfig c = deepseek_v2_lite();
+  c.hidden_size = 5120;
+  c.num_attention_heads = 128;
+  c.q_lora_rank = 1536;
+  return c;
+}
+
+inline MlaConfig MlaConfig::deepseek_v3() {
+  MlaConfig c = deepseek_v2();
+  c.hidden_size = 7168;
+  c.rope_scaling = detail::deepseek_yarn(1.0);
+  return c;
+}
+
+inline MlaConfig MlaConfig::small_v2_lite() {
+  MlaConfig c;
+  c.hidden_size = 64;
+  c.num_attention_heads = 4;
+  c.q_lora_rank = 0;
+  c.kv_lora_rank = 32;
+  c.qk_nope_head_dim = 16;
+  c.qk_rope_head_dim = 8;
+  c.v_head_dim = 16;
+  c.rope_scaling = detail::deepseek_yarn(0.707);
+  return c;
+}
+
+inline MlaConfig MlaConfig::small_v3() {
+  MlaConfig c = small_v2_lite();
+  c.q_lora_rank = 24;
+  c.v_head_dim = 12;  // differs from P, so a mix-up of the two is caught
+  c.rope_scaling = detail::deepseek_yarn(1.0);
+  return c;
+}
+
+}  // namespace mla

@@ -1,0 +1,158 @@
+#pragma once
+/// \file
+/// Decoupled rotary position embedding (RoPE) with YaRN context extension, and the softmax
+/// scale that YaRN adjusts. Always computed in the compute type (float or double), never in a
+/// storage type; angles pos * theta are formed in double.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "mla/config.hpp"
+#include "mla/error.hpp"
+#include "mla/matrix.hpp"
+
+namespace mla {
+
+/// YaRN's magnitude correction (DeepSeek/HF `yarn_get_mscale`): 0.1 * mscale * ln(factor) + 1
+/// for factor > 1, else 1.
+inline double yarn_get_mscale(double factor, double mscale) {
+  return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0;
+}
+
+/// The softmax scale sigma = (P + R)^-1/2, times mscale^2 under YaRN with a nonzero
+/// mscale_all_dim (mscale = yarn_get_mscale(factor, mscale_all_dim)). Note the width is P + R
+/// (192 for DeepSeek), not the absorbed path's d_c + R.
+inline double softmax_scale(const MlaConfig& c) {
+  double sigma = 1.0 / std::sqrt(static_cast<double>(c.qk_head_dim()));
+  const RopeScaling& y = c.rope_scaling;
+  if (y.type == RopeScaling::Type::kYarn && y.mscale_all_dim != 0.0) {
+    const double m = yarn_get_mscale(y.factor, y.mscale_all_dim);
+    sigma *= m * m;
+  }
+  return sigma;
+}
+
+/// YaRN's correction range in pair indices: pairs i <= low keep their frequency, pairs
+/// i >= high are divided by the factor, and the ones between are blended linearly.
+struct YarnRange {
+  double low;
+  double high;
+};
+
+/// The pair index at which a frequency makes `rotations` full turns over the original context:
+/// R * ln(orig / (2 pi rotations)) / (2 ln base).
+inline double yarn_correction_dim(double rotations, const MlaConfig& c) {
+  const double pi = 3.14159265358979323846;
+  const auto orig = static_cast<double>(c.rope_scaling.original_max_position_embeddings);
+  return static_cast<double>(c.qk_rope_head_dim) * std::log(orig / (2.0 * pi * rotations)) /
+         (2.0 * std::log(c.rope_theta));
+}
+
+/// low = max(floor(corr(beta_fast)), 0), high = min(ceil(corr(beta_slow)), R - 1), and
+/// high += 0.001 when they meet (DeepSeek-V3 defaults: low 10, high 23).
+inline YarnRange yarn_correction_range(const MlaConfig& c) {
+  double low = std::floor(yarn_correction_dim(c.rope_scaling.beta_fast, c));
+  double high = std::ceil(yarn_correction_dim(c.rope_scaling.beta_slow, c));
+  low = std::max(low, 0.0);
+  high = std::min(high, static_cast<double>(c.qk_rope_head_dim - 1));
+  if (low == high) high += 0.001;
+  return {low, high};
+}
+
+/// The rotary frequencies of one config, and their application to queries and keys.
+///
+/// Frequency of pair i (i < R/2): theta_i = base^(-2i/R); under YaRN
+/// theta'_i = theta_i / factor * ramp_i + theta_i * (1 - ramp_i), with
+/// ramp_i = clamp((i - low) / (high - low), 0, 1). Pair i of a vector at position p is rotated
+/// by the angle p * theta'_i; cos and sin are multiplied by HF's magnitude factor
+/// yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim) (1 for every
+/// published DeepSeek config).
+class Rope {
+ public:
+  explicit Rope(const MlaConfig& config)
+      : dim_(config.qk_rope_head_dim), layout_(config.rope_layout) {
+    config.validate();
+    const Index pairs = dim_ / 2;
+    inv_freq_.resize(static_cast<std::size_t>(pairs));
+    const RopeScaling& y = config.rope_scaling;
+    const bool yarn = y.type == RopeScaling::Type::kYarn;
+    const YarnRange range = yarn ? yarn_correction_range(config) : YarnRange{0.0, 1.0};
+    for (Index i = 0; i < pairs; ++i) {
+      const double theta =
+          std::pow(config.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim_));
+      double f = theta;
+      if (yarn) {
+        const double ramp =
+            std::clamp((static_cast<double>(i) - range.low) / (range.high - range.low), 0.0, 1.0);
+        f = theta / y.factor * ramp + theta * (1.0 - ramp);
+      }
+      inv_freq_[static_cast<std::size_t>(i)] = f;
+    }
+    magnitude_ =
+        yarn ? yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
+             : 1.0;
+  }
+
+  /// R, the rotary width.
+  Index dim() const { return dim_; }
+  RopeLayout layout() const { return layout_; }
+  /// theta'_i for i < R/2, in double.
+  const std::vector<double>& inv_freq() const { return inv_freq_; }
+  /// The factor applied to cos and sin.
+  double magnitude() const { return magnitude_; }
+
+  /// cos(pos * theta'_i) and sin(pos * theta'_i), times magnitude(), for i < R/2. The angle is
+  /// formed and reduced in double (at pos 1.6e5 a float angle would be off by ~0.01 rad), then
+  /// rounded once to T.
+  template <class T>
+  void cos_sin(std::int64_t pos, T* cos, T* sin) const {
+    const auto p = static_cast<double>(pos);
+    for (std::size_t i = 0; i < inv_freq_.size(); ++i) {
+      const double angle = p * inv_freq_[i];
+      cos[i] = static_cast<T>(std::cos(angle) * magnitude_);
+      sin[i] = static_cast<T>(std::sin(angle) * magnitude_);
+    }
+  }
+
+  /// Rotates one R-wide vector in place with precomputed cos/sin (R/2 each).
+  template <class T>
+  void rotate(T* x, const T* cos, const T* sin) const {
+    const Index pairs = dim_ / 2;
+    // Pair i is (x[2i], x[2i+1]) interleaved, or (x[i], x[i + R/2]) half-split.
+    const Index step = layout_ == RopeLayout::kInterleaved ? 2 : 1;
+    const Index partner = layout_ == RopeLayout::kInterleaved ? 1 : pairs;
+    for (Index i = 0; i < pairs; ++i) {
+      T& a = x[i * step];
+      T& b = x[i * step + partner];
+      const T a0 = a;
+      a = a0 * cos[i] - b * sin[i];
+      b = a0 * sin[i] + b * cos[i];
+    }
+  }
+
+  /// Rotates, in every row t of x (the token at position pos0 + t), the `heads` R-wide slices
+  /// that start at columns first + h * stride. `scratch` holds R values of T.
+  template <class T>
+  void apply(MatrixRef<detail::identity_t<T>> x, std::int64_t pos0, Index first, Index heads,
+             Index stride, T* scratch) const {
+    if (dim_ == 0) return;
+    MLA_ASSERT(first + (heads - 1) * stride + dim_ <= x.cols());
+    T* cos = scratch;
+    T* sin = scratch + dim_ / 2;
+    for (Index t = 0; t < x.rows(); ++t) {
+      cos_sin(pos0 + t, cos, sin);  // once per token, shared by all heads
+      T* row = x.row(t).data();
+      for (Index h = 0; h < heads; ++h) rotate(row + first + h * stride, cos, sin);
+    }
+  }
+
+ private:
+  Index dim_;
+  RopeLayout layout_;
+  std::vector<double> inv_freq_;
+  double magnitude_ = 1.0;
+};
+
+}  // namespace mla

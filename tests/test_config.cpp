@@ -1,0 +1,99 @@
+// MlaConfig: the DeepSeek presets and validate()'s errors.
+
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "mla/config.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using mla::MlaConfig;
+
+TEST(Config, PresetsHaveDeepSeekDimensions) {
+  struct Row {
+    MlaConfig c;
+    std::int64_t hidden, heads, q_lora;
+    double mscale;
+  };
+  // DeepSeek-V2 paper / config.json values (REFERENCE table 1).
+  for (const Row& r : {Row{MlaConfig::deepseek_v2_lite(), 2048, 16, 0, 0.707},
+                       Row{MlaConfig::deepseek_v2(), 5120, 128, 1536, 0.707},
+                       Row{MlaConfig::deepseek_v3(), 7168, 128, 1536, 1.0}}) {
+    EXPECT_NO_THROW(r.c.validate());
+    EXPECT_EQ(r.c.hidden_size, r.hidden);
+    EXPECT_EQ(r.c.num_attention_heads, r.heads);
+    EXPECT_EQ(r.c.q_lora_rank, r.q_lora);
+    EXPECT_EQ(r.c.has_q_lora(), r.q_lora > 0);
+    EXPECT_EQ(r.c.kv_lora_rank, 512);
+    EXPECT_EQ(r.c.qk_nope_head_dim, 128);
+    EXPECT_EQ(r.c.qk_rope_head_dim, 64);
+    EXPECT_EQ(r.c.v_head_dim, 128);
+    EXPECT_EQ(r.c.latent_cache_width(), 576);  // the cache keeps 576 numbers per token
+    EXPECT_EQ(r.c.qk_head_dim(), 192);
+    EXPECT_EQ(r.c.rms_norm_eps, 1e-6);
+    EXPECT_EQ(r.c.rope_theta, 10000.0);
+    EXPECT_EQ(r.c.max_position_embeddings, 163840);
+    EXPECT_EQ(r.c.rope_scaling.type, mla::RopeScaling::Type::kYarn);
+    EXPECT_EQ(r.c.rope_scaling.factor, 40.0);
+    EXPECT_EQ(r.c.rope_scaling.original_max_position_embeddings, 4096);
+    EXPECT_EQ(r.c.rope_scaling.beta_fast, 32.0);
+    EXPECT_EQ(r.c.rope_scaling.beta_slow, 1.0);
+    EXPECT_EQ(r.c.rope_scaling.mscale, r.mscale);
+    EXPECT_EQ(r.c.rope_scaling.mscale_all_dim, r.mscale);
+    EXPECT_EQ(r.c.rope_layout, mla::RopeLayout::kInterleaved);
+  }
+  EXPECT_NO_THROW(MlaConfig::small_v2_lite().validate());
+  EXPECT_NO_THROW(MlaConfig::small_v3().validate());
+  EXPECT_FALSE(MlaConfig::small_v2_lite().has_q_lora());
+  EXPECT_TRUE(MlaConfig::small_v3().has_q_lora());
+}
+
+TEST(Config, ValidateNamesTheBadField) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  struct Bad {
+    std::function<void(MlaConfig&)> mutate;
+    std::string field;
+  };
+  const std::vector<Bad> bad = {
+      {[](MlaConfig& c) { c.hidden_size = 0; }, "MlaConfig.hidden_size"},
+      {[](MlaConfig& c) { c.num_attention_heads = -1; }, "MlaConfig.num_attention_heads"},
+      {[](MlaConfig& c) { c.q_lora_rank = -5; }, "MlaConfig.q_lora_rank"},
+      {[](MlaConfig& c) { c.kv_lora_rank = 0; }, "MlaConfig.kv_lora_rank"},
+      {[](MlaConfig& c) { c.qk_nope_head_dim = -1; }, "MlaConfig.qk_nope_head_dim"},
+      {[](MlaConfig& c) { c.qk_rope_head_dim = 63; }, "MlaConfig.qk_rope_head_dim must be even"},
+      {[](MlaConfig& c) { c.qk_rope_head_dim = -2; }, "MlaConfig.qk_rope_head_dim"},
+      {[](MlaConfig& c) { c.qk_nope_head_dim = 0, c.qk_rope_head_dim = 0; },
+       "MlaConfig.qk_nope_head_dim + qk_rope_head_dim"},
+      {[](MlaConfig& c) { c.v_head_dim = 0; }, "MlaConfig.v_head_dim"},
+      {[](MlaConfig& c) { c.hidden_size = std::int64_t{1} << 40; }, "MlaConfig.hidden_size"},
+      {[](MlaConfig& c) { c.rms_norm_eps = 0.0; }, "MlaConfig.rms_norm_eps"},
+      {[nan](MlaConfig& c) { c.rms_norm_eps = nan; }, "MlaConfig.rms_norm_eps"},
+      {[](MlaConfig& c) { c.rope_theta = 1.0; }, "MlaConfig.rope_theta"},
+      {[](MlaConfig& c) { c.max_position_embeddings = 0; }, "MlaConfig.max_position_embeddings"},
+      {[](MlaConfig& c) { c.rope_scaling.factor = -2.0; }, "MlaConfig.rope_scaling.factor"},
+      {[](MlaConfig& c) { c.rope_scaling.original_max_position_embeddings = 0; },
+       "MlaConfig.rope_scaling.original_max_position_embeddings"},
+      {[](MlaConfig& c) { c.rope_scaling.beta_fast = 0.5; }, "MlaConfig.rope_scaling.beta_fast"},
+      {[](MlaConfig& c) { c.rope_scaling.beta_slow = 0.0; }, "MlaConfig.rope_scaling.beta_slow"},
+      {[nan](MlaConfig& c) { c.rope_scaling.mscale = nan; }, "MlaConfig.rope_scaling.mscale"},
+      {[](MlaConfig& c) { c.rope_scaling.mscale_all_dim = -1.0; },
+       "MlaConfig.rope_scaling.mscale_all_dim"},
+  };
+  for (const Bad& b : bad) {
+    MlaConfig c = MlaConfig::deepseek_v3();
+    b.mutate(c);
+    EXPECT_TRUE(test::throws_error_containing([&] { c.validate(); }, b.field));
+  }
+  // YaRN fields are not checked when YaRN is off.
+  MlaConfig c = MlaConfig::deepseek_v3();
+  c.rope_scaling.type = mla::RopeScaling::Type::kNone;
+  c.rope_scaling.factor = -2.0;
+  EXPECT_NO_THROW(c.validate());
+}
+
+}  // namespace

@@ -1,0 +1,136 @@
+#pragma once
+// Glue between the library's types and the independent references in tests/reference/.
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "mla/mla.hpp"
+#include "reference/mla_reference.hpp"
+
+namespace test {
+
+/// ||got - want|| / ||want|| (Frobenius). +Inf when either side holds a NaN or Inf, so that a
+/// comparison `rel_error(...) <= tol` fails instead of passing on NaN.
+inline double rel_error(const std::vector<double>& got, const std::vector<double>& want) {
+  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
+  double diff = 0.0, norm = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) {
+      return std::numeric_limits<double>::infinity();
+    }
+    diff += (got[i] - want[i]) * (got[i] - want[i]);
+    norm += want[i] * want[i];
+  }
+  return norm == 0.0 ? std::sqrt(diff) : std::sqrt(diff / norm);
+}
+
+/// Row-major contents of a matrix, as doubles.
+template <class Derived>
+std::vector<double> to_vec(const Eigen::MatrixBase<Derived>& m) {
+  std::vector<double> v;
+  v.reserve(static_cast<std::size_t>(m.size()));
+  for (Eigen::Index i = 0; i < m.rows(); ++i) {
+    for (Eigen::Index j = 0; j < m.cols(); ++j) v.push_back(static_cast<double>(m(i, j)));
+  }
+  return v;
+}
+
+template <class T>
+mla::RowMatrix<T> from_vec(const std::vector<double>& v, Eigen::Index rows, Eigen::Index cols) {
+  mla::RowMatrix<T> m(rows, cols);
+  for (Eigen::Index i = 0; i < rows; ++i) {
+    for (Eigen::Index j = 0; j < cols; ++j)
+      m(i, j) = static_cast<T>(v[static_cast<std::size_t>(i * cols + j)]);
+  }
+  return m;
+}
+
+inline ref::RopeSpec to_ref_rope(const mla::MlaConfig& c) {
+  ref::RopeSpec r;
+  r.dim = static_cast<int>(c.qk_rope_head_dim);
+  r.theta = c.rope_theta;
+  r.yarn = c.rope_scaling.type == mla::RopeScaling::Type::kYarn;
+  r.factor = c.rope_scaling.factor;
+  r.original_max_pos = static_cast<double>(c.rope_scaling.original_max_position_embeddings);
+  r.beta_fast = c.rope_scaling.beta_fast;
+  r.beta_slow = c.rope_scaling.beta_slow;
+  r.mscale = c.rope_scaling.mscale;
+  r.mscale_all_dim = c.rope_scaling.mscale_all_dim;
+  r.interleaved = c.rope_layout == mla::RopeLayout::kInterleaved;
+  return r;
+}
+
+inline ref::MlaSpec to_ref(const mla::MlaConfig& c) {
+  ref::MlaSpec s;
+  s.hidden = static_cast<int>(c.hidden_size);
+  s.heads = static_cast<int>(c.num_attention_heads);
+  s.q_lora = static_cast<int>(c.q_lora_rank);
+  s.kv_lora = static_cast<int>(c.kv_lora_rank);
+  s.nope = static_cast<int>(c.qk_nope_head_dim);
+  s.v = static_cast<int>(c.v_head_dim);
+  s.eps = c.rms_norm_eps;
+  s.rope = to_ref_rope(c);
+  return s;
+}
+
+template <class T>
+ref::MlaWeights to_ref(const mla::MlaWeights<T>& w) {
+  ref::MlaWeights r;
+  r.wq = to_vec(w.wq.dense());
+  r.wq_a = to_vec(w.wq_a.dense());
+  r.q_norm = to_vec(w.q_norm.transpose());
+  r.wq_b = to_vec(w.wq_b.dense());
+  r.wkv_a = to_vec(w.wkv_a.dense());
+  r.kv_norm = to_vec(w.kv_norm.transpose());
+  r.wkv_b = to_vec(w.wkv_b.dense());
+  r.wo = to_vec(w.wo.dense());
+  return r;
+}
+
+/// Random hidden states [n, hidden] with entries uniform in [-1, 1], seeded.
+template <class T>
+mla::RowMatrix<T> random_input(Eigen::Index n, Eigen::Index hidden, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  mla::RowMatrix<T> x(n, hidden);
+  for (Eigen::Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<T>(u(rng));
+  return x;
+}
+
+/// The cache storage that holds T exactly.
+template <class T>
+mla::CacheStorage exact_storage() {
+  return sizeof(T) == 8 ? mla::CacheStorage::kFloat64 : mla::CacheStorage::kFloat32;
+}
+
+/// Tolerance of a whole-layer comparison against the double reference: relative error of the
+/// output. float: a few ulps amplified by the layer's sums (1e-5, the bound); double:
+/// 1e-12.
+template <class T>
+constexpr double layer_tolerance() {
+  return sizeof(T) == 8 ? 1e-12 : 1e-5;
+}
+
+/// Checks that running `f` throws mla::Error whose message contains `needle`.
+template <class F>
+::testing::AssertionResult throws_error_containing(F&& f, const std::string& needle) {
+  try {
+    f();
+  } catch (const mla::Error& e) {
+    if (std::string(e.what()).find(needle) != std::string::npos) {
+      return ::testing::AssertionSuccess();
+    }
+    return ::testing::AssertionFailure()
+           << "message \"" << e.what() << "\" lacks \"" << needle << "\"";
+  } catch (const std::exception& e) {
+    return ::testing::AssertionFailure() << "threw a non-mla::Error: " << e.what();
+  }
+  return ::testing::AssertionFailure() << "did not throw (expected \"" << needle << "\")";
+}
+
+}  // namespace test
