@@ -5,10 +5,12 @@
 /// mla is a header-only C++17 library for DeepSeek-style Multi-Head Latent Attention with a
 /// latent KV cache. Element types are template parameters; every dimension is a runtime value.
 
+#include "mla/attention.hpp"
 #include "mla/config.hpp"
 #include "mla/error.hpp"
 #include "mla/fp8.hpp"
 #include "mla/latent_cache.hpp"
+#include "mla/layer.hpp"
 #include "mla/matrix.hpp"
 #include "mla/norm.hpp"
 #include "mla/projection.hpp"

@@ -1,0 +1,265 @@
+#pragma once
+/// \file
+/// MLA attention over the latent cache, two ways that compute the same thing:
+///
+/// - expanded: rebuild per-head keys k_h = [W_UK^(h) c ; k^R] and values v_h = W_UV^(h) c from
+///   the cached latent, then ordinary causal multi-head attention (cheap for prefill);
+/// - absorbed: attend with the absorbed query q~_h = W_UK^(h)^T q_h^nope directly over the
+///   cached [c ; k^R] (MQA with head width d_c + R), producing o~_h = sum_j p_hj c_j; the
+///   caller applies W_UV^(h) (the decode path).
+///
+/// Both read the cache tile by tile, use a numerically stable softmax in the compute type with
+/// a running maximum, and return the log-sum-exp of every (token, head) so that partial
+/// results over different key ranges can be merged exactly.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "mla/config.hpp"
+#include "mla/error.hpp"
+#include "mla/latent_cache.hpp"
+#include "mla/matrix.hpp"
+#include "mla/projection.hpp"
+
+namespace mla {
+
+/// Which attention path a forward call takes.
+enum class AttentionPath : std::uint8_t {
+  kAuto,      ///< absorbed for one token; otherwise whichever needs fewer multiply-adds
+  kExpanded,  ///< rebuild K and V per head from the latent
+  kAbsorbed,  ///< attend over the latent with absorbed queries
+};
+
+/// The path AttentionPath::kAuto takes for `tokens` new tokens after `past` cached ones:
+/// absorbed for a single token; otherwise the one with fewer multiply-adds. Rebuilding K and V
+/// costs H (P + V) d_c per cached token, absorbed attention H (2 d_c + R) per (query, key)
+/// pair, so a fresh prefill is expanded and a short chunk after a long history absorbed.
+inline AttentionPath auto_attention_path(const MlaConfig& c, Index tokens, Index past) {
+  if (tokens <= 1) return AttentionPath::kAbsorbed;
+  const auto H = static_cast<double>(c.num_attention_heads);
+  const auto P = static_cast<double>(c.qk_nope_head_dim);
+  const auto R = static_cast<double>(c.qk_rope_head_dim);
+  const auto V = static_cast<double>(c.v_head_dim);
+  const auto D = static_cast<double>(c.kv_lora_rank);
+  const auto t = static_cast<double>(tokens);
+  const auto n = static_cast<double>(past + tokens);
+  // Expanded: rebuild every cached token's keys and values, then attend with P + R and V.
+  const double expanded = n * H * (P + V) * D + t * n * H * (P + R + V);
+  // Absorbed: absorb W_UK into the queries and W_UV into the outputs, attend with 2 d_c + R.
+  const double absorbed = t * H * (P + V) * D + t * n * H * (2 * D + R);
+  return absorbed < expanded ? AttentionPath::kAbsorbed : AttentionPath::kExpanded;
+}
+
+/// Scratch memory of the attention kernels, sized once for a chunk length and reused; a
+/// kernel call with a chunk that fits allocates nothing.
+template <class T>
+struct AttentionWorkspace {
+  /// Keys read from the cache per tile.
+  static constexpr Index kTileTokens = 64;
+
+  RowMatrix<T> c_tile;    ///< [kTileTokens, d_c]
+  RowMatrix<T> kpe_tile;  ///< [kTileTokens, R]
+  RowMatrix<T> kv_tile;   ///< [kTileTokens, H * (P + V)], expanded path only
+  RowMatrix<T> scores;    ///< [tokens, kTileTokens]
+  Vector<T> running_max;  ///< [tokens * H]
+  Vector<T> running_sum;  ///< [tokens * H]
+  Vector<T> correction;   ///< [tokens]
+
+  /// Makes room for chunks of up to `tokens` new tokens (grows, never shrinks), for `path`
+  /// (kAuto reserves for both).
+  void reserve(const MlaConfig& c, Index tokens, AttentionPath path = AttentionPath::kAuto) {
+    const Index heads = c.num_attention_heads;
+    grow(c_tile, kTileTokens, c.kv_lora_rank);
+    grow(kpe_tile, kTileTokens, c.qk_rope_head_dim);
+    if (path != AttentionPath::kAbsorbed) {
+      grow(kv_tile, kTileTokens, heads * (c.qk_nope_head_dim + c.v_head_dim));
+    }
+    grow(scores, std::max<Index>(tokens, 1), kTileTokens);
+    grow(running_max, tokens * heads);
+    grow(running_sum, tokens * heads);
+    grow(correction, tokens);
+  }
+
+ private:
+  static void grow(RowMatrix<T>& m, Index rows, Index cols) {
+    if (m.rows() < rows || m.cols() != cols) m.resize(std::max(rows, m.rows()), cols);
+  }
+  static void grow(Vector<T>& v, Index n) {
+    if (v.size() < n) v.resize(n);
+  }
+};
+
+namespace detail {
+
+/// One step of the online softmax for a row of n scores (already scaled). On return s holds
+/// exp(s - m_new), (m, l) are the running maximum and sum over everything seen so far, and
+/// the result is the factor exp(m_old - m_new) by which the row's accumulator must be scaled.
+template <class T>
+T online_softmax_step(T* s, Index n, T& m, T& l) {
+  T m_new = m;
+  for (Index k = 0; k < n; ++k) m_new = std::max(m_new, s[k]);
+  // exp(-inf - finite) = 0 clears the empty initial state.
+  const T correction = std::exp(m - m_new);
+  T sum = 0;
+  for (Index k = 0; k < n; ++k) {
+    s[k] = std::exp(s[k] - m_new);
+    sum += s[k];
+  }
+  l = l * correction + sum;
+  m = m_new;
+  return correction;
+}
+
+inline void check_attention_shapes(const MlaConfig& c, const LatentView& cache, Index tokens) {
+  require(cache.kv_lora_rank() == c.kv_lora_rank && cache.rope_dim() == c.qk_rope_head_dim,
+          "attention: the cache holds [", cache.kv_lora_rank(), " + ", cache.rope_dim(),
+          "] per token, the config [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
+  require(tokens >= 1 && tokens <= cache.tokens(), "attention: ", tokens,
+          " query tokens, but the cache holds ", cache.tokens(),
+          " (the queries are the last tokens of the cache)");
+}
+
+}  // namespace detail
+
+/// Expanded causal attention. The queries are the last `tokens` tokens of `cache` (they were
+/// appended before the call): query t sees cache tokens 0 .. past + t, past = cache.tokens() -
+/// tokens.
+///
+/// - q: [tokens, H * (P + R)], per head [q^nope (P) ; q^pe (R)], RoPE already applied;
+/// - wkv_b: [H * (P + V), d_c], per head [W_UK^(h) (P rows) ; W_UV^(h) (V rows)];
+/// - out: [tokens, H * V], the per-head outputs o_h;
+/// - lse: [tokens, H], log sum_j exp(scale * <q_h, k_hj>).
+template <class T>
+void attention_expanded(const MlaConfig& c, const LatentView& cache,
+                        ConstMatrixRef<detail::identity_t<T>> q, const Linear<T>& wkv_b,
+                        double scale, MatrixRef<detail::identity_t<T>> out,
+                        MatrixRef<detail::identity_t<T>> lse, AttentionWorkspace<T>& ws) {
+  const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, R = c.qk_rope_head_dim;
+  const Index V = c.v_head_dim, QK = P + R, KV = P + V;
+  const Index tokens = q.rows();
+  detail::check_attention_shapes(c, cache, tokens);
+  detail::require(q.cols() == H * QK && out.rows() == tokens && out.cols() == H * V &&
+                      lse.rows() == tokens && lse.cols() == H,
+                  "attention_expanded: wrong shapes q [", q.rows(), ", ", q.cols(), "], out [",
+                  out.rows(), ", ", out.cols(), "], lse [", lse.rows(), ", ", lse.cols(), "]");
+  detail::require(wkv_b.rows() == H * KV && wkv_b.cols() == c.kv_lora_rank,
+                  "attention_expanded: wkv_b is [", wkv_b.rows(), ", ", wkv_b.cols(),
+                  "], expected [", H * KV, ", ", c.kv_lora_rank, "]");
+  ws.reserve(c, tokens, AttentionPath::kExpanded);
+  const Index past = cache.tokens() - tokens;
+  const T sigma = static_cast<T>(scale);
+  auto m = ws.running_max.head(tokens * H);
+  auto l = ws.running_sum.head(tokens * H);
+  m.setConstant(-std::numeric_limits<T>::infinity());
+  l.setZero();
+  out.setZero();
+
+  const Index n_keys = cache.tokens();
+  for (Index j0 = 0; j0 < n_keys; j0 += AttentionWorkspace<T>::kTileTokens) {
+    const Index n = std::min(AttentionWorkspace<T>::kTileTokens, n_keys - j0);
+    auto c_tile = ws.c_tile.topRows(n);
+    auto kpe = ws.kpe_tile.topRows(n);
+    cache.read<T>(j0, n, c_tile, kpe);
+    // Rebuild [k^nope ; v] of every head for this tile: [n, H * (P + V)].
+    auto kv = ws.kv_tile.topRows(n);
+    project(wkv_b, c_tile, kv);
+    // Queries t < t0 end before this tile starts (causal), so they skip it.
+    const Index t0 = std::max<Index>(0, j0 - past);
+    const Index rows = tokens - t0;
+    auto s = ws.scores.topLeftCorner(rows, n);
+    auto corr = ws.correction.head(rows);
+    for (Index h = 0; h < H; ++h) {
+      // Scores: <q^nope, W_UK c> + <q^pe, k^R>, the shared rotary key serving every head.
+      s.setZero();
+      if (P > 0) s.noalias() += q.block(t0, h * QK, rows, P) * kv.middleCols(h * KV, P).transpose();
+      if (R > 0) s.noalias() += q.block(t0, h * QK + P, rows, R) * kpe.transpose();
+      s *= sigma;
+      for (Index i = 0; i < rows; ++i) {
+        const Index t = t0 + i;
+        const Index visible = std::min(n, past + t + 1 - j0);  // >= 1 since t >= t0
+        T* row = s.row(i).data();
+        corr(i) = detail::online_softmax_step(row, visible, m(t * H + h), l(t * H + h));
+        std::fill(row + visible, row + n, T(0));  // masked keys get weight 0
+      }
+      auto o = out.block(t0, h * V, rows, V);
+      o = corr.asDiagonal() * o;
+      o.noalias() += s * kv.middleCols(h * KV + P, V);
+    }
+  }
+  for (Index t = 0; t < tokens; ++t) {
+    for (Index h = 0; h < H; ++h) {
+      out.block(t, h * V, 1, V) /= l(t * H + h);
+      lse(t, h) = m(t * H + h) + std::log(l(t * H + h));
+    }
+  }
+}
+
+/// Absorbed causal attention over the latent cache (MQA with head width d_c + R). The queries
+/// are the last `tokens` tokens of `cache`, as for attention_expanded.
+///
+/// - q_latent: [tokens * H, d_c + R], row t * H + h = [q~_h (d_c) ; q^pe_h (R)] of token t,
+///   with q~_h = W_UK^(h)^T q_h^nope and RoPE applied to q^pe;
+/// - out_latent: [tokens * H, d_c], o~_h = sum_j p_hj c_j (apply W_UV^(h) to get o_h);
+/// - lse: [tokens, H], log sum_j exp(scale * (<q~_h, c_j> + <q^pe_h, k^R_j>)).
+template <class T>
+void attention_absorbed(const MlaConfig& c, const LatentView& cache,
+                        ConstMatrixRef<detail::identity_t<T>> q_latent, double scale,
+                        MatrixRef<detail::identity_t<T>> out_latent,
+                        MatrixRef<detail::identity_t<T>> lse, AttentionWorkspace<T>& ws) {
+  const Index H = c.num_attention_heads, D = c.kv_lora_rank, R = c.qk_rope_head_dim;
+  detail::require(q_latent.rows() % H == 0 && q_latent.cols() == D + R,
+                  "attention_absorbed: q_latent is [", q_latent.rows(), ", ", q_latent.cols(),
+                  "], expected [tokens * ", H, ", ", D + R, "]");
+  const Index tokens = q_latent.rows() / H;
+  detail::check_attention_shapes(c, cache, tokens);
+  detail::require(out_latent.rows() == tokens * H && out_latent.cols() == D &&
+                      lse.rows() == tokens && lse.cols() == H,
+                  "attention_absorbed: out_latent is [", out_latent.rows(), ", ", out_latent.cols(),
+                  "] and lse [", lse.rows(), ", ", lse.cols(), "]; expected [", tokens * H, ", ", D,
+                  "] and [", tokens, ", ", H, "]");
+  ws.reserve(c, tokens, AttentionPath::kAbsorbed);
+  const Index past = cache.tokens() - tokens;
+  const T sigma = static_cast<T>(scale);
+  auto m = ws.running_max.head(tokens * H);
+  auto l = ws.running_sum.head(tokens * H);
+  m.setConstant(-std::numeric_limits<T>::infinity());
+  l.setZero();
+  out_latent.setZero();
+
+  const Index n_keys = cache.tokens();
+  for (Index j0 = 0; j0 < n_keys; j0 += AttentionWorkspace<T>::kTileTokens) {
+    const Index n = std::min(AttentionWorkspace<T>::kTileTokens, n_keys - j0);
+    auto c_tile = ws.c_tile.topRows(n);
+    auto kpe = ws.kpe_tile.topRows(n);
+    cache.read<T>(j0, n, c_tile, kpe);
+    for (Index t = std::max<Index>(0, j0 - past); t < tokens; ++t) {
+      const Index visible = std::min(n, past + t + 1 - j0);
+      for (Index h = 0; h < H; ++h) {
+        const Index r = t * H + h;
+        // Scores read the cache directly: <q~, c_j> + <q^pe, k^R_j> = <q_h, k_hj>.
+        // (Written as column-vector products into s^T so that Eigen evaluates them in place.)
+        auto s = ws.scores.row(0).head(visible);
+        s.transpose().noalias() = c_tile.topRows(visible) * q_latent.row(r).head(D).transpose();
+        if (R > 0) {
+          s.transpose().noalias() += kpe.topRows(visible) * q_latent.row(r).tail(R).transpose();
+        }
+        s *= sigma;
+        const T corr = detail::online_softmax_step(s.data(), visible, m(r), l(r));
+        // o~ accumulates the latent rows themselves; W_UV is applied once, after the sum.
+        out_latent.row(r) *= corr;
+        out_latent.row(r).noalias() += s * c_tile.topRows(visible);
+      }
+    }
+  }
+  for (Index t = 0; t < tokens; ++t) {
+    for (Index h = 0; h < H; ++h) {
+      const Index r = t * H + h;
+      out_latent.row(r) /= l(r);
+      lse(t, h) = m(r) + std::log(l(r));
+    }
+  }
+}
+
+}  // namespace mla

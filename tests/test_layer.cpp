@@ -1,0 +1,339 @@
+// MlaLayer against the independent double references: absorbed == expanded == reference MLA,
+// MLA == reconstructed MHA, incremental decode == prefill, RoPE layouts, bad input.
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "mla/layer.hpp"
+#include "reference/mla_reference.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using mla::AttentionPath;
+using mla::Index;
+using mla::LatentCache;
+using mla::MlaConfig;
+using mla::MlaLayer;
+using mla::MlaWeights;
+using mla::MlaWorkspace;
+using mla::RowMatrix;
+
+/// A one-layer cache that holds T exactly, with small blocks so that chunks cross them.
+template <class T>
+LatentCache make_cache(const MlaConfig& c, Index num_blocks = 32, Index block_tokens = 16) {
+  mla::LatentCacheOptions o;
+  o.num_layers = 1;
+  o.block_tokens = block_tokens;
+  o.num_blocks = num_blocks;
+  o.storage = test::exact_storage<T>();
+  return LatentCache(c, o);
+}
+
+/// Runs one prefill of x at start_pos on a fresh cache and returns the output (and the lse and
+/// cache contents, when asked).
+template <class T>
+RowMatrix<T> run_prefill(const MlaLayer<T>& layer, const RowMatrix<T>& x, std::int64_t start_pos,
+                         AttentionPath path, std::vector<double>* lse = nullptr,
+                         std::vector<double>* latent = nullptr) {
+  const MlaConfig& c = layer.config();
+  LatentCache cache = make_cache<T>(c);
+  const mla::SequenceId seq = cache.add_sequence();
+  MlaWorkspace<T> ws;
+  RowMatrix<T> y(x.rows(), c.hidden_size);
+  layer.forward(x, start_pos, cache, seq, y, ws, path);
+  if (lse) *lse = test::to_vec(ws.last_lse().topRows(x.rows()));
+  if (latent) {
+    const mla::LatentView v = cache.view(seq, 0);
+    RowMatrix<T> ckv(v.tokens(), c.kv_lora_rank), kpe(v.tokens(), c.qk_rope_head_dim);
+    v.read<T>(0, v.tokens(), ckv, kpe);
+    RowMatrix<T> both(v.tokens(), c.latent_cache_width());
+    both << ckv, kpe;
+    *latent = test::to_vec(both);
+  }
+  return y;
+}
+
+struct Case {
+  const char* name;
+  MlaConfig config;
+  std::int64_t start_pos;
+};
+
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  for (std::int64_t pos : {std::int64_t{0}, std::int64_t{4097}, std::int64_t{163839}}) {
+    v.push_back({"v2lite", MlaConfig::small_v2_lite(), pos});
+    v.push_back({"v3", MlaConfig::small_v3(), pos});
+  }
+  return v;
+}
+
+template <class T>
+class LayerTest : public ::testing::Test {};
+using ComputeTypes = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(LayerTest, ComputeTypes, );
+
+TYPED_TEST(LayerTest, AbsorbedEqualsExpandedEqualsReference) {
+  using T = TypeParam;
+  const double tol = test::layer_tolerance<T>();
+  for (const Case& k : cases()) {
+    SCOPED_TRACE(std::string(k.name) + " start_pos " + std::to_string(k.start_pos));
+    const MlaWeights<T> w = MlaWeights<T>::random(k.config, 17);
+    const MlaLayer<T> layer(k.config, w);
+    // 70 tokens: more than one attention tile (64) and several cache blocks (16).
+    const Index n = 70;
+    const RowMatrix<T> x = test::random_input<T>(n, k.config.hidden_size, 5);
+
+    ref::MlaTrace trace;
+    const std::vector<double> want =
+        ref::mla_forward(test::to_ref(k.config), test::to_ref(w), test::to_vec(x),
+                         static_cast<int>(n), k.start_pos, &trace);
+    std::vector<double> lse_e, lse_a, latent;
+    const RowMatrix<T> y_e =
+        run_prefill(layer, x, k.start_pos, AttentionPath::kExpanded, &lse_e, &latent);
+    const RowMatrix<T> y_a = run_prefill(layer, x, k.start_pos, AttentionPath::kAbsorbed, &lse_a);
+
+    EXPECT_LE(test::rel_error(test::to_vec(y_e), want), tol) << "expanded vs reference";
+    EXPECT_LE(test::rel_error(test::to_vec(y_a), want), tol) << "absorbed vs reference";
+    EXPECT_LE(test::rel_error(test::to_vec(y_a), test::to_vec(y_e)), tol) << "absorbed vs expanded";
+    EXPECT_LE(test::rel_error(lse_e, trace.lse), tol) << "expanded log-sum-exp";
+    EXPECT_LE(test::rel_error(lse_a, trace.lse), tol) << "absorbed log-sum-exp";
+    EXPECT_LE(test::rel_error(latent, trace.latent), tol) << "cached [c_kv ; k_pe]";
+  }
+}
+
+TYPED_TEST(LayerTest, TokenByTokenDecodeEqualsOnePrefill) {
+  using T = TypeParam;
+  const double tol = test::layer_tolerance<T>();
+  for (const Case& k : cases()) {
+    SCOPED_TRACE(std::string(k.name) + " start_pos " + std::to_string(k.start_pos));
+    const MlaLayer<T> layer(k.config, MlaWeights<T>::random(k.config, 3));
+    const Index n = 40, prompt = 23;
+    const RowMatrix<T> x = test::random_input<T>(n, k.config.hidden_size, 9);
+    const RowMatrix<T> y_prefill = run_prefill(layer, x, k.start_pos, AttentionPath::kAuto);
+
+    // All n tokens one at a time (the absorbed decode path).
+    LatentCache cache = make_cache<T>(k.config);
+    const auto seq = cache.add_sequence();
+    MlaWorkspace<T> ws;
+    RowMatrix<T> y_steps(n, k.config.hidden_size);
+    for (Index t = 0; t < n; ++t) {
+      ASSERT_EQ(layer.choose_path(1, t), AttentionPath::kAbsorbed);
+      layer.forward(x.row(t), k.start_pos + t, cache, seq, y_steps.row(t), ws);
+    }
+    EXPECT_LE(test::rel_error(test::to_vec(y_steps), test::to_vec(y_prefill)), tol);
+
+    // A prompt prefill, then the rest one at a time.
+    LatentCache cache2 = make_cache<T>(k.config);
+    const auto seq2 = cache2.add_sequence();
+    RowMatrix<T> y_mixed(n, k.config.hidden_size);
+    layer.forward(x.topRows(prompt), k.start_pos, cache2, seq2, y_mixed.topRows(prompt), ws);
+    for (Index t = prompt; t < n; ++t) {
+      layer.forward(x.row(t), k.start_pos + t, cache2, seq2, y_mixed.row(t), ws);
+    }
+    EXPECT_LE(test::rel_error(test::to_vec(y_mixed), test::to_vec(y_prefill)), tol);
+    EXPECT_EQ(cache2.length(seq2, 0), n);
+  }
+}
+
+TYPED_TEST(LayerTest, ChunkedPrefillOnEitherPathEqualsOnePrefill) {
+  using T = TypeParam;
+  const MlaConfig c = MlaConfig::small_v3();
+  const MlaLayer<T> layer(c, MlaWeights<T>::random(c, 4));
+  const Index n = 50;
+  const RowMatrix<T> x = test::random_input<T>(n, c.hidden_size, 2);
+  const RowMatrix<T> y_one = run_prefill(layer, x, 100, AttentionPath::kExpanded);
+  for (AttentionPath path : {AttentionPath::kExpanded, AttentionPath::kAbsorbed}) {
+    LatentCache cache = make_cache<T>(c);
+    const auto seq = cache.add_sequence();
+    MlaWorkspace<T> ws;
+    RowMatrix<T> y(n, c.hidden_size);
+    const Index bounds[] = {0, 7, 20, 41, n};  // chunks of 7, 13, 21 and 9 tokens
+    for (int i = 0; i + 1 < 5; ++i) {
+      const Index t0 = bounds[i], len = bounds[i + 1] - bounds[i];
+      layer.forward(x.middleRows(t0, len), 100 + t0, cache, seq, y.middleRows(t0, len), ws, path);
+    }
+    EXPECT_LE(test::rel_error(test::to_vec(y), test::to_vec(y_one)), test::layer_tolerance<T>());
+  }
+}
+
+TYPED_TEST(LayerTest, RopeLayoutsAgreeWhenWeightsArePermuted) {
+  // The same model stored with half-split rotary pairs: permute the rotary output rows of the
+  // query and key projections from (x0, x1, x2, x3, ...) to (x0, x2, ..., x1, x3, ...).
+  using T = TypeParam;
+  for (MlaConfig c : {MlaConfig::small_v2_lite(), MlaConfig::small_v3()}) {
+    const MlaWeights<T> w = MlaWeights<T>::random(c, 8);
+    const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, R = c.qk_rope_head_dim;
+    const Index D = c.kv_lora_rank;
+    auto deinterleave_rows = [&](const RowMatrix<T>& m, Index first) {
+      RowMatrix<T> out = m;
+      for (Index i = 0; i < R / 2; ++i) {
+        out.row(first + i) = m.row(first + 2 * i);
+        out.row(first + R / 2 + i) = m.row(first + 2 * i + 1);
+      }
+      return out;
+    };
+    MlaWeights<T> w2 = w;
+    RowMatrix<T> wq = c.has_q_lora() ? w.wq_b.dense() : w.wq.dense();
+    for (Index h = 0; h < H; ++h) wq = deinterleave_rows(wq, h * (P + R) + P);
+    (c.has_q_lora() ? w2.wq_b : w2.wq) = mla::Linear<T>(wq);
+    w2.wkv_a = mla::Linear<T>(deinterleave_rows(w.wkv_a.dense(), D));
+    MlaConfig c2 = c;
+    c2.rope_layout = mla::RopeLayout::kHalfSplit;
+
+    const RowMatrix<T> x = test::random_input<T>(30, c.hidden_size, 4);
+    for (AttentionPath path : {AttentionPath::kExpanded, AttentionPath::kAbsorbed}) {
+      std::vector<double> latent1, latent2;
+      const RowMatrix<T> y1 = run_prefill(MlaLayer<T>(c, w), x, 4097, path, nullptr, &latent1);
+      const RowMatrix<T> y2 = run_prefill(MlaLayer<T>(c2, w2), x, 4097, path, nullptr, &latent2);
+      EXPECT_LE(test::rel_error(test::to_vec(y2), test::to_vec(y1)), test::layer_tolerance<T>());
+      // The cached k^R of the half-split model is the de-interleaved k^R of the other.
+      const RowMatrix<T> l1 = test::from_vec<T>(latent1, 30, D + R);
+      RowMatrix<T> expected = l1;
+      for (Index i = 0; i < R / 2; ++i) {
+        expected.col(D + i) = l1.col(D + 2 * i);
+        expected.col(D + R / 2 + i) = l1.col(D + 2 * i + 1);
+      }
+      EXPECT_LE(test::rel_error(latent2, test::to_vec(expected)), test::layer_tolerance<T>());
+    }
+  }
+}
+
+TEST(LayerMha, MlaEqualsReconstructedMha) {
+  // A plain MHA whose per-head key and value weights are W_UK^(h) diag(g) W_DKV and
+  // W_UV^(h) diag(g) W_DKV, with the shared rotary key W_KR in every head, equals MLA for
+  // inputs whose raw latent W_DKV x has unit RMS: there RMSNorm(z) = z / rms(z) * g is exactly
+  // the linear map diag(g). (Without that normalisation the two differ; see below.)
+  const MlaConfig c = MlaConfig::small_v2_lite();  // no query compression: q = W_q x is linear
+  const MlaWeights<double> w = MlaWeights<double>::random(c, 21);
+  const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, R = c.qk_rope_head_dim;
+  const Index V = c.v_head_dim, D = c.kv_lora_rank, hidden = c.hidden_size;
+  const RowMatrix<double> w_dkv = w.wkv_a.dense().topRows(D);
+  const RowMatrix<double> w_kr = w.wkv_a.dense().bottomRows(R);
+  const Eigen::MatrixXd g = w.kv_norm.asDiagonal();
+  RowMatrix<double> wk(H * (P + R), hidden), wv(H * V, hidden);
+  for (Index h = 0; h < H; ++h) {
+    const RowMatrix<double> w_uk = w.wkv_b.dense().middleRows(h * (P + V), P);
+    const RowMatrix<double> w_uv = w.wkv_b.dense().middleRows(h * (P + V) + P, V);
+    wk.middleRows(h * (P + R), P) = w_uk * g * w_dkv;
+    wk.middleRows(h * (P + R) + P, R) = w_kr;
+    wv.middleRows(h * V, V) = w_uv * g * w_dkv;
+  }
+  ref::MhaSpec mha;
+  mha.hidden = static_cast<int>(hidden);
+  mha.heads = static_cast<int>(H);
+  mha.dk = static_cast<int>(P + R);
+  mha.dv = static_cast<int>(V);
+  mha.scale = mla::softmax_scale(c);  // the same sigma = (P + R)^-1/2 mscale^2
+  mha.rope = test::to_ref_rope(c);
+
+  const Index n = 45;
+  RowMatrix<double> x = test::random_input<double>(n, hidden, 12);
+  const RowMatrix<double> x_raw = x;
+  for (Index t = 0; t < n; ++t) {
+    const double ms = (w_dkv * x.row(t).transpose()).squaredNorm() / static_cast<double>(D);
+    x.row(t) *= std::sqrt((1.0 - c.rms_norm_eps) / ms);  // mean(z^2) + eps == 1
+  }
+  const MlaLayer<double> layer(c, w);
+  for (std::int64_t pos : {std::int64_t{0}, std::int64_t{4097}}) {
+    const std::vector<double> y_mha =
+        ref::mha_forward(mha, test::to_vec(w.wq.dense()), test::to_vec(wk), test::to_vec(wv),
+                         test::to_vec(w.wo.dense()), test::to_vec(x), static_cast<int>(n), pos);
+    for (AttentionPath path : {AttentionPath::kExpanded, AttentionPath::kAbsorbed}) {
+      const RowMatrix<double> y = run_prefill(layer, x, pos, path);
+      EXPECT_LE(test::rel_error(test::to_vec(y), y_mha), 1e-12) << "start_pos " << pos;
+    }
+    // Control: on raw inputs the norm is not linear, and the comparison must see it.
+    const std::vector<double> y_mha_raw =
+        ref::mha_forward(mha, test::to_vec(w.wq.dense()), test::to_vec(wk), test::to_vec(wv),
+                         test::to_vec(w.wo.dense()), test::to_vec(x_raw), static_cast<int>(n), pos);
+    const RowMatrix<double> y_raw = run_prefill(layer, x_raw, pos, AttentionPath::kAuto);
+    EXPECT_GT(test::rel_error(test::to_vec(y_raw), y_mha_raw), 1e-3);
+  }
+}
+
+TEST(LayerPath, AutoPicksExpandedForPrefillAndAbsorbedForDecode) {
+  for (const MlaConfig& c :
+       {MlaConfig::deepseek_v2_lite(), MlaConfig::deepseek_v2(), MlaConfig::deepseek_v3(),
+        MlaConfig::small_v2_lite(), MlaConfig::small_v3()}) {
+    for (Index past : {Index{0}, Index{100}, Index{100000}}) {
+      EXPECT_EQ(mla::auto_attention_path(c, 1, past), AttentionPath::kAbsorbed);
+    }
+    // A fresh prefill rebuilds each key once and attends with the narrow heads.
+    for (Index tokens : {Index{2}, Index{64}, Index{512}, Index{4096}}) {
+      EXPECT_EQ(mla::auto_attention_path(c, tokens, 0), AttentionPath::kExpanded) << tokens;
+    }
+  }
+  // DeepSeek sizes: a short chunk after a long history is cheaper absorbed, a long one expanded.
+  const MlaConfig v3 = MlaConfig::deepseek_v3();
+  EXPECT_EQ(mla::auto_attention_path(v3, 4, 32768), AttentionPath::kAbsorbed);
+  EXPECT_EQ(mla::auto_attention_path(v3, 512, 32768), AttentionPath::kExpanded);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(LayerErrors, BadInputIsAClearErrorAndChangesNothing) {
+  const MlaConfig c = MlaConfig::small_v3();
+  const MlaLayer<float> layer(c, MlaWeights<float>::random(c, 5));
+  mla::LatentCacheOptions o;
+  o.num_layers = 2;
+  o.block_tokens = 4;
+  o.num_blocks = 3;
+  LatentCache cache(c, o);
+  const mla::SequenceId seq = cache.add_sequence();
+  MlaWorkspace<float> ws;
+  const RowMatrix<float> x = test::random_input<float>(8, 64, 1);
+  RowMatrix<float> y(5, 64);
+  layer.forward(x.topRows(5), 0, cache, seq, y, ws);  // 5 tokens: 2 of the 3 blocks
+
+  const RowMatrix<float> y_before = y;
+  auto unchanged = [&] {
+    return cache.length(seq, 0) == 5 && cache.length(seq, 1) == 0 && cache.free_blocks() == 1 &&
+           y == y_before;
+  };
+  RowMatrix<float> x_wide(2, 65), y_small(1, 64), y2(2, 64);
+  EXPECT_TRUE(test::throws_error_containing([&] { layer.forward(x_wide, 5, cache, seq, y2, ws); },
+                                            "x has 65 columns, expected hidden_size = 64"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { layer.forward(x.topRows(2), 5, cache, seq, y_small, ws); },
+      "y is [1, 64], expected [2, 64]"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { layer.forward(x.topRows(2), -1, cache, seq, y2, ws); }, "start_pos"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { layer.forward(x.topRows(2), 5, cache, seq + 1, y2, ws); }, "unknown sequence id"));
+  const MlaLayer<float> layer2(c, MlaWeights<float>::random(c, 5), 2);  // the cache has 2 layers
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { layer2.forward(x.topRows(2), 5, cache, seq, y2, ws); }, "layer 2 out of range"));
+  // 5 + 8 tokens need four blocks: the pool has three.
+  RowMatrix<float> y8(8, 64);
+  EXPECT_TRUE(
+      test::throws_error_containing([&] { layer.forward(x, 5, cache, seq, y8, ws); },
+                                    "needs 2 more blocks of 4 tokens for 8 tokens, but only "
+                                    "1 of the pool's 3 blocks are free"));
+  // A cache built for another shape.
+  LatentCache other(MlaConfig::small_v2_lite(), o);
+  const auto seq_o = other.add_sequence();
+  MlaConfig wider = c;
+  wider.kv_lora_rank = 40;
+  LatentCache wrong(wider, o);
+  const auto seq_w = wrong.add_sequence();
+  EXPECT_NO_THROW(layer.forward(x.topRows(2), 0, other, seq_o, y2, ws));  // same d_c and R
+  EXPECT_TRUE(
+      test::throws_error_containing([&] { layer.forward(x.topRows(2), 0, wrong, seq_w, y2, ws); },
+                                    "the cache stores [40 + 8] per token, this layer [32 + 8]"));
+  EXPECT_TRUE(unchanged());
+  // An invalid config is refused by the constructor, naming the field.
+  MlaConfig bad = c;
+  bad.qk_rope_head_dim = 7;
+  EXPECT_TRUE(
+      test::throws_error_containing([&] { MlaLayer<float>(bad, MlaWeights<float>::random(c, 5)); },
+                                    "MlaConfig.qk_rope_head_dim must be even"));
+}
+
+}  // namespace
