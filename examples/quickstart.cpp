@@ -1,78 +1,108 @@
-// mla quickstart: the FP8 storage formats and the latent-cache arithmetic that motivates MLA.
+// mla quickstart: a DeepSeek-V2-Lite-sized MLA layer with seeded random weights prefills a
+// 512-token prompt and decodes 64 tokens through the latent cache, checks that the absorbed and
+// expanded attention paths agree on the last step, and prints what the cache costs per token
+// next to MHA, GQA and MQA, plus the speed.
 //
-// Build and run from the repository root with `./run.sh demo`.
+// Run from the repository root with `./run.sh demo`.
 
-#include <cmath>
+#include <chrono>
 #include <cstdio>
-#include <limits>
+#include <random>
 
 #include "mla/mla.hpp"
 
 namespace {
 
-// Prints one row of the FP8 table: the code space, the range and a few example encodings.
-template <class F8>
-void print_format(const char* name) {
-  using L = std::numeric_limits<F8>;
-  int finite = 0, nan = 0, inf = 0, subnormal = 0;
-  for (unsigned c = 0; c < 256; ++c) {
-    const float v = F8::from_bits(static_cast<std::uint8_t>(c));
-    if (std::isnan(v)) {
-      ++nan;
-    } else if (std::isinf(v)) {
-      ++inf;
-    } else {
-      ++finite;
-      if (v != 0.0f && std::fabs(v) < static_cast<float>(L::min())) ++subnormal;
-    }
-  }
-  std::printf("%-8s %6d %5d %4d %10d %10g %12g %14g %8g    0x%02X 0x%02X\n", name, finite, nan, inf,
-              subnormal, static_cast<float>(L::max()), static_cast<float>(L::min()),
-              static_cast<float>(L::denorm_min()), static_cast<float>(L::epsilon()),
-              F8(1.0f).bits(), F8(3.14159f).bits());
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-struct Model {
-  const char* name;
-  int layers, heads, head_dim, kv_lora_rank, qk_rope_head_dim;
-};
-
-// Per token per layer: MHA keeps K and V for every head, GQA for g groups, MQA for one head;
-// MLA keeps only the latent c^KV and the shared rotary key k^R (DeepSeek-V2, Table 1).
-void print_cache(const Model& m) {
-  const long mha = 2L * m.heads * m.head_dim;
-  const long gqa8 = 2L * 8 * m.head_dim;
-  const long mqa = 2L * m.head_dim;
-  const long mla = m.kv_lora_rank + m.qk_rope_head_dim;
-  // FP8 latent (FlashMLA layout): e4m3 latent bytes, one fp32 scale per 128 values, bf16 k^R.
-  const long mla_fp8 =
-      m.kv_lora_rank + 4L * ((m.kv_lora_rank + 127) / 128) + 2L * m.qk_rope_head_dim;
-  std::printf("%-10s %6d %10ld %10ld %9ld %10ld %9ld %9ld %7.1fx %14ld %12ld\n", m.name, m.layers,
-              2 * mha, 2 * gqa8, 2 * mqa, 4 * mla, 2 * mla, mla_fp8,
-              static_cast<double>(mha) / static_cast<double>(mla), 2 * mla * m.layers,
-              mla_fp8 * m.layers);
+/// Seeded stand-ins for token embeddings: [tokens, hidden], entries uniform in [-1, 1].
+mla::RowMatrix<float> hidden_states(mla::Index tokens, mla::Index hidden, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  mla::RowMatrix<float> x(tokens, hidden);
+  for (mla::Index i = 0; i < x.size(); ++i) x.data()[i] = u(rng);
+  return x;
 }
 
 }  // namespace
 
 int main() {
-  std::printf("mla %d.%d.%d quickstart\n\n", MLA_VERSION_MAJOR, MLA_VERSION_MINOR,
-              MLA_VERSION_PATCH);
+  const mla::MlaConfig config = mla::MlaConfig::deepseek_v2_lite();
+  const mla::Index prompt = 512, decode_steps = 64, total = prompt + decode_steps;
+  std::printf(
+      "mla %d.%d.%d quickstart: one DeepSeek-V2-Lite attention layer (hidden %lld, %lld heads, "
+      "kv_lora_rank %lld, rope %lld)\n\n",
+      MLA_VERSION_MAJOR, MLA_VERSION_MINOR, MLA_VERSION_PATCH,
+      static_cast<long long>(config.hidden_size),
+      static_cast<long long>(config.num_attention_heads),
+      static_cast<long long>(config.kv_lora_rank), static_cast<long long>(config.qk_rope_head_dim));
 
-  std::printf("FP8 storage formats (OCP OFP8; round to nearest even, then saturate)\n");
-  std::printf("%-8s %6s %5s %4s %10s %10s %12s %14s %8s    %4s %4s\n", "format", "finite", "NaN",
-              "Inf", "subnormal", "max", "min normal", "min subnormal", "epsilon", "1.0", "pi");
-  print_format<mla::float8_e4m3fn>("e4m3fn");
-  print_format<mla::float8_e5m2>("e5m2");
-  std::printf("e4m3fn(464) = %g (a tie rounds to even before the overflow check)\n\n",
-              static_cast<float>(mla::float8_e4m3fn(464.0f)));
+  // The layer: seeded random weights, absorbed matrices computed once here.
+  const mla::MlaLayer<float> layer(config, mla::MlaWeights<float>::random(config, 2024));
 
-  std::printf("KV cache bytes per token per layer, and per token for the whole model\n");
-  std::printf("%-10s %6s %10s %10s %9s %10s %9s %9s %8s %14s %12s\n", "model", "layers", "MHA bf16",
-              "GQA-8 bf16", "MQA bf16", "MLA fp32", "MLA bf16", "MLA fp8", "MHA/MLA",
-              "model MLA bf16", "model MLA fp8");
-  print_cache({"V2-Lite", 27, 16, 128, 512, 64});
-  print_cache({"V2", 60, 128, 128, 512, 64});
-  print_cache({"V3", 61, 128, 128, 512, 64});
-  return 0;
+  // The latent cache: 64-token blocks, enough for the whole sequence, FP32 storage.
+  mla::LatentCacheOptions options;
+  options.block_tokens = 64;
+  options.num_blocks = (total + 63) / 64;
+  mla::LatentCache cache(config, options);
+  const mla::SequenceId seq = cache.add_sequence();
+  mla::MlaWorkspace<float> ws;
+
+  const mla::RowMatrix<float> x = hidden_states(total, config.hidden_size, 7);
+  mla::RowMatrix<float> y(total, config.hidden_size);
+
+  // Prefill: the whole prompt in one call (the expanded path).
+  auto t0 = Clock::now();
+  layer.forward(x.topRows(prompt), 0, cache, seq, y.topRows(prompt), ws);
+  const double prefill_s = seconds_since(t0);
+
+  // Decode: one token per call (the absorbed path), all but the last step.
+  t0 = Clock::now();
+  for (mla::Index t = prompt; t < total - 1; ++t) {
+    layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+  }
+  const double decode_s = seconds_since(t0) / static_cast<double>(decode_steps - 1);
+
+  // The last step both ways, on the same cache contents (clone is an explicit copy).
+  mla::LatentCache cache_copy = cache.clone();
+  mla::RowMatrix<float> y_absorbed(1, config.hidden_size), y_expanded(1, config.hidden_size);
+  layer.forward(x.row(total - 1), total - 1, cache, seq, y_absorbed, ws,
+                mla::AttentionPath::kAbsorbed);
+  layer.forward(x.row(total - 1), total - 1, cache_copy, seq, y_expanded, ws,
+                mla::AttentionPath::kExpanded);
+  const double rel_diff = (y_absorbed - y_expanded).norm() / y_expanded.norm();
+  const bool agree = rel_diff <= 1e-5;
+
+  std::printf("prefill %lld tokens:   %8.1f tokens/s\n", static_cast<long long>(prompt),
+              static_cast<double>(prompt) / prefill_s);
+  std::printf("decode  %lld tokens:    %8.1f tokens/s (context %lld..%lld)\n",
+              static_cast<long long>(decode_steps), 1.0 / decode_s, static_cast<long long>(prompt),
+              static_cast<long long>(total));
+  std::printf("last step, absorbed vs expanded: relative difference %.2e (%s)\n\n", rel_diff,
+              agree ? "agree" : "DISAGREE");
+
+  // What one token costs in the KV cache of one layer. MHA keeps K and V of every head, GQA of
+  // g groups, MQA of one head; MLA keeps only c^KV and k^R (the library's own accounting).
+  const long long H = config.num_attention_heads, dh = config.qk_nope_head_dim;
+  const long long mla_values = config.latent_cache_width();
+  struct Row {
+    const char* name;
+    long long values;
+  };
+  const Row rows[] = {
+      {"MHA", 2 * H * dh}, {"GQA-8", 2 * 8 * dh}, {"MQA", 2 * dh}, {"MLA", mla_values}};
+  std::printf("KV cache per token per layer (head_dim %lld)\n", dh);
+  std::printf("%-8s %8s %12s %12s %10s\n", "cache", "values", "fp32 bytes", "bf16 bytes", "vs MLA");
+  for (const Row& r : rows) {
+    std::printf("%-8s %8lld %12lld %12lld %9.2fx\n", r.name, r.values, 4 * r.values, 2 * r.values,
+                static_cast<double>(r.values) / static_cast<double>(mla_values));
+  }
+  std::printf("this run's cache: %zu bytes per token per layer (%s), %lld tokens cached\n",
+              cache.bytes_per_token_per_layer(), mla::to_string(cache.options().storage),
+              static_cast<long long>(cache.length(seq, 0)));
+  return agree ? 0 : 1;
 }
