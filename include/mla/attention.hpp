@@ -121,6 +121,40 @@ inline void check_attention_shapes(const MlaConfig& c, const LatentView& cache, 
           " (the queries are the last tokens of the cache)");
 }
 
+/// Resets the running maximum and sum of `rows` softmax rows in the workspace.
+template <class T>
+void begin_softmax(AttentionWorkspace<T>& ws, Index rows) {
+  ws.running_max.head(rows).setConstant(-std::numeric_limits<T>::infinity());
+  ws.running_sum.head(rows).setZero();
+}
+
+/// Calls tile(j0, n, c_tile, kpe_tile) for the cache's keys in tiles of kTileTokens, each read
+/// (and converted to T) into the workspace.
+template <class T, class F>
+void for_each_key_tile(const LatentView& cache, AttentionWorkspace<T>& ws, F&& tile) {
+  const Index n_keys = cache.tokens();
+  for (Index j0 = 0; j0 < n_keys; j0 += AttentionWorkspace<T>::kTileTokens) {
+    const Index n = std::min(AttentionWorkspace<T>::kTileTokens, n_keys - j0);
+    auto c_tile = ws.c_tile.topRows(n);
+    auto kpe = ws.kpe_tile.topRows(n);
+    cache.read<T>(j0, n, c_tile, kpe);
+    tile(j0, n, c_tile, kpe);
+  }
+}
+
+/// Divides the accumulator of every (token, head) by its softmax sum and stores the
+/// log-sum-exp m + log(l). acc(t, h) returns that row's accumulator (a writable block).
+template <class T, class Acc>
+void finish_softmax(AttentionWorkspace<T>& ws, Index heads, MatrixRef<T> lse, Acc&& acc) {
+  for (Index t = 0; t < lse.rows(); ++t) {
+    for (Index h = 0; h < heads; ++h) {
+      const T m = ws.running_max(t * heads + h), l = ws.running_sum(t * heads + h);
+      acc(t, h) /= l;
+      lse(t, h) = m + std::log(l);
+    }
+  }
+}
+
 }  // namespace detail
 
 /// Expanded causal attention. The queries are the last `tokens` tokens of `cache` (they were
@@ -150,18 +184,12 @@ void attention_expanded(const MlaConfig& c, const LatentView& cache,
   ws.reserve(c, tokens, AttentionPath::kExpanded);
   const Index past = cache.tokens() - tokens;
   const T sigma = static_cast<T>(scale);
+  detail::begin_softmax(ws, tokens * H);
   auto m = ws.running_max.head(tokens * H);
   auto l = ws.running_sum.head(tokens * H);
-  m.setConstant(-std::numeric_limits<T>::infinity());
-  l.setZero();
   out.setZero();
 
-  const Index n_keys = cache.tokens();
-  for (Index j0 = 0; j0 < n_keys; j0 += AttentionWorkspace<T>::kTileTokens) {
-    const Index n = std::min(AttentionWorkspace<T>::kTileTokens, n_keys - j0);
-    auto c_tile = ws.c_tile.topRows(n);
-    auto kpe = ws.kpe_tile.topRows(n);
-    cache.read<T>(j0, n, c_tile, kpe);
+  detail::for_each_key_tile(cache, ws, [&](Index j0, Index n, auto c_tile, auto kpe) {
     // Rebuild [k^nope ; v] of every head for this tile: [n, H * (P + V)].
     auto kv = ws.kv_tile.topRows(n);
     project(wkv_b, c_tile, kv);
@@ -187,13 +215,8 @@ void attention_expanded(const MlaConfig& c, const LatentView& cache,
       o = corr.asDiagonal() * o;
       o.noalias() += s * kv.middleCols(h * KV + P, V);
     }
-  }
-  for (Index t = 0; t < tokens; ++t) {
-    for (Index h = 0; h < H; ++h) {
-      out.block(t, h * V, 1, V) /= l(t * H + h);
-      lse(t, h) = m(t * H + h) + std::log(l(t * H + h));
-    }
-  }
+  });
+  detail::finish_softmax(ws, H, lse, [&](Index t, Index h) { return out.block(t, h * V, 1, V); });
 }
 
 /// Absorbed causal attention over the latent cache (MQA with head width d_c + R). The queries
@@ -222,18 +245,12 @@ void attention_absorbed(const MlaConfig& c, const LatentView& cache,
   ws.reserve(c, tokens, AttentionPath::kAbsorbed);
   const Index past = cache.tokens() - tokens;
   const T sigma = static_cast<T>(scale);
+  detail::begin_softmax(ws, tokens * H);
   auto m = ws.running_max.head(tokens * H);
   auto l = ws.running_sum.head(tokens * H);
-  m.setConstant(-std::numeric_limits<T>::infinity());
-  l.setZero();
   out_latent.setZero();
 
-  const Index n_keys = cache.tokens();
-  for (Index j0 = 0; j0 < n_keys; j0 += AttentionWorkspace<T>::kTileTokens) {
-    const Index n = std::min(AttentionWorkspace<T>::kTileTokens, n_keys - j0);
-    auto c_tile = ws.c_tile.topRows(n);
-    auto kpe = ws.kpe_tile.topRows(n);
-    cache.read<T>(j0, n, c_tile, kpe);
+  detail::for_each_key_tile(cache, ws, [&](Index j0, Index n, auto c_tile, auto kpe) {
     for (Index t = std::max<Index>(0, j0 - past); t < tokens; ++t) {
       const Index visible = std::min(n, past + t + 1 - j0);
       for (Index h = 0; h < H; ++h) {
@@ -252,14 +269,8 @@ void attention_absorbed(const MlaConfig& c, const LatentView& cache,
         out_latent.row(r).noalias() += s * c_tile.topRows(visible);
       }
     }
-  }
-  for (Index t = 0; t < tokens; ++t) {
-    for (Index h = 0; h < H; ++h) {
-      const Index r = t * H + h;
-      out_latent.row(r) /= l(r);
-      lse(t, h) = m(r) + std::log(l(r));
-    }
-  }
+  });
+  detail::finish_softmax(ws, H, lse, [&](Index t, Index h) { return out_latent.row(t * H + h); });
 }
 
 }  // namespace mla
