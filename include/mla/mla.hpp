@@ -14,6 +14,7 @@
 #include "mla/matrix.hpp"
 #include "mla/norm.hpp"
 #include "mla/projection.hpp"
+#include "mla/quant.hpp"
 #include "mla/rope.hpp"
 #include "mla/version.hpp"
 #include "mla/weights.hpp"
