@@ -19,11 +19,12 @@ TEST(Config, PresetsHaveDeepSeekDimensions) {
     MlaConfig c;
     std::int64_t hidden, heads, q_lora;
     double mscale;
+    std::int64_t layers;
   };
   // DeepSeek-V2 paper / config.json values (REFERENCE table 1).
-  for (const Row& r : {Row{MlaConfig::deepseek_v2_lite(), 2048, 16, 0, 0.707},
-                       Row{MlaConfig::deepseek_v2(), 5120, 128, 1536, 0.707},
-                       Row{MlaConfig::deepseek_v3(), 7168, 128, 1536, 1.0}}) {
+  for (const Row& r : {Row{MlaConfig::deepseek_v2_lite(), 2048, 16, 0, 0.707, 27},
+                       Row{MlaConfig::deepseek_v2(), 5120, 128, 1536, 0.707, 60},
+                       Row{MlaConfig::deepseek_v3(), 7168, 128, 1536, 1.0, 61}}) {
     EXPECT_NO_THROW(r.c.validate());
     EXPECT_EQ(r.c.hidden_size, r.hidden);
     EXPECT_EQ(r.c.num_attention_heads, r.heads);
@@ -46,6 +47,7 @@ TEST(Config, PresetsHaveDeepSeekDimensions) {
     EXPECT_EQ(r.c.rope_scaling.mscale, r.mscale);
     EXPECT_EQ(r.c.rope_scaling.mscale_all_dim, r.mscale);
     EXPECT_EQ(r.c.rope_layout, mla::RopeLayout::kInterleaved);
+    EXPECT_EQ(r.c.num_hidden_layers, r.layers);
   }
   EXPECT_NO_THROW(MlaConfig::small_v2_lite().validate());
   EXPECT_NO_THROW(MlaConfig::small_v3().validate());
@@ -75,6 +77,7 @@ TEST(Config, ValidateNamesTheBadField) {
       {[nan](MlaConfig& c) { c.rms_norm_eps = nan; }, "MlaConfig.rms_norm_eps"},
       {[](MlaConfig& c) { c.rope_theta = 1.0; }, "MlaConfig.rope_theta"},
       {[](MlaConfig& c) { c.max_position_embeddings = 0; }, "MlaConfig.max_position_embeddings"},
+      {[](MlaConfig& c) { c.num_hidden_layers = 0; }, "MlaConfig.num_hidden_layers"},
       {[](MlaConfig& c) { c.rope_scaling.factor = -2.0; }, "MlaConfig.rope_scaling.factor"},
       {[](MlaConfig& c) { c.rope_scaling.original_max_position_embeddings = 0; },
        "MlaConfig.rope_scaling.original_max_position_embeddings"},

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <cstring>
 #include <map>
 #include <vector>
 
@@ -10,6 +12,11 @@
 #include "test_util.hpp"
 
 namespace {
+
+struct ScaleFormatCase {
+  mla::ScaleFormat format;
+  bool pow2;
+};
 
 using mla::CacheStorage;
 using mla::Index;
@@ -179,8 +186,10 @@ TEST(LatentCache, BadArgumentsAreClearErrors) {
   EXPECT_TRUE(test::throws_error_containing(
       [&] { LatentCache(bad, options(1, 4, 4, CacheStorage::kFloat32)); }, "kv_lora_rank"));
   EXPECT_TRUE(test::throws_error_containing(
-      [&] { LatentCache(c, options(1 << 20, 1 << 20, 1 << 30, CacheStorage::kFloat64)); },
+      [&] { LatentCache(c, options(1 << 16, 1 << 20, 1 << 30, CacheStorage::kFloat64)); },
       "too large"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { LatentCache(c, options(1 << 17, 4, 4, CacheStorage::kFloat32)); }, "num_layers"));
 
   LatentCache cache(c, options(2, 4, 4, CacheStorage::kFloat32));
   const SequenceId s = cache.add_sequence();
@@ -198,6 +207,205 @@ TEST(LatentCache, BadArgumentsAreClearErrors) {
   EXPECT_TRUE(
       test::throws_error_containing([&] { cache.remove_sequence(s + 7); }, "unknown sequence id"));
   EXPECT_EQ(cache.length(s, 0), 0);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Storage formats: BF16 and FP8 (FlashMLA's layout)
+
+namespace {
+
+/// bf16 nearest to a double in the normal range, ties to even, by comparing against the two
+/// neighbouring bf16 values (exact in double by Sterbenz's lemma).
+std::uint16_t exact_bf16_bits(double x) {
+  std::uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const std::uint64_t sign = u >> 63;
+  const int e = static_cast<int>((u >> 52) & 0x7FF) - 1023;  // normal inputs only
+  const std::uint64_t top7 = (u >> 45) & 0x7F;
+  const double mag = std::fabs(x);
+  const double lo = std::ldexp(1.0 + static_cast<double>(top7) / 128.0, e);
+  const double hi = lo + std::ldexp(1.0, e - 7);
+  std::uint32_t bits =
+      static_cast<std::uint32_t>((e + 127) << 7) | static_cast<std::uint32_t>(top7);
+  if (mag - lo > hi - mag || (mag - lo == hi - mag && (bits & 1u))) ++bits;  // carries into e
+  return static_cast<std::uint16_t>((sign << 15) | bits);
+}
+
+/// FlashMLA's record for one token, built independently: per 128-tile scale = amax / 448 (or
+/// the next power of two), codes e4m3(x / scale), then the scales, then k^R in bf16.
+std::vector<unsigned char> expected_fp8_record(const std::vector<float>& c,
+                                               const std::vector<float>& k, bool pow2) {
+  const std::size_t D = c.size(), tiles = (D + 127) / 128;
+  std::vector<unsigned char> rec(D + 4 * tiles + 2 * k.size());
+  for (std::size_t t = 0; t < tiles; ++t) {
+    float amax = 0.0f;
+    for (std::size_t i = t * 128; i < std::min(D, t * 128 + 128); ++i)
+      amax = std::max(amax, std::fabs(c[i]));
+    float scale = amax / 448.0f;
+    if (scale == 0.0f) scale = 1.0f;
+    if (pow2)
+      scale = static_cast<float>(std::exp2(std::ceil(std::log2(static_cast<double>(scale)))));
+    for (std::size_t i = t * 128; i < std::min(D, t * 128 + 128); ++i) {
+      rec[i] = mla::float8_e4m3fn(c[i] / scale).bits();
+    }
+    std::memcpy(&rec[D + 4 * t], &scale, 4);
+  }
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    const std::uint16_t b = Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(k[i]));
+    std::memcpy(&rec[D + 4 * tiles + 2 * i], &b, 2);
+  }
+  return rec;
+}
+
+TEST(LatentCacheStorage, DeepSeekBytesPerTokenAndWholeModelAccounting) {
+  const MlaConfig v3 = MlaConfig::deepseek_v3();
+  // REFERENCE section 6: 576 numbers per token and layer.
+  EXPECT_EQ(LatentCache::bytes_per_token_per_layer(v3, CacheStorage::kFloat32), 2304u);
+  EXPECT_EQ(LatentCache::bytes_per_token_per_layer(v3, CacheStorage::kBFloat16), 1152u);
+  EXPECT_EQ(LatentCache::bytes_per_token_per_layer(v3, CacheStorage::kFp8E4M3), 656u);
+  EXPECT_EQ(LatentCache::bytes_per_token_per_layer(v3, CacheStorage::kFloat64), 4608u);
+  // The whole V3 model (61 layers): 70,272 B per token in bf16, 40,016 B in fp8.
+  for (auto [storage, per_token] : {std::pair{CacheStorage::kBFloat16, std::size_t{70272}},
+                                    std::pair{CacheStorage::kFp8E4M3, std::size_t{40016}}}) {
+    LatentCache cache(v3, options(v3.num_hidden_layers, 64, 2, storage));
+    EXPECT_EQ(cache.bytes_per_token(), per_token);
+    EXPECT_EQ(cache.capacity_tokens(), 128);
+    EXPECT_EQ(cache.capacity_bytes(), 128 * per_token);
+    EXPECT_EQ(cache.bytes_in_use(), 0u);
+  }
+  // In use: whole blocks for every layer; bytes_of_tokens: exactly the cached tokens.
+  const MlaConfig c = MlaConfig::small_v3();  // 32 + 8 numbers: fp8 record 32 + 4 + 16 = 52 B
+  LatentCache cache(c, options(3, 8, 10, CacheStorage::kFp8E4M3));
+  EXPECT_EQ(cache.bytes_per_token_per_layer(), 52u);
+  const SequenceId a = cache.add_sequence(), b = cache.add_sequence();
+  const RowMatrix<float> x = test::random_input<float>(11, 40, 1);
+  cache.append<float>(a, 0, x.leftCols(32), x.rightCols(8));                        // 2 blocks
+  cache.append<float>(a, 2, x.topRows(3).leftCols(32), x.topRows(3).rightCols(8));  // same
+  cache.append<float>(b, 1, x.topRows(9).leftCols(32), x.topRows(9).rightCols(8));  // 2 blocks
+  EXPECT_EQ(cache.blocks_in_use(), 4);
+  EXPECT_EQ(cache.bytes_in_use(), 4u * 8u * 52u * 3u);
+  EXPECT_EQ(cache.bytes_of_tokens(), (11u + 3u + 9u) * 52u);
+  cache.remove_sequence(a);
+  EXPECT_EQ(cache.bytes_in_use(), 2u * 8u * 52u * 3u);
+  EXPECT_EQ(cache.bytes_of_tokens(), 9u * 52u);
+}
+
+TEST(LatentCacheStorage, Fp8RecordIsFlashMlaLayoutByteForByte) {
+  const MlaConfig v3 = MlaConfig::deepseek_v3();  // d_c 512: offsets 0 / 512 / 528, 656 bytes
+  for (ScaleFormatCase f : {ScaleFormatCase{mla::ScaleFormat::kFloat32, false},
+                            ScaleFormatCase{mla::ScaleFormat::kPowerOfTwo, true}}) {
+    LatentCacheOptions o = options(1, 4, 3, CacheStorage::kFp8E4M3);
+    o.fp8_scales = f.format;
+    LatentCache cache(v3, o);
+    const SequenceId s = cache.add_sequence();
+    RowMatrix<float> x = test::random_input<float>(6, 576, 2) * 3.0f;
+    x.row(1).head(128).setZero();         // an all-zero tile
+    x.row(2).segment(128, 128) *= 1e-3f;  // a tile of small values (e4m3 subnormals appear)
+    x(3, 5) = 1000.0f;                    // one tile dominated by an outlier
+    cache.append<float>(s, 0, x.leftCols(512), x.rightCols(64));
+    const mla::LatentView v = cache.view(s, 0);
+    ASSERT_EQ(v.token_bytes(), 656u);
+    for (Index t = 0; t < 6; ++t) {
+      const std::vector<float> c(x.row(t).data(), x.row(t).data() + 512);
+      const std::vector<float> k(x.row(t).data() + 512, x.row(t).data() + 576);
+      const std::vector<unsigned char> want = expected_fp8_record(c, k, f.pow2);
+      const unsigned char* got = v.record(t);
+      EXPECT_EQ(std::memcmp(got, want.data(), 512), 0) << "latent codes, token " << t;
+      EXPECT_EQ(std::memcmp(got + 512, want.data() + 512, 16), 0) << "scales at 512, token " << t;
+      EXPECT_EQ(std::memcmp(got + 528, want.data() + 528, 128), 0)
+          << "bf16 k^R at 528, token " << t;
+    }
+  }
+}
+
+TEST(LatentCacheStorage, WriteThenReadWithinEachFormatsBound) {
+  const MlaConfig c = MlaConfig::deepseek_v3();
+  const RowMatrix<float> x = test::random_input<float>(20, 576, 3) * 2.5f;
+  for (CacheStorage storage : {CacheStorage::kFloat32, CacheStorage::kBFloat16,
+                               CacheStorage::kFp8E4M3, CacheStorage::kFloat64}) {
+    SCOPED_TRACE(to_string(storage));
+    LatentCache cache(c, options(1, 8, 3, storage));
+    const SequenceId s = cache.add_sequence();
+    cache.append<float>(s, 0, x.leftCols(512), x.rightCols(64));
+    const RowMatrix<double> back = contents(cache, s, 0);
+    for (Index t = 0; t < 20; ++t) {
+      const double amax_tile0 = x.row(t).head(128).cwiseAbs().maxCoeff();
+      for (Index i = 0; i < 576; ++i) {
+        const double v = x(t, i), r = back(t, i);
+        double bound = 0.0;  // fp32 and fp64 are exact
+        if (storage == CacheStorage::kBFloat16 || (storage == CacheStorage::kFp8E4M3 && i >= 512)) {
+          bound = std::ldexp(std::fabs(v), -8);  // half a bf16 ulp: 2^-9 relative, 2^-8 safe
+        } else if (storage == CacheStorage::kFp8E4M3) {
+          // Half an e4m3 ulp (2^-4 relative) for normal codes; below 2^-6 * scale the
+          // subnormal step 2^-9 * scale, halved.
+          const double scale = x.row(t).segment(i / 128 * 128, 128).cwiseAbs().maxCoeff() / 448.0;
+          bound = std::max(std::ldexp(std::fabs(v), -4), std::ldexp(scale, -10));
+          (void)amax_tile0;
+        }
+        ASSERT_LE(std::fabs(r - v), bound) << "token " << t << " value " << i;
+      }
+    }
+  }
+}
+
+TEST(LatentCacheStorage, DoublesRoundToBf16Once) {
+  // Doubles just above a bf16 tie whose float rounding lands exactly on the tie: rounding twice
+  // (double -> float -> bf16) would go to even, rounding once must go up.
+  const MlaConfig c = MlaConfig::small_v3();  // R = 8
+  std::vector<double> k;
+  for (int i = 0; i < 8; ++i) {
+    // Halfway between the bf16 mantissas 2i/128 (even) and (2i+1)/128: ties go down to even.
+    const double tie = std::ldexp(1.0 + (4.0 * i + 1.0) / 256.0, i - 3);
+    k.push_back(tie + std::ldexp(tie, -30));
+  }
+  RowMatrix<double> kk(1, 8), cc = RowMatrix<double>::Constant(1, 32, 0.5);
+  for (int i = 0; i < 8; ++i) kk(0, i) = k[static_cast<std::size_t>(i)];
+  for (CacheStorage storage : {CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
+    LatentCache cache(c, options(1, 4, 1, storage));
+    const SequenceId s = cache.add_sequence();
+    cache.append<double>(s, 0, cc, kk);
+    const mla::LatentView v = cache.view(s, 0);
+    const std::size_t offset = storage == CacheStorage::kBFloat16 ? 2 * 32 : 32 + 4;
+    for (int i = 0; i < 8; ++i) {
+      std::uint16_t got;
+      std::memcpy(&got, v.record(0) + offset + 2 * static_cast<std::size_t>(i), 2);
+      EXPECT_EQ(got, exact_bf16_bits(k[static_cast<std::size_t>(i)]))
+          << to_string(storage) << " " << i;
+      const auto twice = Eigen::numext::bit_cast<std::uint16_t>(
+          Eigen::bfloat16(static_cast<float>(k[static_cast<std::size_t>(i)])));
+      EXPECT_NE(got, twice) << "the input was meant to expose double rounding";
+    }
+  }
+}
+
+TEST(LatentCacheStorage, KernelsReadFp32InPlaceAndConvertOtherFormatsPerTile) {
+  const MlaConfig c = MlaConfig::small_v3();
+  const RowMatrix<float> x = test::random_input<float>(21, 40, 4);
+  for (CacheStorage storage :
+       {CacheStorage::kFloat32, CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
+    LatentCache cache(c, options(1, 8, 3, storage));
+    const SequenceId s = cache.add_sequence();
+    cache.append<float>(s, 0, x.leftCols(32), x.rightCols(8));
+    const mla::LatentView v = cache.view(s, 0);
+    RowMatrix<float> c_buf(5, 32), k_buf(5, 8);
+    std::vector<float> scratch(32);
+    std::vector<Index> firsts;
+    RowMatrix<double> seen(21, 40);
+    v.for_each_tile<float>(
+        5, c_buf, k_buf, scratch.data(), [&](Index first, Index n, auto ct, auto kt) {
+          firsts.push_back(first);
+          EXPECT_LE(n, 5);
+          EXPECT_EQ(first / 8, (first + n - 1) / 8) << "a tile crosses a block";
+          const bool in_place = ct.data() == reinterpret_cast<const float*>(v.record(first));
+          EXPECT_EQ(in_place, storage == CacheStorage::kFloat32);
+          seen.block(first, 0, n, 32) = ct.template cast<double>();
+          seen.block(first, 32, n, 8) = kt.template cast<double>();
+        });
+    EXPECT_EQ(firsts, (std::vector<Index>{0, 5, 8, 13, 16}));
+    EXPECT_EQ(seen, contents(cache, s, 0));  // the same values read() gives
+  }
 }
 
 }  // namespace

@@ -59,13 +59,14 @@ struct AttentionWorkspace {
   /// Keys read from the cache per tile.
   static constexpr Index kTileTokens = 64;
 
-  RowMatrix<T> c_tile;    ///< [kTileTokens, d_c]
-  RowMatrix<T> kpe_tile;  ///< [kTileTokens, R]
-  RowMatrix<T> kv_tile;   ///< [kTileTokens, H * (P + V)], expanded path only
-  RowMatrix<T> scores;    ///< [tokens, kTileTokens]
-  Vector<T> running_max;  ///< [tokens * H]
-  Vector<T> running_sum;  ///< [tokens * H]
-  Vector<T> correction;   ///< [tokens]
+  RowMatrix<T> c_tile;              ///< [kTileTokens, d_c]
+  RowMatrix<T> kpe_tile;            ///< [kTileTokens, R]
+  RowMatrix<T> kv_tile;             ///< [kTileTokens, H * (P + V)], expanded path only
+  RowMatrix<T> scores;              ///< [tokens, kTileTokens]
+  Vector<T> running_max;            ///< [tokens * H]
+  Vector<T> running_sum;            ///< [tokens * H]
+  Vector<T> correction;             ///< [tokens]
+  Eigen::VectorXf convert_scratch;  ///< [d_c], for converting FP8 tiles
 
   /// Makes room for chunks of up to `tokens` new tokens (grows, never shrinks), for `path`
   /// (kAuto reserves for both).
@@ -80,6 +81,7 @@ struct AttentionWorkspace {
     grow(running_max, tokens * heads);
     grow(running_sum, tokens * heads);
     grow(correction, tokens);
+    if (convert_scratch.size() < c.kv_lora_rank) convert_scratch.resize(c.kv_lora_rank);
   }
 
  private:
@@ -128,18 +130,13 @@ void begin_softmax(AttentionWorkspace<T>& ws, Index rows) {
   ws.running_sum.head(rows).setZero();
 }
 
-/// Calls tile(j0, n, c_tile, kpe_tile) for the cache's keys in tiles of kTileTokens, each read
-/// (and converted to T) into the workspace.
+/// Calls tile(j0, n, c_tile, kpe_tile) for the cache's keys in tiles of at most kTileTokens
+/// that never cross a block: read in place when the cache stores T, converted tile by tile
+/// into the workspace otherwise.
 template <class T, class F>
 void for_each_key_tile(const LatentView& cache, AttentionWorkspace<T>& ws, F&& tile) {
-  const Index n_keys = cache.tokens();
-  for (Index j0 = 0; j0 < n_keys; j0 += AttentionWorkspace<T>::kTileTokens) {
-    const Index n = std::min(AttentionWorkspace<T>::kTileTokens, n_keys - j0);
-    auto c_tile = ws.c_tile.topRows(n);
-    auto kpe = ws.kpe_tile.topRows(n);
-    cache.read<T>(j0, n, c_tile, kpe);
-    tile(j0, n, c_tile, kpe);
-  }
+  cache.for_each_tile<T>(AttentionWorkspace<T>::kTileTokens, ws.c_tile, ws.kpe_tile,
+                         ws.convert_scratch.data(), tile);
 }
 
 /// Divides the accumulator of every (token, head) by its softmax sum and stores the

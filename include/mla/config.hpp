@@ -50,6 +50,8 @@ struct MlaConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling{};
   std::int64_t max_position_embeddings = 163840;
+  /// Layers of the whole model: not used by one layer, but by whole-model cache accounting.
+  std::int64_t num_hidden_layers = 1;
   /// Pairing of the rotary dimensions in the weights and in the cached k^R. Not a config.json
   /// field: DeepSeek's own checkpoints are interleaved.
   RopeLayout rope_layout = RopeLayout::kInterleaved;
@@ -123,6 +125,7 @@ inline void MlaConfig::validate() const {
   detail::require_finite(rms_norm_eps, 0.0, "rms_norm_eps");
   detail::require_finite(rope_theta, 1.0, "rope_theta");
   detail::require_dim(max_position_embeddings, 1, "max_position_embeddings");
+  detail::require_dim(num_hidden_layers, 1, "num_hidden_layers");
   if (rope_scaling.type == RopeScaling::Type::kYarn) {
     detail::require_finite(rope_scaling.factor, 0.0, "rope_scaling.factor");
     require(rope_scaling.original_max_position_embeddings > 0,
@@ -149,6 +152,7 @@ inline MlaConfig MlaConfig::deepseek_v2_lite() {
   c.qk_rope_head_dim = 64;
   c.v_head_dim = 128;
   c.rope_scaling = detail::deepseek_yarn(0.707);
+  c.num_hidden_layers = 27;
   return c;
 }
 
@@ -157,6 +161,7 @@ inline MlaConfig MlaConfig::deepseek_v2() {
   c.hidden_size = 5120;
   c.num_attention_heads = 128;
   c.q_lora_rank = 1536;
+  c.num_hidden_layers = 60;
   return c;
 }
 
@@ -164,6 +169,7 @@ inline MlaConfig MlaConfig::deepseek_v3() {
   MlaConfig c = deepseek_v2();
   c.hidden_size = 7168;
   c.rope_scaling = detail::deepseek_yarn(1.0);
+  c.num_hidden_layers = 61;
   return c;
 }
 
@@ -177,6 +183,7 @@ inline MlaConfig MlaConfig::small_v2_lite() {
   c.qk_rope_head_dim = 8;
   c.v_head_dim = 16;
   c.rope_scaling = detail::deepseek_yarn(0.707);
+  c.num_hidden_layers = 2;
   return c;
 }
 

@@ -3,7 +3,7 @@
 /// The latent KV cache: per token and layer only c^KV (d_c values) and k^R (R values), nothing
 /// per head. Memory is paged: fixed-size blocks of tokens come from a pool whose size is set at
 /// construction, and every sequence has a block table. Sequences are added and removed at
-/// will; appends are atomic.
+/// will; appends are atomic. Storage is FP32, BF16, FP8 (FlashMLA's layout) or FP64.
 
 #include <algorithm>
 #include <cstddef>
@@ -12,19 +12,29 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
 #include "mla/config.hpp"
+#include "mla/detail/bfloat16.hpp"
 #include "mla/error.hpp"
+#include "mla/fp8.hpp"
 #include "mla/matrix.hpp"
+#include "mla/quant.hpp"
 
 namespace mla {
 
-/// Element type of the cached latent and rotary key.
+/// Element format of the cached latent and rotary key. Bytes per token and layer at DeepSeek
+/// sizes (d_c 512, R 64) in brackets.
 enum class CacheStorage : std::uint8_t {
-  kFloat32,  ///< 4 bytes per number: (d_c + R) * 4 bytes per token and layer
-  kFloat64,  ///< 8 bytes per number; for verification against double references
+  kFloat32,   ///< (d_c + R) * 4 bytes   [2304]
+  kBFloat16,  ///< (d_c + R) * 2 bytes   [1152]
+  /// FlashMLA's "fp8 with scale" record: d_c e4m3 latent bytes at offset 0, then one FP32 scale
+  /// per 128 latent values (tile amax / 448) at offset d_c, then k^R in BF16 (never quantised:
+  /// RoPE phases do not survive 3 mantissa bits) at offset d_c + 4 * ceil(d_c / 128).  [656]
+  kFp8E4M3,
+  kFloat64,  ///< (d_c + R) * 8 bytes, for verification against double references  [4608]
 };
 
 /// Printable name of a storage choice.
@@ -32,6 +42,10 @@ inline const char* to_string(CacheStorage s) {
   switch (s) {
     case CacheStorage::kFloat32:
       return "fp32";
+    case CacheStorage::kBFloat16:
+      return "bf16";
+    case CacheStorage::kFp8E4M3:
+      return "fp8";
     case CacheStorage::kFloat64:
       return "fp64";
   }
@@ -44,6 +58,8 @@ struct LatentCacheOptions {
   Index block_tokens = 64;  ///< tokens per block
   Index num_blocks = 0;     ///< blocks in the pool (its fixed capacity); must be > 0
   CacheStorage storage = CacheStorage::kFloat32;
+  /// FP8 only: round the per-tile scales up to powers of two (DeepSeek-V3.1's ue8m0).
+  ScaleFormat fp8_scales = ScaleFormat::kFloat32;
 };
 
 /// Identifies a sequence of a LatentCache. Never reused by the same cache.
@@ -51,26 +67,177 @@ using SequenceId = std::int64_t;
 
 namespace detail {
 
-template <class S>
-struct StorageTag {
-  using type = S;
-};
+/// Where each part of one token's record lives, and how to convert it.
+struct LatentLayout {
+  /// Latent values per FP8 scale (FlashMLA's tile).
+  static constexpr Index kFp8Tile = 128;
 
-/// Calls f(StorageTag<S>{}) with the storage element type S of `s` (dispatch once per call).
-template <class F>
-decltype(auto) visit_storage(CacheStorage s, F&& f) {
-  switch (s) {
-    case CacheStorage::kFloat64:
-      return f(StorageTag<double>{});
-    case CacheStorage::kFloat32:
-      break;
+  CacheStorage storage = CacheStorage::kFloat32;
+  ScaleFormat fp8_scales = ScaleFormat::kFloat32;
+  Index kv_lora_rank = 0;  // d_c
+  Index rope_dim = 0;      // R
+  std::size_t token_bytes = 0;
+  std::size_t scales_offset = 0;  // FP8 only
+  std::size_t kpe_offset = 0;     // byte offset of k^R in the record
+
+  static LatentLayout make(Index d_c, Index r, CacheStorage storage, ScaleFormat fp8_scales) {
+    LatentLayout l;
+    l.storage = storage;
+    l.fp8_scales = fp8_scales;
+    l.kv_lora_rank = d_c;
+    l.rope_dim = r;
+    const auto dc = static_cast<std::size_t>(d_c), rr = static_cast<std::size_t>(r);
+    switch (storage) {
+      case CacheStorage::kFp8E4M3:
+        l.scales_offset = dc;
+        l.kpe_offset = dc + sizeof(float) * static_cast<std::size_t>(fp8_tiles(d_c));
+        l.token_bytes = l.kpe_offset + sizeof(Eigen::bfloat16) * rr;
+        break;
+      default: {
+        const std::size_t e = element_bytes(storage);
+        l.kpe_offset = dc * e;
+        l.token_bytes = (dc + rr) * e;
+      }
+    }
+    return l;
   }
-  return f(StorageTag<float>{});
-}
 
-inline std::size_t storage_element_bytes(CacheStorage s) {
-  return visit_storage(s, [](auto tag) { return sizeof(typename decltype(tag)::type); });
-}
+  static Index fp8_tiles(Index d_c) { return (d_c + kFp8Tile - 1) / kFp8Tile; }
+
+  static std::size_t element_bytes(CacheStorage s) {
+    switch (s) {
+      case CacheStorage::kFloat64:
+        return 8;
+      case CacheStorage::kBFloat16:
+        return 2;
+      case CacheStorage::kFp8E4M3:
+        return 1;
+      case CacheStorage::kFloat32:
+        break;
+    }
+    return 4;
+  }
+
+  /// True when records hold T itself, so kernels can read them in place.
+  template <class T>
+  bool holds() const {
+    return (std::is_same_v<T, float> && storage == CacheStorage::kFloat32) ||
+           (std::is_same_v<T, double> && storage == CacheStorage::kFloat64);
+  }
+
+  /// Encodes one token: c [d_c] and k [R] of T into the record. Quantisation happens here.
+  template <class T>
+  void write(const T* c, const T* k, unsigned char* rec, float* scratch) const {
+    const Index D = kv_lora_rank, R = rope_dim;
+    switch (storage) {
+      case CacheStorage::kFloat32:
+        store_as<float>(c, k, rec);
+        break;
+      case CacheStorage::kFloat64:
+        store_as<double>(c, k, rec);
+        break;
+      case CacheStorage::kBFloat16:
+        store_as<Eigen::bfloat16>(c, k, rec);
+        break;
+      case CacheStorage::kFp8E4M3: {
+        // The latent is quantised from its float value, in 128-value tiles.
+        const float* cf = as_float(c, D, scratch);
+        float scales[64];  // one per tile; d_c <= 8192 is checked at construction
+        quantize_e4m3_tiles(cf, D, kFp8Tile, 0.0f, fp8_scales,
+                            reinterpret_cast<float8_e4m3fn*>(rec), scales);
+        std::memcpy(rec + scales_offset, scales,
+                    sizeof(float) * static_cast<std::size_t>(fp8_tiles(D)));
+        for (Index i = 0; i < R; ++i) {
+          const Eigen::bfloat16 b = to_bfloat16(k[i]);
+          std::memcpy(rec + kpe_offset + sizeof(b) * static_cast<std::size_t>(i), &b, sizeof(b));
+        }
+        break;
+      }
+    }
+  }
+
+  /// Decodes one token's record into c [d_c] and k [R] of T (exact: every storage format widens
+  /// to float without rounding).
+  template <class T>
+  void read(const unsigned char* rec, T* c, T* k, float* scratch) const {
+    const Index D = kv_lora_rank, R = rope_dim;
+    switch (storage) {
+      case CacheStorage::kFloat32:
+        load_as<float>(rec, c, k);
+        break;
+      case CacheStorage::kFloat64:
+        load_as<double>(rec, c, k);
+        break;
+      case CacheStorage::kBFloat16:
+        load_as<Eigen::bfloat16>(rec, c, k);
+        break;
+      case CacheStorage::kFp8E4M3: {
+        float scales[64];
+        std::memcpy(scales, rec + scales_offset,
+                    sizeof(float) * static_cast<std::size_t>(fp8_tiles(D)));
+        const auto* q = reinterpret_cast<const float8_e4m3fn*>(rec);
+        if constexpr (std::is_same_v<T, float>) {
+          (void)scratch;
+          dequantize_e4m3_tiles(q, scales, D, kFp8Tile, c);
+        } else {
+          dequantize_e4m3_tiles(q, scales, D, kFp8Tile, scratch);
+          for (Index i = 0; i < D; ++i) c[i] = static_cast<T>(scratch[i]);
+        }
+        for (Index i = 0; i < R; ++i) {
+          Eigen::bfloat16 b;
+          std::memcpy(&b, rec + kpe_offset + sizeof(b) * static_cast<std::size_t>(i), sizeof(b));
+          k[i] = static_cast<T>(static_cast<float>(b));
+        }
+        break;
+      }
+    }
+  }
+
+ private:
+  template <class T>
+  static const float* as_float(const T* x, Index n, float* scratch) {
+    if constexpr (std::is_same_v<T, float>) {
+      (void)n;
+      (void)scratch;
+      return x;
+    } else {
+      for (Index i = 0; i < n; ++i) scratch[i] = static_cast<float>(x[i]);
+      return scratch;
+    }
+  }
+
+  template <class S, class T>
+  static S narrow(T x) {
+    if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+      return to_bfloat16(x);
+    } else {
+      return static_cast<S>(x);
+    }
+  }
+
+  template <class S, class T>
+  void store_as(const T* c, const T* k, unsigned char* rec) const {
+    S* out = reinterpret_cast<S*>(rec);  // records of S are aligned for S (pool is 64-aligned)
+    for (Index i = 0; i < kv_lora_rank; ++i) out[i] = narrow<S>(c[i]);
+    for (Index i = 0; i < rope_dim; ++i) out[kv_lora_rank + i] = narrow<S>(k[i]);
+  }
+
+  template <class T, class S>
+  static T widen(S x) {
+    if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+      return static_cast<T>(static_cast<float>(x));  // exact
+    } else {
+      return static_cast<T>(x);
+    }
+  }
+
+  template <class S, class T>
+  void load_as(const unsigned char* rec, T* c, T* k) const {
+    const S* in = reinterpret_cast<const S*>(rec);
+    for (Index i = 0; i < kv_lora_rank; ++i) c[i] = widen<T>(in[i]);
+    for (Index i = 0; i < rope_dim; ++i) k[i] = widen<T>(in[kv_lora_rank + i]);
+  }
+};
 
 /// 64-byte aligned, uninitialised byte buffer.
 struct AlignedBytes {
@@ -91,52 +258,80 @@ struct AlignedBytes {
 
 }  // namespace detail
 
-/// One sequence's cached tokens for one layer, as the attention kernels read them: records of
-/// [c^KV (d_c) | k^R (R)] per token, in blocks. Valid until that sequence is appended to or
-/// removed, or the cache is destroyed.
+/// One sequence's cached tokens for one layer, as the attention kernels read them. Valid until
+/// that sequence is appended to or removed, or the cache is destroyed.
 class LatentView {
  public:
+  /// A tile of keys as T: rows are tokens.
+  template <class T>
+  using Tile = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
+
   /// Tokens cached for this layer.
   Index tokens() const { return tokens_; }
   Index block_tokens() const { return block_tokens_; }
-  CacheStorage storage() const { return storage_; }
-  Index kv_lora_rank() const { return kv_lora_rank_; }
-  Index rope_dim() const { return rope_dim_; }
+  CacheStorage storage() const { return layout_.storage; }
+  Index kv_lora_rank() const { return layout_.kv_lora_rank; }
+  Index rope_dim() const { return layout_.rope_dim; }
   /// Bytes from one token's record to the next.
-  std::size_t token_bytes() const { return token_bytes_; }
+  std::size_t token_bytes() const { return layout_.token_bytes; }
 
   /// Start of the records of the b-th block of the sequence (b < ceil(tokens / block_tokens)).
   const unsigned char* block(Index b) const {
     MLA_ASSERT(b >= 0 && b * block_tokens_ < tokens_);
     return layer_base_ + static_cast<std::size_t>(block_table_[b]) * block_bytes_;
   }
+  /// The record of one token.
+  const unsigned char* record(Index token) const {
+    return block(token / block_tokens_) +
+           static_cast<std::size_t>(token % block_tokens_) * layout_.token_bytes;
+  }
 
-  /// Converts tokens [first, first + count) to T: c_kv [count, d_c] and k_pe [count, R]. Reads
-  /// block by block; the conversion is exact when T is at least as wide as the storage.
+  /// Calls f(first, n, c, k_pe) for consecutive tiles of at most `max_tile` tokens, in order,
+  /// none crossing a block: c is [n, d_c] and k_pe [n, R] of T. When the storage holds T they
+  /// point into the cache (read in place); otherwise each tile is converted into the scratch
+  /// matrices ([max_tile, d_c], [max_tile, R], and `scratch` of d_c floats), tile by tile.
+  template <class T, class F>
+  void for_each_tile(Index max_tile, RowMatrix<T>& c_buf, RowMatrix<T>& k_buf, float* scratch,
+                     F&& f) const {
+    MLA_ASSERT(max_tile > 0 && c_buf.rows() >= max_tile && k_buf.rows() >= max_tile);
+    const Index D = layout_.kv_lora_rank, R = layout_.rope_dim;
+    for (Index first = 0; first < tokens_;) {
+      const Index in_block = first % block_tokens_;
+      const Index n = std::min({max_tile, block_tokens_ - in_block, tokens_ - first});
+      const unsigned char* rec = record(first);
+      if (layout_.holds<T>()) {
+        const auto* p = reinterpret_cast<const T*>(rec);
+        const Eigen::OuterStride<> stride(static_cast<Index>(layout_.token_bytes / sizeof(T)));
+        f(first, n, Tile<T>(p, n, D, stride), Tile<T>(p + D, n, R, stride));
+      } else {
+        for (Index i = 0; i < n; ++i) {
+          layout_.read(rec + static_cast<std::size_t>(i) * layout_.token_bytes, c_buf.row(i).data(),
+                       k_buf.row(i).data(), scratch);
+        }
+        f(first, n, Tile<T>(c_buf.data(), n, D, Eigen::OuterStride<>(c_buf.cols())),
+          Tile<T>(k_buf.data(), n, R, Eigen::OuterStride<>(k_buf.cols())));
+      }
+      first += n;
+    }
+  }
+
+  /// Converts tokens [first, first + count) to T: c_kv [count, d_c] and k_pe [count, R]
+  /// (dequantised for BF16 and FP8 storage). For inspection and tests; the kernels use
+  /// for_each_tile.
   template <class T>
   void read(Index first, Index count, MatrixRef<detail::identity_t<T>> c_kv,
             MatrixRef<detail::identity_t<T>> k_pe) const {
-    MLA_ASSERT(first >= 0 && count >= 0 && first + count <= tokens_);
-    MLA_ASSERT(c_kv.rows() >= count && c_kv.cols() == kv_lora_rank_);
-    MLA_ASSERT(k_pe.rows() >= count && k_pe.cols() == rope_dim_);
-    detail::visit_storage(storage_, [&](auto tag) {
-      using S = typename decltype(tag)::type;
-      using Records = Eigen::Map<const RowMatrix<S>, 0, Eigen::OuterStride<>>;
-      const Index stride = static_cast<Index>(token_bytes_ / sizeof(S));
-      Index done = 0;
-      while (done < count) {
-        const Index token = first + done;
-        const Index in_block = token % block_tokens_;
-        const Index n = std::min(count - done, block_tokens_ - in_block);
-        const auto* rec = reinterpret_cast<const S*>(
-            block(token / block_tokens_) + static_cast<std::size_t>(in_block) * token_bytes_);
-        const Records c(rec, n, kv_lora_rank_, Eigen::OuterStride<>(stride));
-        const Records k(rec + kv_lora_rank_, n, rope_dim_, Eigen::OuterStride<>(stride));
-        c_kv.middleRows(done, n) = c.template cast<T>();
-        k_pe.middleRows(done, n) = k.template cast<T>();
-        done += n;
-      }
-    });
+    detail::require(first >= 0 && count >= 0 && first + count <= tokens_,
+                    "LatentView::read: tokens [", first, ", ", first + count, ") out of [0, ",
+                    tokens_, ")");
+    detail::require(c_kv.rows() >= count && c_kv.cols() == layout_.kv_lora_rank &&
+                        k_pe.rows() >= count && k_pe.cols() == layout_.rope_dim,
+                    "LatentView::read: outputs must be [", count, ", ", layout_.kv_lora_rank,
+                    "] and [", count, ", ", layout_.rope_dim, "]");
+    std::vector<float> scratch(static_cast<std::size_t>(layout_.kv_lora_rank));
+    for (Index i = 0; i < count; ++i) {
+      layout_.read(record(first + i), c_kv.row(i).data(), k_pe.row(i).data(), scratch.data());
+    }
   }
 
  private:
@@ -144,27 +339,24 @@ class LatentView {
   const unsigned char* layer_base_ = nullptr;
   const std::int32_t* block_table_ = nullptr;
   std::size_t block_bytes_ = 0;
-  std::size_t token_bytes_ = 0;
   Index tokens_ = 0;
   Index block_tokens_ = 0;
-  Index kv_lora_rank_ = 0;
-  Index rope_dim_ = 0;
-  CacheStorage storage_ = CacheStorage::kFloat32;
+  detail::LatentLayout layout_;
 };
 
 /// Paged latent KV cache for the layers of one model and any number of sequences.
 ///
-/// Per token and layer it stores exactly d_c latent values and R rotary-key values. The pool
-/// holds `num_blocks` blocks of `block_tokens` tokens for every layer; a block belongs to one
-/// sequence for all layers. Not copyable (it can be large): use clone(). Not safe for concurrent
-/// mutation.
+/// Per token and layer it stores exactly d_c latent values and R rotary-key values, in the
+/// chosen storage format. The pool holds `num_blocks` blocks of `block_tokens` tokens for every
+/// layer; a block belongs to one sequence for all layers. Not copyable (it can be large): use
+/// clone(). Not safe for concurrent mutation.
 class LatentCache {
  public:
   /// Allocates the whole pool. Throws mla::Error for an invalid config or options.
-  LatentCache(const MlaConfig& config, const LatentCacheOptions& options)
-      : options_(options), kv_lora_rank_(config.kv_lora_rank), rope_dim_(config.qk_rope_head_dim) {
+  LatentCache(const MlaConfig& config, const LatentCacheOptions& options) : options_(options) {
     config.validate();
-    detail::require(options.num_layers > 0, "LatentCacheOptions.num_layers must be > 0, got ",
+    detail::require(options.num_layers > 0 && options.num_layers <= (Index{1} << 16),
+                    "LatentCacheOptions.num_layers must be in [1, 65536], got ",
                     options.num_layers);
     detail::require(options.block_tokens > 0 && options.block_tokens <= (Index{1} << 20),
                     "LatentCacheOptions.block_tokens must be in [1, 2^20], got ",
@@ -172,9 +364,12 @@ class LatentCache {
     detail::require(
         options.num_blocks > 0 && options.num_blocks <= std::numeric_limits<std::int32_t>::max(),
         "LatentCacheOptions.num_blocks must be in [1, 2^31), got ", options.num_blocks);
-    token_bytes_ = static_cast<std::size_t>(config.latent_cache_width()) *
-                   detail::storage_element_bytes(options.storage);
-    block_bytes_ = token_bytes_ * static_cast<std::size_t>(options.block_tokens);
+    detail::require(options.storage != CacheStorage::kFp8E4M3 || config.kv_lora_rank <= 8192,
+                    "LatentCache: FP8 storage supports kv_lora_rank up to 8192, got ",
+                    config.kv_lora_rank);
+    layout_ = detail::LatentLayout::make(config.kv_lora_rank, config.qk_rope_head_dim,
+                                         options.storage, options.fp8_scales);
+    block_bytes_ = layout_.token_bytes * static_cast<std::size_t>(options.block_tokens);
     // The pool size in double first, so that an absurd request fails with a clear message
     // instead of wrapping around.
     const double pool_bytes = static_cast<double>(block_bytes_) *
@@ -190,6 +385,7 @@ class LatentCache {
       detail::fail("LatentCache: cannot allocate ", pool_bytes / (1 << 20), " MiB for ",
                    options.num_blocks, " blocks x ", options.num_layers, " layers");
     }
+    scratch_.resize(static_cast<std::size_t>(config.kv_lora_rank));
     free_blocks_.reserve(static_cast<std::size_t>(options.num_blocks));
     // Hand out low block ids first.
     for (Index b = options.num_blocks - 1; b >= 0; --b) {
@@ -203,18 +399,54 @@ class LatentCache {
   LatentCache& operator=(const LatentCache&) = delete;
 
   /// A deep copy (pool, block tables, lengths). Sequence ids stay valid in the copy.
-  LatentCache clone() const {
-    LatentCache c(*this, CloneTag{});
-    return c;
-  }
+  LatentCache clone() const { return LatentCache(*this, CloneTag{}); }
 
   const LatentCacheOptions& options() const { return options_; }
-  Index kv_lora_rank() const { return kv_lora_rank_; }
-  Index rope_dim() const { return rope_dim_; }
-  /// Bytes of one token's record in one layer.
-  std::size_t bytes_per_token_per_layer() const { return token_bytes_; }
+  Index kv_lora_rank() const { return layout_.kv_lora_rank; }
+  Index rope_dim() const { return layout_.rope_dim; }
+
+  // ------------------------------------------------------------------------------------------
+  // Accounting
+
+  /// Bytes of one token's record in one layer for a config and storage: (d_c + R) * 4 for FP32,
+  /// * 2 for BF16, d_c + 4 * ceil(d_c / 128) + 2 * R for FP8 (2304 / 1152 / 656 for DeepSeek).
+  static std::size_t bytes_per_token_per_layer(const MlaConfig& config, CacheStorage storage) {
+    return detail::LatentLayout::make(config.kv_lora_rank, config.qk_rope_head_dim, storage,
+                                      ScaleFormat::kFloat32)
+        .token_bytes;
+  }
+  /// Bytes of one token's record in one layer of this cache.
+  std::size_t bytes_per_token_per_layer() const { return layout_.token_bytes; }
+  /// Bytes of one token over all layers of this cache.
+  std::size_t bytes_per_token() const {
+    return layout_.token_bytes * static_cast<std::size_t>(options_.num_layers);
+  }
+  /// Tokens the pool can hold (per layer), all sequences together.
+  Index capacity_tokens() const { return options_.num_blocks * options_.block_tokens; }
+  /// Bytes of the pool: capacity_tokens() * bytes_per_token().
+  std::size_t capacity_bytes() const { return pool_.size; }
+  /// Blocks held by sequences.
+  Index blocks_in_use() const { return options_.num_blocks - free_blocks(); }
   /// Blocks not held by any sequence.
   Index free_blocks() const { return static_cast<Index>(free_blocks_.size()); }
+  /// Bytes of the blocks held by sequences (all layers): what is taken from the pool.
+  std::size_t bytes_in_use() const {
+    return block_bytes_ * static_cast<std::size_t>(blocks_in_use()) *
+           static_cast<std::size_t>(options_.num_layers);
+  }
+  /// Bytes holding cached tokens (sum over sequences and layers of length * record bytes):
+  /// bytes_in_use() minus the unfilled ends of the last blocks.
+  std::size_t bytes_of_tokens() const {
+    std::size_t total = 0;
+    for (const auto& entry : sequences_) {
+      for (Index len : entry.second.lengths)
+        total += static_cast<std::size_t>(len) * layout_.token_bytes;
+    }
+    return total;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // Sequences
 
   /// Adds an empty sequence and returns its id.
   SequenceId add_sequence() {
@@ -245,31 +477,50 @@ class LatentCache {
 
   /// Throws mla::Error unless `count` more tokens fit for (id, layer), counting free blocks.
   void require_room(SequenceId id, Index layer, Index count) const {
-    const Sequence& s = find(id, "append");
+    require_room(&id, 1, layer, count);
+  }
+
+  /// Throws mla::Error unless `count` more tokens fit for each of the `n` distinct sequences
+  /// `ids` in `layer` at the same time.
+  void require_room(const SequenceId* ids, Index n, Index layer, Index count) const {
     check_layer(layer, "append");
     detail::require(count >= 0, "LatentCache::append: negative token count ", count);
-    const Index needed = blocks_needed(s, layer, count);
-    detail::require(needed <= free_blocks(), "LatentCache::append: sequence ", id, " layer ", layer,
-                    " needs ", needed, " more blocks of ", options_.block_tokens, " tokens for ",
-                    count, " tokens, but only ", free_blocks(), " of the pool's ",
-                    options_.num_blocks, " blocks are free");
+    Index needed = 0;
+    for (Index i = 0; i < n; ++i) {
+      for (Index j = 0; j < i; ++j) {
+        detail::require(ids[i] != ids[j], "LatentCache::append: sequence ", ids[i],
+                        " appears twice in one batch");
+      }
+      needed += blocks_needed(find(ids[i], "append"), layer, count);
+    }
+    if (needed <= free_blocks()) return;
+    if (n == 1) {
+      detail::fail("LatentCache::append: sequence ", ids[0], " layer ", layer, " needs ", needed,
+                   " more blocks of ", options_.block_tokens, " tokens for ", count,
+                   " tokens, but only ", free_blocks(), " of the pool's ", options_.num_blocks,
+                   " blocks are free");
+    }
+    detail::fail("LatentCache::append: ", n, " sequences, layer ", layer, ", need ", needed,
+                 " more blocks of ", options_.block_tokens, " tokens for ", count,
+                 " tokens each, but only ", free_blocks(), " of the pool's ", options_.num_blocks,
+                 " blocks are free");
   }
 
   /// Appends tokens to (id, layer): c_kv [n, d_c] and k_pe [n, R], converted to the storage
-  /// type once, here. Atomic: when the pool cannot hold them (or an argument is wrong) it
+  /// format once, here. Atomic: when the pool cannot hold them (or an argument is wrong) it
   /// throws mla::Error and leaves every sequence as it was.
   template <class T>
   void append(SequenceId id, Index layer, ConstMatrixRef<detail::identity_t<T>> c_kv,
               ConstMatrixRef<detail::identity_t<T>> k_pe) {
     detail::require(
-        c_kv.cols() == kv_lora_rank_ && k_pe.cols() == rope_dim_ && c_kv.rows() == k_pe.rows(),
+        c_kv.cols() == kv_lora_rank() && k_pe.cols() == rope_dim() && c_kv.rows() == k_pe.rows(),
         "LatentCache::append: c_kv is [", c_kv.rows(), ", ", c_kv.cols(), "] and k_pe is [",
-        k_pe.rows(), ", ", k_pe.cols(), "]; expected [n, ", kv_lora_rank_, "] and [n, ", rope_dim_,
-        "]");
+        k_pe.rows(), ", ", k_pe.cols(), "]; expected [n, ", kv_lora_rank(), "] and [n, ",
+        rope_dim(), "]");
     const Index count = c_kv.rows();
     require_room(id, layer, count);
-    Sequence& s = find(id, "append");
     // Everything that can fail has been checked; from here on nothing throws.
+    Sequence& s = find(id, "append");
     const Index needed = blocks_needed(s, layer, count);
     for (Index b = 0; b < needed; ++b) {
       s.blocks.push_back(free_blocks_.back());  // capacity reserved: no allocation
@@ -277,28 +528,16 @@ class LatentCache {
     }
     Index& cached = s.lengths[static_cast<std::size_t>(layer)];
     unsigned char* base = pool_.data.get() + static_cast<std::size_t>(layer) * layer_bytes_;
-    detail::visit_storage(options_.storage, [&](auto tag) {
-      using S = typename decltype(tag)::type;
-      using Records = Eigen::Map<RowMatrix<S>, 0, Eigen::OuterStride<>>;
-      const Index stride = static_cast<Index>(token_bytes_ / sizeof(S));
-      Index done = 0;
-      while (done < count) {
-        const Index token = cached + done;
-        const Index in_block = token % options_.block_tokens;
-        const Index n = std::min(count - done, options_.block_tokens - in_block);
-        auto* rec = reinterpret_cast<S*>(
-            base +
-            static_cast<std::size_t>(
-                s.blocks[static_cast<std::size_t>(token / options_.block_tokens)]) *
-                block_bytes_ +
-            static_cast<std::size_t>(in_block) * token_bytes_);
-        Records c(rec, n, kv_lora_rank_, Eigen::OuterStride<>(stride));
-        Records k(rec + kv_lora_rank_, n, rope_dim_, Eigen::OuterStride<>(stride));
-        c = c_kv.middleRows(done, n).template cast<S>();
-        k = k_pe.middleRows(done, n).template cast<S>();
-        done += n;
-      }
-    });
+    for (Index i = 0; i < count; ++i) {
+      const Index token = cached + i;
+      unsigned char* rec =
+          base +
+          static_cast<std::size_t>(
+              s.blocks[static_cast<std::size_t>(token / options_.block_tokens)]) *
+              block_bytes_ +
+          static_cast<std::size_t>(token % options_.block_tokens) * layout_.token_bytes;
+      layout_.write(c_kv.row(i).data(), k_pe.row(i).data(), rec, scratch_.data());
+    }
     cached += count;
   }
 
@@ -310,12 +549,9 @@ class LatentCache {
     v.layer_base_ = pool_.data.get() + static_cast<std::size_t>(layer) * layer_bytes_;
     v.block_table_ = s.blocks.data();
     v.block_bytes_ = block_bytes_;
-    v.token_bytes_ = token_bytes_;
     v.tokens_ = s.lengths[static_cast<std::size_t>(layer)];
     v.block_tokens_ = options_.block_tokens;
-    v.kv_lora_rank_ = kv_lora_rank_;
-    v.rope_dim_ = rope_dim_;
-    v.storage_ = options_.storage;
+    v.layout_ = layout_;
     return v;
   }
 
@@ -328,14 +564,13 @@ class LatentCache {
 
   LatentCache(const LatentCache& other, CloneTag)
       : options_(other.options_),
-        kv_lora_rank_(other.kv_lora_rank_),
-        rope_dim_(other.rope_dim_),
-        token_bytes_(other.token_bytes_),
+        layout_(other.layout_),
         block_bytes_(other.block_bytes_),
         layer_bytes_(other.layer_bytes_),
         pool_(detail::AlignedBytes::allocate(other.pool_.size)),
         free_blocks_(other.free_blocks_),
         sequences_(other.sequences_),
+        scratch_(other.scratch_),
         next_id_(other.next_id_) {
     std::memcpy(pool_.data.get(), other.pool_.data.get(), pool_.size);
     free_blocks_.reserve(static_cast<std::size_t>(options_.num_blocks));
@@ -364,14 +599,13 @@ class LatentCache {
   }
 
   LatentCacheOptions options_;
-  Index kv_lora_rank_;
-  Index rope_dim_;
-  std::size_t token_bytes_ = 0;
+  detail::LatentLayout layout_;
   std::size_t block_bytes_ = 0;
   std::size_t layer_bytes_ = 0;
   detail::AlignedBytes pool_;
   std::vector<std::int32_t> free_blocks_;
   std::unordered_map<SequenceId, Sequence> sequences_;
+  std::vector<float> scratch_;  // d_c floats for converting a token on append
   SequenceId next_id_ = 0;
 };
 
