@@ -337,3 +337,194 @@ TEST(LayerErrors, BadInputIsAClearErrorAndChangesNothing) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Quantised caches and batched decode
+
+namespace {
+
+using mla::CacheStorage;
+
+/// Prefill `prompt` tokens, then decode the rest one by one, on a cache of `storage`; returns
+/// the outputs of every token and (via `latent`) the dequantised cache contents.
+template <class T>
+RowMatrix<T> prefill_then_decode(const MlaLayer<T>& layer, const RowMatrix<T>& x, Index prompt,
+                                 std::int64_t start_pos, CacheStorage storage,
+                                 mla::ScaleFormat scales, AttentionPath decode_path,
+                                 std::vector<double>* latent) {
+  const MlaConfig& c = layer.config();
+  mla::LatentCacheOptions o;
+  o.block_tokens = 16;
+  o.num_blocks = 8;
+  o.storage = storage;
+  o.fp8_scales = scales;
+  LatentCache cache(c, o);
+  const auto seq = cache.add_sequence();
+  MlaWorkspace<T> ws;
+  RowMatrix<T> y(x.rows(), c.hidden_size);
+  layer.forward(x.topRows(prompt), start_pos, cache, seq, y.topRows(prompt), ws);
+  for (Index t = prompt; t < x.rows(); ++t) {
+    layer.forward(x.row(t), start_pos + t, cache, seq, y.row(t), ws, decode_path);
+  }
+  if (latent) {
+    const mla::LatentView v = cache.view(seq, 0);
+    RowMatrix<double> ckv(v.tokens(), c.kv_lora_rank), kpe(v.tokens(), c.qk_rope_head_dim);
+    v.read<double>(0, v.tokens(), ckv, kpe);
+    RowMatrix<double> both(v.tokens(), c.latent_cache_width());
+    both << ckv, kpe;
+    *latent = test::to_vec(both);
+  }
+  return y;
+}
+
+TYPED_TEST(LayerTest, QuantisedCachesMatchTheReferenceOnTheirDequantisedContents) {
+  using T = TypeParam;
+  const double tol = test::layer_tolerance<T>();
+  struct Storage {
+    CacheStorage storage;
+    mla::ScaleFormat scales;
+    double vs_fp32;  // documented bound of the output difference to the same run on FP32
+  };
+  // The quantised cache changes what is attended to, so outputs differ from an FP32 cache by
+  // about the storage's relative rounding: bf16 2^-9, fp8 e4m3 2^-4 per value, averaged down by
+  // the sums. Measured here: bf16 ~2e-3, fp8 ~3e-2 (relative, whole output); bounds 4x that.
+  const Storage storages[] = {{CacheStorage::kBFloat16, mla::ScaleFormat::kFloat32, 1e-2},
+                              {CacheStorage::kFp8E4M3, mla::ScaleFormat::kFloat32, 1.2e-1},
+                              {CacheStorage::kFp8E4M3, mla::ScaleFormat::kPowerOfTwo, 1.2e-1}};
+  for (const MlaConfig& c : {MlaConfig::small_v2_lite(), MlaConfig::small_v3()}) {
+    const MlaWeights<T> w = MlaWeights<T>::random(c, 31);
+    const MlaLayer<T> layer(c, w);
+    const Index n = 45, prompt = 20;
+    const RowMatrix<T> x = test::random_input<T>(n, c.hidden_size, 32);
+    const RowMatrix<T> y32 =
+        prefill_then_decode(layer, x, prompt, 4097, test::exact_storage<T>(),
+                            mla::ScaleFormat::kFloat32, AttentionPath::kAuto, nullptr);
+    for (const Storage& s : storages) {
+      for (AttentionPath path : {AttentionPath::kAbsorbed, AttentionPath::kExpanded}) {
+        SCOPED_TRACE(std::string(mla::to_string(s.storage)) +
+                     (s.scales == mla::ScaleFormat::kPowerOfTwo ? " pow2" : "") +
+                     (path == AttentionPath::kAbsorbed ? " absorbed" : " expanded"));
+        std::vector<double> latent;
+        const RowMatrix<T> y =
+            prefill_then_decode(layer, x, prompt, 4097, s.storage, s.scales, path, &latent);
+        const std::vector<double> want =
+            ref::mla_forward(test::to_ref(c), test::to_ref(w), test::to_vec(x), static_cast<int>(n),
+                             4097, nullptr, &latent);
+        EXPECT_LE(test::rel_error(test::to_vec(y), want), tol) << "vs reference on the cache";
+        const double vs32 = test::rel_error(test::to_vec(y), test::to_vec(y32));
+        EXPECT_LE(vs32, s.vs_fp32) << "vs the FP32 cache";
+        EXPECT_GT(vs32, 0.0) << "the storage did round";
+        std::printf("    [measured] %-5s %s %-8s vs fp32: %.2e\n", mla::to_string(s.storage),
+                    s.scales == mla::ScaleFormat::kPowerOfTwo ? "pow2" : "    ",
+                    path == AttentionPath::kAbsorbed ? "absorbed" : "expanded", vs32);
+      }
+    }
+  }
+}
+
+TYPED_TEST(LayerTest, BatchedDecodeEqualsEachSequenceDecodedAlone) {
+  using T = TypeParam;
+  for (const MlaConfig& c : {MlaConfig::small_v2_lite(), MlaConfig::small_v3()}) {
+    for (CacheStorage storage : {test::exact_storage<T>(), CacheStorage::kFp8E4M3}) {
+      const MlaLayer<T> layer(c, MlaWeights<T>::random(c, 41));
+      const Index B = 4, steps = 6;
+      const Index prompts[B] = {3, 17, 1, 40};  // different lengths, crossing 16-token blocks
+      const std::int64_t starts[B] = {0, 4097, 7, 163000};
+      std::vector<RowMatrix<T>> x;
+      for (Index b = 0; b < B; ++b) {
+        x.push_back(test::random_input<T>(prompts[b] + steps, c.hidden_size,
+                                          50 + static_cast<unsigned>(b)));
+      }
+      mla::LatentCacheOptions o;
+      o.block_tokens = 16;
+      o.num_blocks = 24;
+      o.storage = storage;
+      // Batched: one shared cache, every step decodes one token of each sequence.
+      LatentCache shared(c, o);
+      MlaWorkspace<T> ws;
+      std::vector<mla::SequenceId> seqs;
+      for (Index b = 0; b < B; ++b) {
+        seqs.push_back(shared.add_sequence());
+        RowMatrix<T> y(prompts[b], c.hidden_size);
+        layer.forward(x[static_cast<std::size_t>(b)].topRows(prompts[b]), starts[b], shared,
+                      seqs.back(), y, ws);
+      }
+      std::vector<RowMatrix<T>> y_batched(B, RowMatrix<T>(steps, c.hidden_size));
+      for (Index s = 0; s < steps; ++s) {
+        RowMatrix<T> xb(B, c.hidden_size), yb(B, c.hidden_size);
+        std::vector<std::int64_t> pos;
+        for (Index b = 0; b < B; ++b) {
+          xb.row(b) = x[static_cast<std::size_t>(b)].row(prompts[b] + s);
+          pos.push_back(starts[b] + prompts[b] + s);
+        }
+        layer.forward_batch(xb, pos, shared, seqs, yb, ws);
+        for (Index b = 0; b < B; ++b) y_batched[static_cast<std::size_t>(b)].row(s) = yb.row(b);
+      }
+      // Alone: each sequence in its own cache.
+      for (Index b = 0; b < B; ++b) {
+        LatentCache own(c, o);
+        const auto seq = own.add_sequence();
+        const RowMatrix<T>& xs = x[static_cast<std::size_t>(b)];
+        RowMatrix<T> y(xs.rows(), c.hidden_size);
+        layer.forward(xs.topRows(prompts[b]), starts[b], own, seq, y.topRows(prompts[b]), ws);
+        for (Index s = 0; s < steps; ++s) {
+          layer.forward(xs.row(prompts[b] + s), starts[b] + prompts[b] + s, own, seq,
+                        y.row(prompts[b] + s), ws);
+        }
+        // Batched projections run as one GEMM, alone as GEMVs: equal to rounding.
+        EXPECT_LE(test::rel_error(test::to_vec(y_batched[static_cast<std::size_t>(b)]),
+                                  test::to_vec(y.bottomRows(steps))),
+                  test::layer_tolerance<T>())
+            << "sequence " << b << " " << mla::to_string(storage);
+        EXPECT_EQ(shared.length(seqs[static_cast<std::size_t>(b)], 0), prompts[b] + steps);
+      }
+    }
+  }
+}
+
+TEST(LayerBatch, BadBatchesAreClearErrorsAndChangeNothing) {
+  const MlaConfig c = MlaConfig::small_v3();
+  const MlaLayer<float> layer(c, MlaWeights<float>::random(c, 5));
+  mla::LatentCacheOptions o;
+  o.block_tokens = 4;
+  o.num_blocks = 3;
+  LatentCache cache(c, o);
+  const auto a = cache.add_sequence(), b = cache.add_sequence();
+  MlaWorkspace<float> ws;
+  const RowMatrix<float> x = test::random_input<float>(8, 64, 1);
+  RowMatrix<float> y8(8, 64);
+  layer.forward(x, 0, cache, a, y8, ws);                        // a: 8 tokens, 2 full blocks
+  layer.forward(x.topRows(3), 0, cache, b, y8.topRows(3), ws);  // b: 3 tokens, 1 block
+  RowMatrix<float> y2(2, 64);
+  const RowMatrix<float> x2 = x.topRows(2);
+  // a needs a new block, b has room: 1 block needed, 0 free.
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward_batch(x2, {8, 3}, cache, {a, b}, y2, ws);
+      },
+      "2 sequences, layer 0, need 1 more blocks"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward_batch(x2, {3, 3}, cache, {b, b}, y2, ws);
+      },
+      "appears twice"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward_batch(x2, {3}, cache, {b, a}, y2, ws);
+      },
+      "x has 2 rows but 2 sequences and 1 positions"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward_batch(x2, {3, -1}, cache, {b, a}, y2, ws);
+      },
+      "positions must be"));
+  EXPECT_EQ(cache.length(a, 0), 8);
+  EXPECT_EQ(cache.length(b, 0), 3);
+  EXPECT_EQ(cache.free_blocks(), 0);
+  // b alone fits.
+  RowMatrix<float> y1(1, 64);
+  layer.forward_batch(x.topRows(1), {3}, cache, {b}, y1, ws);
+  EXPECT_EQ(cache.length(b, 0), 4);
+}
+
+}  // namespace

@@ -97,29 +97,59 @@ TYPED_TEST_SUITE(DecodeAllocationTest, ComputeTypes, );
 
 TYPED_TEST(DecodeAllocationTest, DecodeStepsAllocateNothing) {
   using T = TypeParam;
-  for (const MlaConfig& c : {MlaConfig::small_v2_lite(), MlaConfig::small_v3()}) {
-    const mla::MlaLayer<T> layer(c, mla::MlaWeights<T>::random(c, 3));
-    mla::LatentCacheOptions o;
-    o.block_tokens = 16;  // decode steps below cross several block boundaries
-    o.num_blocks = 16;
-    o.storage = test::exact_storage<T>();
-    mla::LatentCache cache(c, o);
-    const auto seq = cache.add_sequence();
-    mla::MlaWorkspace<T> ws;
-    const RowMatrix<T> x = test::random_input<T>(120, c.hidden_size, 4);
-    RowMatrix<T> y(120, c.hidden_size);
-    layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws);  // prefill: may allocate
-    layer.forward(x.row(30), 30, cache, seq, y.row(30), ws);         // first decode sizes ws
-    const auto [news, eigen] = count_allocations([&] {
-      for (Index t = 31; t < 120; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
-    });
-    EXPECT_EQ(news, 0) << "operator new calls during 89 decode steps";
-    EXPECT_EQ(eigen, 0) << "Eigen heap allocations or assertions during 89 decode steps, first: "
-                        << alloc_count::first_failure << " at " << alloc_count::first_file << ":"
-                        << alloc_count::first_line;
-    EXPECT_EQ(cache.length(seq, 0), 120);
-    EXPECT_TRUE(y.allFinite());
-  }
+  for (const MlaConfig& c : {MlaConfig::small_v2_lite(), MlaConfig::small_v3()})
+    for (mla::CacheStorage storage :
+         {test::exact_storage<T>(), mla::CacheStorage::kBFloat16, mla::CacheStorage::kFp8E4M3}) {
+      SCOPED_TRACE(mla::to_string(storage));
+      const mla::MlaLayer<T> layer(c, mla::MlaWeights<T>::random(c, 3));
+      mla::LatentCacheOptions o;
+      o.block_tokens = 16;  // decode steps below cross several block boundaries
+      o.num_blocks = 16;
+      o.storage = storage;
+      mla::LatentCache cache(c, o);
+      const auto seq = cache.add_sequence();
+      mla::MlaWorkspace<T> ws;
+      const RowMatrix<T> x = test::random_input<T>(120, c.hidden_size, 4);
+      RowMatrix<T> y(120, c.hidden_size);
+      layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws);  // prefill: may allocate
+      layer.forward(x.row(30), 30, cache, seq, y.row(30), ws);         // first decode sizes ws
+      const auto [news, eigen] = count_allocations([&] {
+        for (Index t = 31; t < 120; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+      });
+      EXPECT_EQ(news, 0) << "operator new calls during 89 decode steps";
+      EXPECT_EQ(eigen, 0) << "Eigen heap allocations or assertions during 89 decode steps, first: "
+                          << alloc_count::first_failure << " at " << alloc_count::first_file << ":"
+                          << alloc_count::first_line;
+      EXPECT_EQ(cache.length(seq, 0), 120);
+      EXPECT_TRUE(y.allFinite());
+    }
+}
+
+TYPED_TEST(DecodeAllocationTest, BatchedDecodeStepsAllocateNothing) {
+  using T = TypeParam;
+  const MlaConfig c = MlaConfig::small_v3();
+  const mla::MlaLayer<T> layer(c, mla::MlaWeights<T>::random(c, 3));
+  mla::LatentCacheOptions o;
+  o.block_tokens = 8;
+  o.num_blocks = 32;
+  o.storage = mla::CacheStorage::kFp8E4M3;
+  mla::LatentCache cache(c, o);
+  std::vector<mla::SequenceId> seqs = {cache.add_sequence(), cache.add_sequence(),
+                                       cache.add_sequence()};
+  mla::MlaWorkspace<T> ws;
+  const RowMatrix<T> x = test::random_input<T>(3, c.hidden_size, 6);
+  RowMatrix<T> y(3, c.hidden_size);
+  std::vector<std::int64_t> pos = {0, 100, 5000};
+  layer.forward_batch(x, pos, cache, seqs, y, ws);  // sizes the workspace
+  const auto [news, eigen] = count_allocations([&] {
+    for (int step = 0; step < 20; ++step) {
+      for (auto& p : pos) ++p;
+      layer.forward_batch(x, pos, cache, seqs, y, ws);
+    }
+  });
+  EXPECT_EQ(news, 0);
+  EXPECT_EQ(eigen, 0);
+  EXPECT_EQ(cache.length(seqs[2], 0), 21);
 }
 
 TYPED_TEST(DecodeAllocationTest, AReservedWorkspaceDecodesWithoutAllocating) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "mla/attention.hpp"
 #include "mla/config.hpp"
@@ -126,26 +127,81 @@ class MlaLayer {
   void forward(ConstMatrixRef<T> x, std::int64_t start_pos, LatentCache& cache, SequenceId seq,
                MatrixRef<T> y, MlaWorkspace<T>& ws,
                AttentionPath path = AttentionPath::kAuto) const {
-    const MlaConfig& c = config_;
     const Index tokens = x.rows();
-    const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, R = c.qk_rope_head_dim;
-    const Index D = c.kv_lora_rank, V = c.v_head_dim, QK = P + R;
-    detail::require(x.cols() == c.hidden_size, "MlaLayer::forward: x has ", x.cols(),
-                    " columns, expected hidden_size = ", c.hidden_size);
-    detail::require(y.rows() == tokens && y.cols() == c.hidden_size, "MlaLayer::forward: y is [",
-                    y.rows(), ", ", y.cols(), "], expected [", tokens, ", ", c.hidden_size, "]");
-    detail::require(start_pos >= 0 && start_pos <= (std::int64_t{1} << 52) - tokens,
+    check_io(x, y, cache, "forward");
+    detail::require(start_pos >= 0 && start_pos <= kMaxPosition - tokens,
                     "MlaLayer::forward: start_pos must be in [0, 2^52 - tokens], got ", start_pos);
-    detail::require(cache.kv_lora_rank() == D && cache.rope_dim() == R,
-                    "MlaLayer::forward: the cache stores [", cache.kv_lora_rank(), " + ",
-                    cache.rope_dim(), "] per token, this layer [", D, " + ", R, "]");
     if (tokens == 0) return;
     cache.require_room(seq, layer_index_, tokens);  // before anything changes
-    const Index past = cache.length(seq, layer_index_);
-    if (path == AttentionPath::kAuto) path = choose_path(tokens, past);
-    ws.reserve(c, tokens, path);
-    T* rope_scratch = ws.rope_scratch.data();
+    if (path == AttentionPath::kAuto) {
+      path = choose_path(tokens, cache.length(seq, layer_index_));
+    }
+    ws.reserve(config_, tokens, path);
+    project_queries_and_latents(x, ws, [&](Index t) { return start_pos + t; });
+    append_latents(cache, seq, 0, tokens, ws);
+    if (path == AttentionPath::kAbsorbed) absorb_queries(tokens, ws);
+    attend(cache.view(seq, layer_index_), 0, tokens, path, ws);
+    finish(y, tokens, path, ws);
+  }
 
+  /// One decode step for several sequences at once: row b of `x` [batch, hidden_size] is the
+  /// next token of `seqs[b]`, at position `positions[b]`, and row b of `y` receives its output.
+  /// The sequences must be distinct and may have any lengths; each attends only to its own
+  /// cached tokens. The projections run once for the whole batch, the attention per sequence
+  /// (absorbed unless `path` says kExpanded). Atomic like forward(): room for every sequence is
+  /// checked before anything changes.
+  void forward_batch(ConstMatrixRef<T> x, const std::vector<std::int64_t>& positions,
+                     LatentCache& cache, const std::vector<SequenceId>& seqs, MatrixRef<T> y,
+                     MlaWorkspace<T>& ws, AttentionPath path = AttentionPath::kAuto) const {
+    const Index batch = x.rows();
+    check_io(x, y, cache, "forward_batch");
+    detail::require(
+        static_cast<Index>(positions.size()) == batch && static_cast<Index>(seqs.size()) == batch,
+        "MlaLayer::forward_batch: x has ", batch, " rows but ", seqs.size(), " sequences and ",
+        positions.size(), " positions were given");
+    for (std::int64_t p : positions) {
+      detail::require(p >= 0 && p < kMaxPosition,
+                      "MlaLayer::forward_batch: positions must be in [0, 2^52), got ", p);
+    }
+    if (batch == 0) return;
+    cache.require_room(seqs.data(), batch, layer_index_, 1);  // all of them, before any change
+    if (path == AttentionPath::kAuto) path = AttentionPath::kAbsorbed;
+    ws.reserve(config_, batch, path);
+    project_queries_and_latents(x, ws,
+                                [&](Index b) { return positions[static_cast<std::size_t>(b)]; });
+    for (Index b = 0; b < batch; ++b)
+      append_latents(cache, seqs[static_cast<std::size_t>(b)], b, 1, ws);
+    if (path == AttentionPath::kAbsorbed) absorb_queries(batch, ws);
+    for (Index b = 0; b < batch; ++b) {
+      attend(cache.view(seqs[static_cast<std::size_t>(b)], layer_index_), b, 1, path, ws);
+    }
+    finish(y, batch, path, ws);
+  }
+
+ private:
+  static constexpr std::int64_t kMaxPosition = std::int64_t{1} << 52;  // exact in double
+
+  void check_io(const ConstMatrixRef<T>& x, const MatrixRef<T>& y, const LatentCache& cache,
+                const char* what) const {
+    const MlaConfig& c = config_;
+    detail::require(x.cols() == c.hidden_size, "MlaLayer::", what, ": x has ", x.cols(),
+                    " columns, expected hidden_size = ", c.hidden_size);
+    detail::require(y.rows() == x.rows() && y.cols() == c.hidden_size, "MlaLayer::", what,
+                    ": y is [", y.rows(), ", ", y.cols(), "], expected [", x.rows(), ", ",
+                    c.hidden_size, "]");
+    detail::require(
+        cache.kv_lora_rank() == c.kv_lora_rank && cache.rope_dim() == c.qk_rope_head_dim,
+        "MlaLayer::", what, ": the cache stores [", cache.kv_lora_rank(), " + ", cache.rope_dim(),
+        "] per token, this layer [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
+  }
+
+  /// q and [c^KV ; k^R] for every row of x, RoPE applied at position pos(row).
+  template <class Pos>
+  void project_queries_and_latents(const ConstMatrixRef<T>& x, MlaWorkspace<T>& ws,
+                                   Pos&& pos) const {
+    const MlaConfig& c = config_;
+    const Index tokens = x.rows();
+    const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, D = c.kv_lora_rank;
     // Query: q = W_qb RMSNorm(W_qa x), or q = W_q x.
     auto q = ws.q.topRows(tokens);  // (T, H * (P + R))
     if (c.has_q_lora()) {
@@ -161,39 +217,67 @@ class MlaLayer {
     auto kv = ws.kv.topRows(tokens);  // (T, d_c + R)
     project(weights_.wkv_a, x, kv);
     rms_norm<T>(kv.leftCols(D), weights_.kv_norm, c.rms_norm_eps);
-    rope_.apply<T>(kv, start_pos, D, 1, 0, rope_scratch);
-    rope_.apply<T>(q, start_pos, P, H, QK, rope_scratch);  // q^pe of every head
-    cache.append<T>(seq, layer_index_, kv.leftCols(D), kv.rightCols(R));
-    const LatentView view = cache.view(seq, layer_index_);
+    T* scratch = ws.rope_scratch.data();
+    for (Index t = 0; t < tokens; ++t) {
+      rope_.apply<T>(kv.middleRows(t, 1), pos(t), D, 1, 0, scratch);
+      rope_.apply<T>(q.middleRows(t, 1), pos(t), P, H, c.qk_head_dim(), scratch);  // q^pe
+    }
+  }
 
-    auto o = ws.o.topRows(tokens);  // (T, H * V)
-    auto lse = ws.lse.topRows(tokens);
+  /// Appends rows [row0, row0 + n) of the latents to the cache (room was checked).
+  void append_latents(LatentCache& cache, SequenceId seq, Index row0, Index n,
+                      MlaWorkspace<T>& ws) const {
+    const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim;
+    cache.append<T>(seq, layer_index_, ws.kv.block(row0, 0, n, D), ws.kv.block(row0, D, n, R));
+  }
+
+  /// q~_h = W_UK^(h)^T q_h^nope and q^pe for every row: q_latent [tokens * H, d_c + R].
+  void absorb_queries(Index tokens, MlaWorkspace<T>& ws) const {
+    const Index H = config_.num_attention_heads, P = config_.qk_nope_head_dim;
+    const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim, QK = P + R;
+    const Eigen::OuterStride<> per_token(H * (D + R));
+    auto q = ws.q.topRows(tokens);
+    auto q_latent = ws.q_latent.topRows(tokens * H);
+    // Absorb W_UK into the query: <q, W_UK c> = <W_UK^T q, c>, so scores read the cache.
+    for (Index h = 0; h < H; ++h) {
+      Strided q_abs(q_latent.data() + h * (D + R), tokens, D, per_token);
+      Strided q_pe(q_latent.data() + h * (D + R) + D, tokens, R, per_token);
+      q_abs.noalias() = q.middleCols(h * QK, P) * w_uk_.middleRows(h * P, P);
+      q_pe = q.middleCols(h * QK + P, R);
+    }
+  }
+
+  /// Attention of rows [row0, row0 + n), the last n tokens of `view`.
+  void attend(const LatentView& view, Index row0, Index n, AttentionPath path,
+              MlaWorkspace<T>& ws) const {
+    const Index H = config_.num_attention_heads, V = config_.v_head_dim;
+    auto lse = ws.lse.middleRows(row0, n);
     if (path == AttentionPath::kExpanded) {
-      attention_expanded<T>(c, view, q, weights_.wkv_b, softmax_scale_, o, lse, ws.attention);
+      attention_expanded<T>(config_, view, ws.q.middleRows(row0, n), weights_.wkv_b, softmax_scale_,
+                            ws.o.block(row0, 0, n, H * V), lse, ws.attention);
     } else {
-      // Absorb W_UK into the query: <q, W_UK c> = <W_UK^T q, c>, so scores read the cache.
-      using Strided = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
-      const Eigen::OuterStride<> per_token_q(H * (D + R));
-      const Eigen::OuterStride<> per_token_o(H * D);
-      auto q_latent = ws.q_latent.topRows(tokens * H);  // (T * H, d_c + R)
-      auto o_latent = ws.o_latent.topRows(tokens * H);  // (T * H, d_c)
-      for (Index h = 0; h < H; ++h) {
-        Strided q_abs(q_latent.data() + h * (D + R), tokens, D, per_token_q);
-        Strided q_pe(q_latent.data() + h * (D + R) + D, tokens, R, per_token_q);
-        q_abs.noalias() = q.middleCols(h * QK, P) * w_uk_.middleRows(h * P, P);
-        q_pe = q.middleCols(h * QK + P, R);
-      }
-      attention_absorbed<T>(c, view, q_latent, softmax_scale_, o_latent, lse, ws.attention);
+      attention_absorbed<T>(config_, view, ws.q_latent.middleRows(row0 * H, n * H), softmax_scale_,
+                            ws.o_latent.middleRows(row0 * H, n * H), lse, ws.attention);
+    }
+  }
+
+  /// Absorbed path: o_h = W_UV^(h) o~_h for every row. Then u = W_o o.
+  void finish(MatrixRef<T> y, Index tokens, AttentionPath path, MlaWorkspace<T>& ws) const {
+    const Index H = config_.num_attention_heads, D = config_.kv_lora_rank, V = config_.v_head_dim;
+    auto o = ws.o.topRows(tokens);  // (T, H * V)
+    if (path == AttentionPath::kAbsorbed) {
       // Apply W_UV after the weighted sum: sum_j p W c = W sum_j p c.
+      const Eigen::OuterStride<> per_token(H * D);
       for (Index h = 0; h < H; ++h) {
-        const Strided o_lat(o_latent.data() + h * D, tokens, D, per_token_o);
+        const Strided o_lat(ws.o_latent.data() + h * D, tokens, D, per_token);
         o.middleCols(h * V, V).noalias() = o_lat * w_uv_.middleRows(h * V, V).transpose();
       }
     }
     project(weights_.wo, o, y);  // (T, hidden)
   }
 
- private:
+  using Strided = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
+
   MlaConfig config_;
   Rope rope_;
   Index layer_index_;

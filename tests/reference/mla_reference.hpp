@@ -164,8 +164,12 @@ struct MlaTrace {
 /// DeepSeek MLA for the n tokens of x [n, hidden] at positions pos0 .. pos0 + n - 1, each
 /// attending causally to itself and the tokens before it (all computed from scratch, by
 /// rebuilding per-head keys and values). Returns u [n, hidden].
+///
+/// With `latents` ([n, kv_lora + R], [c^KV ; k^R] per token), attention uses those cached
+/// values instead of the ones computed from x: the reference run on a given (e.g. dequantised)
+/// cache.
 inline Vec mla_forward(const MlaSpec& s, const MlaWeights& w, const Vec& x, int n, long long pos0,
-                       MlaTrace* trace = nullptr) {
+                       MlaTrace* trace = nullptr, const Vec* latents = nullptr) {
   const int H = s.heads, P = s.nope, R = s.rope.dim, V = s.v, D = s.kv_lora;
   const int QK = P + R;
   Vec q(static_cast<std::size_t>(n) * H * QK), c_kv(static_cast<std::size_t>(n) * D),
@@ -190,6 +194,11 @@ inline Vec mla_forward(const MlaSpec& s, const MlaWeights& w, const Vec& x, int 
     if (R > 0) rope_rotate(kr.data(), s.rope, pos0 + t);
     std::copy(c.begin(), c.end(), c_kv.begin() + static_cast<std::ptrdiff_t>(t) * D);
     std::copy(kr.begin(), kr.end(), k_pe.begin() + static_cast<std::ptrdiff_t>(t) * R);
+    if (latents) {  // attend over the given cache contents instead
+      const double* l = &(*latents)[static_cast<std::size_t>(t) * (D + R)];
+      std::copy(l, l + D, c_kv.begin() + static_cast<std::ptrdiff_t>(t) * D);
+      std::copy(l + D, l + D + R, k_pe.begin() + static_cast<std::ptrdiff_t>(t) * R);
+    }
   }
   const double scale = mla_softmax_scale(s);
   Vec o(static_cast<std::size_t>(n) * H * V);
