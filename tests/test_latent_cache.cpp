@@ -35,14 +35,8 @@ LatentCacheOptions options(Index layers, Index block_tokens, Index blocks, Cache
   return o;
 }
 
-/// Everything (id, layer) holds, read back as double [tokens, d_c + R].
 RowMatrix<double> contents(const LatentCache& cache, SequenceId id, Index layer) {
-  const mla::LatentView v = cache.view(id, layer);
-  RowMatrix<double> c(v.tokens(), v.kv_lora_rank()), k(v.tokens(), v.rope_dim());
-  v.read<double>(0, v.tokens(), c, k);
-  RowMatrix<double> both(v.tokens(), v.kv_lora_rank() + v.rope_dim());
-  both << c, k;
-  return both;
+  return test::cache_contents(cache, id, layer);
 }
 
 TEST(LatentCache, BytesPerTokenAreTheLatentOnly) {

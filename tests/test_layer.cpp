@@ -46,14 +46,7 @@ RowMatrix<T> run_prefill(const MlaLayer<T>& layer, const RowMatrix<T>& x, std::i
   RowMatrix<T> y(x.rows(), c.hidden_size);
   layer.forward(x, start_pos, cache, seq, y, ws, path);
   if (lse) *lse = test::to_vec(ws.last_lse().topRows(x.rows()));
-  if (latent) {
-    const mla::LatentView v = cache.view(seq, 0);
-    RowMatrix<T> ckv(v.tokens(), c.kv_lora_rank), kpe(v.tokens(), c.qk_rope_head_dim);
-    v.read<T>(0, v.tokens(), ckv, kpe);
-    RowMatrix<T> both(v.tokens(), c.latent_cache_width());
-    both << ckv, kpe;
-    *latent = test::to_vec(both);
-  }
+  if (latent) *latent = test::to_vec(test::cache_contents(cache, seq, 0));
   return y;
 }
 
@@ -366,14 +359,7 @@ RowMatrix<T> prefill_then_decode(const MlaLayer<T>& layer, const RowMatrix<T>& x
   for (Index t = prompt; t < x.rows(); ++t) {
     layer.forward(x.row(t), start_pos + t, cache, seq, y.row(t), ws, decode_path);
   }
-  if (latent) {
-    const mla::LatentView v = cache.view(seq, 0);
-    RowMatrix<double> ckv(v.tokens(), c.kv_lora_rank), kpe(v.tokens(), c.qk_rope_head_dim);
-    v.read<double>(0, v.tokens(), ckv, kpe);
-    RowMatrix<double> both(v.tokens(), c.latent_cache_width());
-    both << ckv, kpe;
-    *latent = test::to_vec(both);
-  }
+  if (latent) *latent = test::to_vec(test::cache_contents(cache, seq, 0));
   return y;
 }
 
