@@ -1,14 +1,18 @@
 #pragma once
 /// \file
 /// Scaled FP8 quantisation: values are stored as e4m3 codes q with one FP32 dequantisation
-/// multiplier per tile of consecutive values, x ~ float(q) * scale. The FP8 latent cache uses
-/// 128-value tiles per token (FlashMLA's layout); DeepSeek-V3 quantises activations the same
-/// way (1 x 128 tiles).
+/// multiplier per tile or block, x ~ float(q) * scale. The FP8 latent cache uses 128-value tiles
+/// per token (FlashMLA's layout); DeepSeek-V3 quantises activations the same way (1 x 128
+/// tiles, amax floored at 1e-4) and ships weights in 128 x 128 blocks (BlockFp8Matrix).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
+#include "mla/error.hpp"
 #include "mla/fp8.hpp"
 #include "mla/matrix.hpp"
 
@@ -62,5 +66,128 @@ inline void dequantize_e4m3_tiles(const float8_e4m3fn* q, const float* scales, I
     from_fp8(q + first, static_cast<std::size_t>(std::min(tile, n - first)), x + first, scales[k]);
   }
 }
+
+/// DeepSeek-V3's floor on an activation tile's amax (act_quant: max(amax, 1e-4) / 448).
+inline constexpr float kActivationAmaxFloor = 1e-4f;
+
+/// Quantises each row of x [rows, cols] per token per `tile` channels (DeepSeek-V3's 1 x 128
+/// activation tiles): scale = max(amax, 1e-4) / 448 per tile, optionally a power of two.
+/// q is [rows, cols] (row-major), scales [rows, ceil(cols / tile)] (row-major).
+inline void quantize_activations(const float* x, Index rows, Index cols, Index tile,
+                                 ScaleFormat format, float8_e4m3fn* q, float* scales) {
+  const Index tiles = (cols + tile - 1) / tile;
+  for (Index r = 0; r < rows; ++r) {
+    quantize_e4m3_tiles(x + r * cols, cols, tile, kActivationAmaxFloor, format, q + r * cols,
+                        scales + r * tiles);
+  }
+}
+
+/// A matrix [rows, cols] stored as e4m3 codes with one FP32 dequantisation multiplier per
+/// block of block_rows x block_cols (DeepSeek-V3 checkpoints: 128 x 128, the scales being the
+/// `weight_scale_inv` tensor [ceil(rows / 128), ceil(cols / 128)]): w = float(q) * scale of
+/// its block. Edge blocks may be smaller.
+class BlockFp8Matrix {
+ public:
+  BlockFp8Matrix() = default;
+
+  /// Takes codes (row-major [rows, cols]) and scales (row-major [ceil(rows / block_rows),
+  /// ceil(cols / block_cols)]) as a checkpoint stores them. Throws mla::Error when the sizes
+  /// do not match or a scale is negative or not finite.
+  BlockFp8Matrix(Index rows, Index cols, Index block_rows, Index block_cols,
+                 std::vector<float8_e4m3fn> codes, std::vector<float> scales)
+      : rows_(rows),
+        cols_(cols),
+        block_rows_(block_rows),
+        block_cols_(block_cols),
+        codes_(std::move(codes)),
+        scales_(std::move(scales)) {
+    detail::require(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0,
+                    "BlockFp8Matrix: invalid shape [", rows, ", ", cols, "] with blocks [",
+                    block_rows, ", ", block_cols, "]");
+    detail::require(static_cast<Index>(codes_.size()) == rows * cols,
+                    "BlockFp8Matrix: ", codes_.size(), " codes for a [", rows, ", ", cols,
+                    "] matrix");
+    detail::require(static_cast<Index>(scales_.size()) == row_blocks() * col_blocks(),
+                    "BlockFp8Matrix: ", scales_.size(), " scales, expected [", row_blocks(), ", ",
+                    col_blocks(), "] for [", rows, ", ", cols, "] in blocks of [", block_rows, ", ",
+                    block_cols, "]");
+    for (float s : scales_) {
+      detail::require(std::isfinite(s) && s >= 0.0f,
+                      "BlockFp8Matrix: scales must be finite and >= 0, got ", s);
+    }
+  }
+
+  /// Quantises w [rows, cols] (row-major): per block scale = amax / 448 (1 for an all-zero
+  /// block; rounded up to a power of two for kPowerOfTwo), codes = e4m3(w / scale).
+  static BlockFp8Matrix quantize(const float* w, Index rows, Index cols, Index block_rows = 128,
+                                 Index block_cols = 128,
+                                 ScaleFormat format = ScaleFormat::kFloat32) {
+    detail::require(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0,
+                    "BlockFp8Matrix::quantize: invalid shape [", rows, ", ", cols,
+                    "] with blocks [", block_rows, ", ", block_cols, "]");
+    const Index rb = (rows + block_rows - 1) / block_rows,
+                cb = (cols + block_cols - 1) / block_cols;
+    std::vector<float8_e4m3fn> codes(static_cast<std::size_t>(rows * cols));
+    std::vector<float> scales(static_cast<std::size_t>(rb * cb));
+    for (Index i = 0; i < rb; ++i) {
+      const Index r0 = i * block_rows, nr = std::min(block_rows, rows - r0);
+      for (Index j = 0; j < cb; ++j) {
+        const Index c0 = j * block_cols, nc = std::min(block_cols, cols - c0);
+        float amax = 0.0f;
+        for (Index r = r0; r < r0 + nr; ++r) {
+          for (Index c = c0; c < c0 + nc; ++c) amax = std::max(amax, std::fabs(w[r * cols + c]));
+        }
+        const float s = e4m3_scale(amax, 0.0f, format);
+        scales[static_cast<std::size_t>(i * cb + j)] = s;
+        for (Index r = r0; r < r0 + nr; ++r) {
+          to_fp8(w + r * cols + c0, static_cast<std::size_t>(nc), codes.data() + r * cols + c0, s);
+        }
+      }
+    }
+    return BlockFp8Matrix(rows, cols, block_rows, block_cols, std::move(codes), std::move(scales));
+  }
+
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+  Index block_rows() const { return block_rows_; }
+  Index block_cols() const { return block_cols_; }
+  Index row_blocks() const { return (rows_ + block_rows_ - 1) / block_rows_; }
+  Index col_blocks() const { return (cols_ + block_cols_ - 1) / block_cols_; }
+  /// Codes, row-major [rows, cols].
+  const float8_e4m3fn* codes() const { return codes_.data(); }
+  /// The dequantisation multiplier of block (i, j).
+  float scale(Index i, Index j) const {
+    return scales_[static_cast<std::size_t>(i * col_blocks() + j)];
+  }
+  /// All scales, row-major [row_blocks, col_blocks] (the checkpoint's weight_scale_inv).
+  const std::vector<float>& scales() const { return scales_; }
+
+  /// The dense matrix float(q) * scale in T (for the absorbed matrices and for checks; the
+  /// matmul never builds it). In double the product is exact; in float it is rounded once.
+  template <class T = float>
+  RowMatrix<T> dequantize() const {
+    RowMatrix<T> w(rows_, cols_);
+    for (Index r = 0; r < rows_; ++r) {
+      for (Index j = 0; j < col_blocks(); ++j) {
+        const Index c0 = j * block_cols_, n = std::min(block_cols_, cols_ - c0);
+        const float s = scale(r / block_rows_, j);
+        const float8_e4m3fn* q = codes_.data() + r * cols_ + c0;
+        if constexpr (std::is_same_v<T, float>) {
+          from_fp8(q, static_cast<std::size_t>(n), w.row(r).data() + c0, s);
+        } else {
+          for (Index c = 0; c < n; ++c) {
+            w(r, c0 + c) = static_cast<T>(static_cast<float>(q[c])) * static_cast<T>(s);
+          }
+        }
+      }
+    }
+    return w;
+  }
+
+ private:
+  Index rows_ = 0, cols_ = 0, block_rows_ = 128, block_cols_ = 128;
+  std::vector<float8_e4m3fn> codes_;
+  std::vector<float> scales_;
+};
 
 }  // namespace mla
