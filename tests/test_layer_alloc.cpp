@@ -152,6 +152,33 @@ TYPED_TEST(DecodeAllocationTest, BatchedDecodeStepsAllocateNothing) {
   EXPECT_EQ(cache.length(seqs[2], 0), 21);
 }
 
+TYPED_TEST(DecodeAllocationTest, DecodeWithFp8WeightsAllocatesNothing) {
+  using T = TypeParam;
+  const MlaConfig c = MlaConfig::small_v3();
+  for (mla::Fp8Matmul matmul : {mla::Fp8Matmul::kW8A32, mla::Fp8Matmul::kW8A8}) {
+    mla::Fp8Options fp8;
+    fp8.matmul = matmul;
+    fp8.block_rows = fp8.block_cols = 16;
+    const mla::MlaLayer<T> layer(c, mla::MlaWeights<T>::random(c, 3).quantize_fp8(
+                                        typename mla::MlaWeights<T>::Fp8Selection{}, fp8));
+    mla::LatentCacheOptions o;
+    o.num_blocks = 4;
+    o.storage = mla::CacheStorage::kFp8E4M3;
+    mla::LatentCache cache(c, o);
+    const auto seq = cache.add_sequence();
+    mla::MlaWorkspace<T> ws;
+    const RowMatrix<T> x = test::random_input<T>(40, c.hidden_size, 5);
+    RowMatrix<T> y(40, c.hidden_size);
+    layer.forward(x.topRows(10), 0, cache, seq, y.topRows(10), ws);
+    layer.forward(x.row(10), 10, cache, seq, y.row(10), ws);  // sizes the per-thread scratch
+    const auto [news, eigen] = count_allocations([&] {
+      for (Index t = 11; t < 40; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+    });
+    EXPECT_EQ(news, 0);
+    EXPECT_EQ(eigen, 0);
+  }
+}
+
 TYPED_TEST(DecodeAllocationTest, AReservedWorkspaceDecodesWithoutAllocating) {
   using T = TypeParam;
   const MlaConfig c = MlaConfig::small_v3();

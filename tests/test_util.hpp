@@ -81,14 +81,15 @@ inline ref::MlaSpec to_ref(const mla::MlaConfig& c) {
 template <class T>
 ref::MlaWeights to_ref(const mla::MlaWeights<T>& w) {
   ref::MlaWeights r;
-  r.wq = to_vec(w.wq.dense());
-  r.wq_a = to_vec(w.wq_a.dense());
+  // FP8 projections enter the reference dequantised.
+  r.wq = to_vec(w.wq.to_dense());
+  r.wq_a = to_vec(w.wq_a.to_dense());
   r.q_norm = to_vec(w.q_norm.transpose());
-  r.wq_b = to_vec(w.wq_b.dense());
-  r.wkv_a = to_vec(w.wkv_a.dense());
+  r.wq_b = to_vec(w.wq_b.to_dense());
+  r.wkv_a = to_vec(w.wkv_a.to_dense());
   r.kv_norm = to_vec(w.kv_norm.transpose());
-  r.wkv_b = to_vec(w.wkv_b.dense());
-  r.wo = to_vec(w.wo.dense());
+  r.wkv_b = to_vec(w.wkv_b.to_dense());
+  r.wo = to_vec(w.wo.to_dense());
   return r;
 }
 

@@ -95,7 +95,8 @@ class MlaLayer {
     // each stacked over heads, so the decode path never slices the checkpoint layout.
     const Index H = config_.num_attention_heads, P = config_.qk_nope_head_dim;
     const Index V = config_.v_head_dim, D = config_.kv_lora_rank;
-    const RowMatrix<T>& wkv_b = weights_.wkv_b.dense();
+    // From the dequantised weight when wkv_b is stored in FP8 (as DeepSeek's absorb mode does).
+    const RowMatrix<T> wkv_b = weights_.wkv_b.to_dense();
     w_uk_.resize(H * P, D);
     w_uv_.resize(H * V, D);
     for (Index h = 0; h < H; ++h) {

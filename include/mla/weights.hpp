@@ -36,9 +36,39 @@ struct MlaWeights {
   /// uniform with variance 1/in (so activations stay O(1)), norm weights uniform in [0.5, 1.5].
   static MlaWeights random(const MlaConfig& config, std::uint64_t seed);
 
-  /// The same weights in another compute type.
+  /// The same weights in another compute type (FP8 projections keep their codes).
   template <class U>
   MlaWeights<U> cast() const;
+
+  /// Which projections quantize_fp8 converts (all by default).
+  struct Fp8Selection {
+    bool wq = true, wq_a = true, wq_b = true, wkv_a = true, wkv_b = true, wo = true;
+  };
+
+  /// A copy with the selected projections in block FP8 (DeepSeek-V3's 128 x 128 blocks by
+  /// default); norms stay in T, as do RoPE and softmax in the layer.
+  MlaWeights quantize_fp8(const Fp8Selection& which, const Fp8Options& options = {}) const {
+    MlaWeights w = *this;
+    const auto q = [&](bool on, Linear<T>& l) {
+      if (on && !l.empty() && !l.is_fp8()) l = Linear<T>::quantize_fp8(l.to_dense(), options);
+    };
+    q(which.wq, w.wq);
+    q(which.wq_a, w.wq_a);
+    q(which.wq_b, w.wq_b);
+    q(which.wkv_a, w.wkv_a);
+    q(which.wkv_b, w.wkv_b);
+    q(which.wo, w.wo);
+    return w;
+  }
+
+  /// A copy with every projection in plain dense T (FP8 ones dequantised).
+  MlaWeights dequantized() const {
+    MlaWeights w = *this;
+    for (Linear<T>* l : {&w.wq, &w.wq_a, &w.wq_b, &w.wkv_a, &w.wkv_b, &w.wo}) {
+      if (l->is_fp8()) *l = Linear<T>(l->to_dense());
+    }
+    return w;
+  }
 };
 
 namespace detail {
@@ -138,9 +168,7 @@ MlaWeights<T> MlaWeights<T>::random(const MlaConfig& c, std::uint64_t seed) {
 template <class T>
 template <class U>
 MlaWeights<U> MlaWeights<T>::cast() const {
-  const auto lin = [](const Linear<T>& l) {
-    return Linear<U>(l.dense().template cast<U>().eval());
-  };
+  const auto lin = [](const Linear<T>& l) { return l.template cast<U>(); };
   MlaWeights<U> w;
   w.wq = lin(wq);
   w.wq_a = lin(wq_a);
