@@ -104,3 +104,4 @@ BENCHMARK(from_fp8_bulk<mla::float8_e4m3fn>)->Name("fp8/from_fp8/e4m3fn")->Arg(k
 BENCHMARK(to_fp8_bulk<mla::float8_e5m2>)->Name("fp8/to_fp8/e5m2")->Arg(kN);
 BENCHMARK(to_fp8_scalar<mla::float8_e5m2>)->Name("fp8/to_fp8_scalar_loop/e5m2")->Arg(kN);
 BENCHMARK(from_fp8_bulk<mla::float8_e5m2>)->Name("fp8/from_fp8/e5m2")->Arg(kN);
+BENCHMARK_MAIN();
