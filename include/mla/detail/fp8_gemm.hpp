@@ -227,12 +227,10 @@ void fp8_block_gemm(ConstMatrixRef<T> x, const BlockFp8Matrix& w, bool quantize_
   if (M <= kFp8GemvTokens) {
 #ifdef MLA_DETAIL_HAVE_VECTOR_EXTENSIONS
     if constexpr (std::is_same_v<T, float>) {
-      if (y.outerStride() >= N) {
-        fp8_rows_float_dispatch(M, w, quantize_x ? x_src : x.data(),
-                                quantize_x ? x_stride : x.outerStride(), x_scales_ptr, y.data(),
-                                y.outerStride());
-        return;
-      }
+      fp8_rows_float_dispatch(M, w, quantize_x ? x_src : x.data(),
+                              quantize_x ? x_stride : x.outerStride(), x_scales_ptr, y.data(),
+                              y.outerStride());
+      return;
     }
 #endif
     T* wrow = Fp8GemmScratch<T>::grow(s.weights, K);
