@@ -43,7 +43,7 @@ ensure_packages() {
 
 build_packages() {
   local preset=$1
-  local pkgs=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev)
+  local pkgs=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev)
   case "$preset" in
     clang*) pkgs+=(clang) ;;
   esac

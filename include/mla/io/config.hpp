@@ -1,0 +1,165 @@
+#pragma once
+/// \file
+/// DeepSeek's config.json (Hugging Face format) to MlaConfig, plus what the checkpoint's
+/// quantisation looks like.
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "mla/config.hpp"
+#include "mla/error.hpp"
+#include "mla/io/checkpoint.hpp"
+
+namespace mla::io {
+
+/// What config.json says about one layer's attention and about the checkpoint's weights.
+struct CheckpointConfig {
+  MlaConfig mla;
+  /// quantization_config {quant_method "fp8", fmt "e4m3"}: projection weights are F8_E4M3
+  /// with weight_scale_inv tensors.
+  bool fp8_weights = false;
+  Index weight_block_rows = 128;  ///< quantization_config.weight_block_size[0]
+  Index weight_block_cols = 128;  ///< quantization_config.weight_block_size[1]
+};
+
+namespace detail {
+
+class ConfigReader {
+ public:
+  ConfigReader(const nlohmann::json& j, std::string source) : j_(j), source_(std::move(source)) {}
+
+  const nlohmann::json* find(const nlohmann::json& obj, const char* field) const {
+    const auto it = obj.find(field);
+    return it == obj.end() ? nullptr : &*it;
+  }
+
+  std::int64_t integer(const nlohmann::json& obj, const char* field,
+                       const std::string& path) const {
+    const nlohmann::json* v = find(obj, field);
+    mla::detail::require(v != nullptr, source_, ": missing field '", path, "'");
+    mla::detail::require(v->is_number_integer(), source_, ": field '", path,
+                         "' must be an integer, got ", v->dump());
+    return v->get<std::int64_t>();
+  }
+  std::int64_t integer(const char* field) const { return integer(j_, field, field); }
+
+  std::int64_t integer_or(const nlohmann::json& obj, const char* field, std::int64_t fallback,
+                          const std::string& path) const {
+    const nlohmann::json* v = find(obj, field);
+    return v == nullptr || v->is_null() ? fallback : integer(obj, field, path);
+  }
+
+  double number_or(const nlohmann::json& obj, const char* field, double fallback,
+                   const std::string& path) const {
+    const nlohmann::json* v = find(obj, field);
+    if (v == nullptr || v->is_null()) return fallback;
+    mla::detail::require(v->is_number(), source_, ": field '", path, "' must be a number, got ",
+                         v->dump());
+    return v->get<double>();
+  }
+
+  std::string string_or(const nlohmann::json& obj, const char* field, const std::string& fallback,
+                        const std::string& path) const {
+    const nlohmann::json* v = find(obj, field);
+    if (v == nullptr || v->is_null()) return fallback;
+    mla::detail::require(v->is_string(), source_, ": field '", path, "' must be a string, got ",
+                         v->dump());
+    return v->get<std::string>();
+  }
+
+  const nlohmann::json& root() const { return j_; }
+  const std::string& source() const { return source_; }
+
+ private:
+  const nlohmann::json& j_;
+  std::string source_;
+};
+
+}  // namespace detail
+
+/// Parses config.json text. `source` names it in messages. Throws mla::Error for malformed
+/// JSON, a missing or mistyped field, an unsupported rope_scaling or quantisation, or values
+/// MlaConfig::validate() rejects.
+inline CheckpointConfig parse_config(const std::string& text,
+                                     const std::string& source = "config.json") {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    mla::detail::fail(source, ": malformed JSON: ", e.what());
+  }
+  mla::detail::require(j.is_object(), source, ": must be a JSON object");
+  const detail::ConfigReader r(j, source);
+  CheckpointConfig out;
+  MlaConfig& c = out.mla;
+  c.hidden_size = r.integer("hidden_size");
+  c.num_attention_heads = r.integer("num_attention_heads");
+  c.q_lora_rank = r.integer_or(j, "q_lora_rank", 0, "q_lora_rank");  // null or absent: none
+  c.kv_lora_rank = r.integer("kv_lora_rank");
+  c.qk_nope_head_dim = r.integer("qk_nope_head_dim");
+  c.qk_rope_head_dim = r.integer("qk_rope_head_dim");
+  c.v_head_dim = r.integer("v_head_dim");
+  c.num_hidden_layers = r.integer("num_hidden_layers");
+  c.rms_norm_eps = r.number_or(j, "rms_norm_eps", 1e-6, "rms_norm_eps");
+  c.rope_theta = r.number_or(j, "rope_theta", 10000.0, "rope_theta");
+  c.max_position_embeddings = r.integer_or(j, "max_position_embeddings", c.max_position_embeddings,
+                                           "max_position_embeddings");
+
+  if (const nlohmann::json* rs = r.find(j, "rope_scaling"); rs != nullptr && !rs->is_null()) {
+    mla::detail::require(rs->is_object(), source,
+                         ": field 'rope_scaling' must be an object or null");
+    // Hugging Face writes "type" (older) or "rope_type" (newer).
+    std::string type = r.string_or(*rs, "type", "", "rope_scaling.type");
+    if (type.empty()) type = r.string_or(*rs, "rope_type", "", "rope_scaling.rope_type");
+    mla::detail::require(type == "yarn", source, ": rope_scaling type '", type,
+                         "' is not supported (only 'yarn', as DeepSeek uses)");
+    RopeScaling& y = c.rope_scaling;
+    y.type = RopeScaling::Type::kYarn;
+    y.factor = r.number_or(*rs, "factor", 1.0, "rope_scaling.factor");
+    y.original_max_position_embeddings =
+        r.integer_or(*rs, "original_max_position_embeddings", 4096,
+                     "rope_scaling.original_max_position_embeddings");
+    y.beta_fast = r.number_or(*rs, "beta_fast", 32.0, "rope_scaling.beta_fast");
+    y.beta_slow = r.number_or(*rs, "beta_slow", 1.0, "rope_scaling.beta_slow");
+    y.mscale = r.number_or(*rs, "mscale", 1.0, "rope_scaling.mscale");
+    y.mscale_all_dim = r.number_or(*rs, "mscale_all_dim", 0.0, "rope_scaling.mscale_all_dim");
+  }
+
+  if (const nlohmann::json* q = r.find(j, "quantization_config"); q != nullptr && !q->is_null()) {
+    mla::detail::require(q->is_object(), source, ": field 'quantization_config' must be an object");
+    const std::string method =
+        r.string_or(*q, "quant_method", "", "quantization_config.quant_method");
+    mla::detail::require(method == "fp8", source, ": quantization_config.quant_method '", method,
+                         "' is not supported (only 'fp8')");
+    const std::string fmt = r.string_or(*q, "fmt", "e4m3", "quantization_config.fmt");
+    mla::detail::require(fmt == "e4m3", source, ": quantization_config.fmt '", fmt,
+                         "' is not supported (only 'e4m3')");
+    out.fp8_weights = true;
+    if (const nlohmann::json* bs = r.find(*q, "weight_block_size"); bs != nullptr) {
+      mla::detail::require(bs->is_array() && bs->size() == 2 && (*bs)[0].is_number_integer() &&
+                               (*bs)[1].is_number_integer() && (*bs)[0].get<std::int64_t>() > 0 &&
+                               (*bs)[1].get<std::int64_t>() > 0,
+                           source,
+                           ": quantization_config.weight_block_size must be two positive "
+                           "integers, got ",
+                           bs->dump());
+      out.weight_block_rows = (*bs)[0].get<std::int64_t>();
+      out.weight_block_cols = (*bs)[1].get<std::int64_t>();
+    }
+  }
+
+  try {
+    c.validate();
+  } catch (const Error& e) {
+    mla::detail::fail(source, ": ", e.what());
+  }
+  return out;
+}
+
+/// Reads and parses a config.json file (see parse_config).
+inline CheckpointConfig read_config(const std::string& path) {
+  return parse_config(detail::read_text(path), path);
+}
+
+}  // namespace mla::io

@@ -1,0 +1,81 @@
+#pragma once
+/// \file
+/// Loading one layer's attention weights from a DeepSeek checkpoint, by the checkpoint's names
+/// `model.layers.{i}.self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa,
+/// kv_a_layernorm, kv_b_proj, o_proj}.weight` (+ `.weight_scale_inv` for FP8 weights).
+
+#include <string>
+
+#include "mla/error.hpp"
+#include "mla/io/checkpoint.hpp"
+#include "mla/io/config.hpp"
+#include "mla/projection.hpp"
+#include "mla/weights.hpp"
+
+namespace mla::io {
+
+/// How FP8 projections of a checkpoint are multiplied.
+struct LoadOptions {
+  Fp8Matmul fp8_matmul = Fp8Matmul::kW8A32;
+  ScaleFormat activation_scales = ScaleFormat::kFloat32;  ///< W8A8 only
+};
+
+namespace detail {
+
+template <class T>
+Linear<T> load_projection(const Checkpoint& ckpt, const CheckpointConfig& cfg,
+                          const std::string& name, Index rows, Index cols,
+                          const std::string& expected, const LoadOptions& options) {
+  const TensorView& w = ckpt.tensor(name + ".weight");
+  mla::detail::require(w.dtype != Dtype::kF8E5M2, w.file, ": tensor '", w.name,
+                       "' has dtype F8_E5M2, expected F8_E4M3 (block-scaled, with "
+                       "weight_scale_inv) or F32, F16, BF16");
+  if (w.dtype == Dtype::kF8E4M3) {
+    const TensorView& s = ckpt.tensor(name + ".weight_scale_inv");
+    return Linear<T>(
+        to_block_fp8(w, s, rows, cols, cfg.weight_block_rows, cfg.weight_block_cols, expected),
+        options.fp8_matmul, options.activation_scales);
+  }
+  return Linear<T>(to_matrix<T>(w, rows, cols, expected));
+}
+
+}  // namespace detail
+
+/// The attention weights of layer `layer`, shape-checked against `cfg`. F32, F16 and BF16
+/// tensors become dense T; F8_E4M3 tensors (with their weight_scale_inv) become block-FP8
+/// projections. Throws mla::Error naming the file and tensor for a missing tensor, a dtype or
+/// shape that does not match, or a layer index out of range.
+template <class T>
+MlaWeights<T> load_attention_weights(const Checkpoint& ckpt, const CheckpointConfig& cfg,
+                                     Index layer, const LoadOptions& options = {}) {
+  const MlaConfig& c = cfg.mla;
+  mla::detail::require(layer >= 0 && layer < c.num_hidden_layers, "layer ", layer,
+                       " out of range: the model has ", c.num_hidden_layers,
+                       " layers (num_hidden_layers)");
+  const std::string p = "model.layers." + std::to_string(layer) + ".self_attn.";
+  const Index H = c.num_attention_heads, D = c.kv_lora_rank, R = c.qk_rope_head_dim;
+  const Index q_out = H * c.qk_head_dim();
+  const auto proj = [&](const char* name, Index rows, Index cols, const char* expected) {
+    return detail::load_projection<T>(ckpt, cfg, p + name, rows, cols, expected, options);
+  };
+  MlaWeights<T> w;
+  if (c.has_q_lora()) {
+    w.wq_a = proj("q_a_proj", c.q_lora_rank, c.hidden_size, "q_lora_rank, hidden_size");
+    w.q_norm = to_vector<T>(ckpt.tensor(p + "q_a_layernorm.weight"), c.q_lora_rank, "q_lora_rank");
+    w.wq_b = proj("q_b_proj", q_out, c.q_lora_rank,
+                  "num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim), q_lora_rank");
+  } else {
+    w.wq = proj("q_proj", q_out, c.hidden_size,
+                "num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim), hidden_size");
+  }
+  w.wkv_a = proj("kv_a_proj_with_mqa", D + R, c.hidden_size,
+                 "kv_lora_rank + qk_rope_head_dim, hidden_size");
+  w.kv_norm = to_vector<T>(ckpt.tensor(p + "kv_a_layernorm.weight"), D, "kv_lora_rank");
+  w.wkv_b = proj("kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), D,
+                 "num_attention_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank");
+  w.wo = proj("o_proj", c.hidden_size, H * c.v_head_dim,
+              "hidden_size, num_attention_heads * v_head_dim");
+  return w;
+}
+
+}  // namespace mla::io

@@ -1,0 +1,581 @@
+// mla/io: safetensors, checkpoints, config.json, one layer's weights, .npy, and the
+// deepseek_layer runner, on fixtures the tests write themselves.
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "io_fixtures.hpp"
+#include "mla/io.hpp"
+#include "reference/mla_reference.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using fixture::Storage;
+using fixture::TempDir;
+using fixture::Tensor;
+using mla::Index;
+using mla::MlaConfig;
+using mla::RowMatrix;
+
+Tensor f32_tensor(const std::string& name, std::vector<std::int64_t> shape, std::vector<float> v) {
+  Tensor t{name, "F32", std::move(shape), std::vector<unsigned char>(v.size() * 4)};
+  std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
+  return t;
+}
+
+/// Writes `bytes` as a file in dir and opens it, returning the error message ("" if none).
+std::string open_error(const TempDir& dir, const std::vector<unsigned char>& bytes) {
+  fixture::write_bytes(dir / "x.safetensors", bytes);
+  try {
+    mla::io::SafetensorsFile::open(dir / "x.safetensors");
+  } catch (const mla::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+/// A hand-made header + data, for files the fixture writer would never produce.
+std::vector<unsigned char> raw_file(const std::string& header, std::size_t data_bytes,
+                                    std::uint64_t header_len_override = 0) {
+  std::vector<unsigned char> out(8);
+  const std::uint64_t len = header_len_override ? header_len_override : header.size();
+  std::memcpy(out.data(), &len, 8);
+  out.insert(out.end(), header.begin(), header.end());
+  out.resize(out.size() + data_bytes);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// safetensors
+
+TEST(Safetensors, ReadsEveryDtypeWithShapeAndData) {
+  TempDir dir;
+  Tensor bf{"b", "BF16", {3}, {0x80, 0x3F, 0x00, 0x40, 0x80, 0xC0}};  // 1, 2, -4
+  Tensor h{"h", "F16", {2}, {0x00, 0x3C, 0x00, 0xC4}};                // 1, -4
+  Tensor e4{"q", "F8_E4M3", {2, 2}, {0x38, 0x40, 0xB8, 0x7E}};        // 1, 2, -1, 448
+  Tensor e5{"r", "F8_E5M2", {1}, {0x3C}};
+  Tensor i8{"i", "I64", {1}, std::vector<unsigned char>(8, 0)};
+  const Tensor f = f32_tensor("f", {2, 3}, {1, 2, 3, 4, 5, 6});
+  fixture::write_bytes(dir / "a.safetensors", fixture::safetensors_bytes({f, bf, h, e4, e5, i8}));
+  const auto file = mla::io::SafetensorsFile::open(dir / "a.safetensors");
+  EXPECT_EQ(file.names(), (std::vector<std::string>{"b", "f", "h", "i", "q", "r"}));
+  EXPECT_EQ(file.metadata().at("format"), "pt");
+  EXPECT_EQ(file.tensor("f").dtype, mla::io::Dtype::kF32);
+  EXPECT_EQ(file.tensor("f").shape, (std::vector<std::int64_t>{2, 3}));
+  EXPECT_EQ(mla::io::to_matrix<double>(file.tensor("f"), 2, 3, "test"),
+            (RowMatrix<double>(2, 3) << 1, 2, 3, 4, 5, 6).finished());
+  EXPECT_EQ(mla::io::to_vector<float>(file.tensor("b"), 3, "test"), Eigen::Vector3f(1, 2, -4));
+  EXPECT_EQ(mla::io::to_vector<float>(file.tensor("h"), 2, "test"), Eigen::Vector2f(1, -4));
+  EXPECT_EQ(file.tensor("q").dtype, mla::io::Dtype::kF8E4M3);
+  EXPECT_EQ(file.tensor("r").dtype, mla::io::Dtype::kF8E5M2);
+  // An I64 tensor is listed, and refused only when read as floats.
+  EXPECT_EQ(file.tensor("i").dtype, mla::io::Dtype::kUnsupported);
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { mla::io::to_vector<float>(file.tensor("i"), 1, "test"); },
+      "tensor 'i' has dtype I64 (unsupported), expected F32, F16 or BF16"));
+  EXPECT_TRUE(test::throws_error_containing([&] { file.tensor("nope"); }, "no tensor 'nope'"));
+}
+
+TEST(Safetensors, BadFilesAreClearErrors) {
+  TempDir dir;
+  const std::string ok = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  EXPECT_EQ(open_error(dir, raw_file(ok, 8)), "");
+  EXPECT_NE(open_error(dir, {}).find("empty file"), std::string::npos);
+  EXPECT_NE(open_error(dir, {1, 2, 3}).find("truncated: 3 bytes"), std::string::npos);
+  EXPECT_NE(open_error(dir, raw_file(ok, 8, 1000)).find("header length 1000 runs past the end"),
+            std::string::npos);
+  EXPECT_NE(open_error(dir, raw_file(R"({"a":{"dtype":"F32",)", 8)).find("malformed JSON header"),
+            std::string::npos);
+  EXPECT_NE(open_error(dir, raw_file("[1,2]", 0)).find("must be an object"), std::string::npos);
+  EXPECT_NE(
+      open_error(dir, raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,16]}})", 8))
+          .find("data offsets [0, 16) out of range (the data section holds 8 bytes)"),
+      std::string::npos);
+  EXPECT_NE(
+      open_error(dir, raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,4]}})", 8))
+          .find("out of range"),
+      std::string::npos);
+  EXPECT_NE(
+      open_error(dir, raw_file(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8))
+          .find("is F32 [3] = 12 bytes, but its data offsets [0, 8) hold 8"),
+      std::string::npos);
+  EXPECT_NE(open_error(dir, raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                     R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                                     12))
+                .find("tensors 'a' and 'b' overlap"),
+            std::string::npos);
+  EXPECT_NE(open_error(dir, raw_file(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8))
+                .find("unknown dtype 'Q4'"),
+            std::string::npos);
+  EXPECT_NE(
+      open_error(dir, raw_file(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8))
+          .find("shape entry must be a non-negative integer"),
+      std::string::npos);
+  EXPECT_NE(open_error(dir, raw_file(R"({"a":{"dtype":"F32","shape":[2]}})", 8))
+                .find("no 'data_offsets'"),
+            std::string::npos);
+  EXPECT_NE(
+      open_error(
+          dir,
+          raw_file(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})",
+                   8))
+          .find("impossibly large shape"),
+      std::string::npos);
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { mla::io::SafetensorsFile::open(dir / "missing"); }, "cannot open"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// config.json
+
+TEST(Config, ReadsDeepSeekConfigs) {
+  for (const MlaConfig& c : {MlaConfig::deepseek_v2_lite(), MlaConfig::deepseek_v3()}) {
+    const bool fp8 = c.has_q_lora();
+    const auto r = mla::io::parse_config(fixture::config_json(c, fp8, 128).dump());
+    EXPECT_EQ(r.mla.hidden_size, c.hidden_size);
+    EXPECT_EQ(r.mla.num_attention_heads, c.num_attention_heads);
+    EXPECT_EQ(r.mla.q_lora_rank, c.q_lora_rank);  // null -> 0 for V2-Lite
+    EXPECT_EQ(r.mla.kv_lora_rank, 512);
+    EXPECT_EQ(r.mla.num_hidden_layers, c.num_hidden_layers);
+    EXPECT_EQ(r.mla.rope_scaling.type, mla::RopeScaling::Type::kYarn);
+    EXPECT_EQ(r.mla.rope_scaling.mscale_all_dim, c.rope_scaling.mscale_all_dim);
+    EXPECT_DOUBLE_EQ(mla::softmax_scale(r.mla), mla::softmax_scale(c));
+    EXPECT_EQ(r.fp8_weights, fp8);
+    EXPECT_EQ(r.weight_block_rows, 128);
+  }
+  // q_lora_rank absent means none; rope_type (newer HF spelling) works; no rope_scaling is plain.
+  nlohmann::json j = fixture::config_json(MlaConfig::small_v3(), false, 16);
+  j.erase("q_lora_rank");
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+  auto r = mla::io::parse_config(j.dump());
+  EXPECT_EQ(r.mla.q_lora_rank, 0);
+  EXPECT_EQ(r.mla.rope_scaling.factor, 4.0);
+  j["rope_scaling"] = nullptr;
+  r = mla::io::parse_config(j.dump());
+  EXPECT_EQ(r.mla.rope_scaling.type, mla::RopeScaling::Type::kNone);
+}
+
+TEST(Config, BadConfigsNameTheField) {
+  const nlohmann::json good = fixture::config_json(MlaConfig::small_v3(), true, 16);
+  struct Bad {
+    std::function<void(nlohmann::json&)> edit;
+    std::string message;
+  };
+  const std::vector<Bad> bad = {
+      {[](auto& j) { j.erase("kv_lora_rank"); }, "missing field 'kv_lora_rank'"},
+      {[](auto& j) { j["hidden_size"] = "64"; },
+       "field 'hidden_size' must be an integer, got \"64\""},
+      {[](auto& j) { j["num_attention_heads"] = 2.5; },
+       "field 'num_attention_heads' must be an integer"},
+      {[](auto& j) { j["rms_norm_eps"] = "small"; }, "field 'rms_norm_eps' must be a number"},
+      {[](auto& j) { j["qk_rope_head_dim"] = 7; }, "MlaConfig.qk_rope_head_dim must be even"},
+      {[](auto& j) { j["v_head_dim"] = 0; }, "MlaConfig.v_head_dim"},
+      {[](auto& j) { j["rope_scaling"]["type"] = "linear"; },
+       "rope_scaling type 'linear' is not supported"},
+      {[](auto& j) { j["rope_scaling"]["factor"] = -1; }, "MlaConfig.rope_scaling.factor"},
+      {[](auto& j) { j["quantization_config"]["quant_method"] = "gptq"; },
+       "quantization_config.quant_method 'gptq' is not supported"},
+      {[](auto& j) { j["quantization_config"]["weight_block_size"] = {128}; },
+       "quantization_config.weight_block_size must be two positive integers"},
+      {[](auto& j) { j = nlohmann::json::array(); }, "must be a JSON object"},
+  };
+  for (const Bad& b : bad) {
+    nlohmann::json j = good;
+    b.edit(j);
+    EXPECT_TRUE(
+        test::throws_error_containing([&] { mla::io::parse_config(j.dump(), "my/config.json"); },
+                                      "my/config.json: " + b.message));
+  }
+  EXPECT_TRUE(
+      test::throws_error_containing([] { mla::io::parse_config("{\"a\": "); }, "malformed JSON"));
+  EXPECT_TRUE(
+      test::throws_error_containing([] { mla::io::read_config("/nonexistent/config.json"); },
+                                    "/nonexistent/config.json: cannot open"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// One layer from a checkpoint, against the double reference
+
+struct CheckpointCase {
+  const char* name;
+  MlaConfig config;
+  Storage storage;
+  int shards;
+};
+
+std::vector<CheckpointCase> checkpoint_cases() {
+  std::vector<CheckpointCase> v;
+  for (Storage s : {Storage::kF32, Storage::kBF16, Storage::kFp8}) {
+    for (int shards : {1, 3}) {
+      v.push_back({"v2lite", MlaConfig::small_v2_lite(), s, shards});
+      v.push_back({"v3", MlaConfig::small_v3(), s, shards});
+    }
+  }
+  return v;
+}
+
+const char* storage_name(Storage s) {
+  return s == Storage::kF32 ? "F32" : s == Storage::kBF16 ? "BF16" : "FP8";
+}
+
+TEST(LayerFromCheckpoint, MatchesTheReferenceOnTheStoredWeights) {
+  for (const CheckpointCase& k : checkpoint_cases()) {
+    SCOPED_TRACE(std::string(k.name) + " " + storage_name(k.storage) + " shards " +
+                 std::to_string(k.shards));
+    TempDir dir;
+    // Two layers, so that loading picks the right one.
+    const std::vector<mla::MlaWeights<float>> w = {mla::MlaWeights<float>::random(k.config, 1),
+                                                   mla::MlaWeights<float>::random(k.config, 2)};
+    const auto stored = fixture::write_checkpoint(dir.path(), k.config, w, k.storage, k.shards);
+    const auto cfg = mla::io::read_config(dir / "config.json");
+    EXPECT_EQ(cfg.fp8_weights, k.storage == Storage::kFp8);
+    const auto ckpt = mla::io::Checkpoint::open(dir.path());
+    const mla::MlaWeights<float> loaded = mla::io::load_attention_weights<float>(ckpt, cfg, 1);
+    EXPECT_EQ(loaded.wkv_b.is_fp8(), k.storage == Storage::kFp8);
+    // The loaded projections hold exactly the stored values (compared in double, where an FP8
+    // code times its scale is exact).
+    EXPECT_EQ(loaded.wkv_a.cast<double>().to_dense(), stored[1].wkv_a.to_dense());
+    EXPECT_EQ(loaded.wo.cast<double>().to_dense(), stored[1].wo.to_dense());
+
+    const mla::MlaLayer<float> layer(cfg.mla, loaded);
+    const Index n = 30;
+    const RowMatrix<float> x = test::random_input<float>(n, k.config.hidden_size, 3);
+    mla::LatentCacheOptions o;
+    o.num_blocks = 1;
+    mla::LatentCache cache(cfg.mla, o);
+    const auto seq = cache.add_sequence();
+    mla::MlaWorkspace<float> ws;
+    RowMatrix<float> y(n, k.config.hidden_size);
+    layer.forward(x.topRows(20), 500, cache, seq, y.topRows(20), ws);
+    for (Index t = 20; t < n; ++t) layer.forward(x.row(t), 500 + t, cache, seq, y.row(t), ws);
+    const std::vector<double> want = ref::mla_forward(
+        test::to_ref(k.config), test::to_ref(stored[1]), test::to_vec(x), static_cast<int>(n), 500);
+    EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-5);
+  }
+}
+
+TEST(LayerFromCheckpoint, BadCheckpointsNameTheFileAndTensor) {
+  const MlaConfig c = MlaConfig::small_v3();
+  const std::vector<mla::MlaWeights<float>> w = {mla::MlaWeights<float>::random(c, 1)};
+  const std::string p = "model.layers.0.self_attn.";
+  auto with_tensors = [&](const std::function<void(std::vector<Tensor>&)>& edit, Storage s) {
+    auto dir = std::make_unique<TempDir>();
+    fixture::write_text(*dir / "config.json",
+                        fixture::config_json(c, s == Storage::kFp8, 16).dump());
+    auto t = fixture::layer_tensors(c, w[0], 0, s, 16).tensors;
+    edit(t);
+    fixture::write_bytes(*dir / "model.safetensors", fixture::safetensors_bytes(t));
+    return dir;
+  };
+  auto load_error = [&](const TempDir& dir, Index layer = 0) -> std::string {
+    try {
+      const auto cfg = mla::io::read_config(dir / "config.json");
+      mla::io::load_attention_weights<float>(mla::io::Checkpoint::open(dir.path()), cfg, layer);
+    } catch (const mla::Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  auto find = [&](std::vector<Tensor>& t, const std::string& name) -> Tensor& {
+    for (Tensor& x : t) {
+      if (x.name == name) return x;
+    }
+    throw std::runtime_error("fixture has no " + name);
+  };
+  {  // a missing tensor
+    auto d = with_tensors([&](auto& t) { t.erase(t.begin() + 3); }, Storage::kF32);
+    EXPECT_NE(load_error(*d).find("missing tensor 'model.layers.0.self_attn."), std::string::npos);
+  }
+  {  // a shape that does not match the config
+    auto d = with_tensors(
+        [&](auto& t) {
+          Tensor& kvb = find(t, p + "kv_b_proj.weight");
+          kvb.shape = {kvb.shape[1], kvb.shape[0]};
+        },
+        Storage::kF32);
+    const std::string e = load_error(*d);
+    EXPECT_NE(e.find("model.safetensors: tensor 'model.layers.0.self_attn.kv_b_proj.weight' has "
+                     "shape [32, 112], "
+                     "expected [112, 32]"),
+              std::string::npos)
+        << e;
+  }
+  {  // a dtype that does not match (an integer weight), and one this library does not read
+    auto d =
+        with_tensors([&](auto& t) { find(t, p + "o_proj.weight").dtype = "I32"; }, Storage::kF32);
+    EXPECT_NE(
+        load_error(*d).find("'model.layers.0.self_attn.o_proj.weight' has dtype I32 (unsupported)"),
+        std::string::npos);
+    auto d2 = with_tensors(
+        [&](auto& t) {
+          Tensor& o = find(t, p + "kv_a_layernorm.weight");
+          o.dtype = "F64";
+          o.bytes.resize(o.bytes.size() * 2);
+        },
+        Storage::kF32);
+    EXPECT_NE(load_error(*d2).find(
+                  "kv_a_layernorm.weight' has dtype F64 (unsupported), expected F32, F16 or BF16"),
+              std::string::npos);
+  }
+  {  // FP8: a missing scale, a scale of the wrong shape, an E5M2 weight
+    auto d = with_tensors(
+        [&](auto& t) {
+          t.erase(std::find_if(t.begin(), t.end(), [&](const Tensor& x) {
+            return x.name == p + "o_proj.weight_scale_inv";
+          }));
+        },
+        Storage::kFp8);
+    EXPECT_NE(
+        load_error(*d).find("missing tensor 'model.layers.0.self_attn.o_proj.weight_scale_inv'"),
+        std::string::npos);
+    auto d2 = with_tensors(
+        [&](auto& t) {
+          Tensor& s = find(t, p + "kv_b_proj.weight_scale_inv");
+          s.shape = {s.shape[0] * s.shape[1]};
+        },
+        Storage::kFp8);
+    EXPECT_NE(load_error(*d2).find("kv_b_proj.weight_scale_inv' has shape [14], expected [7, 2]"),
+              std::string::npos)
+        << load_error(*d2);
+    auto d3 =
+        with_tensors([&](auto& t) { find(t, p + "kv_a_proj_with_mqa.weight").dtype = "F8_E5M2"; },
+                     Storage::kFp8);
+    EXPECT_NE(
+        load_error(*d3).find("kv_a_proj_with_mqa.weight' has dtype F8_E5M2, expected F8_E4M3"),
+        std::string::npos);
+  }
+  {  // a layer the model does not have
+    auto d = with_tensors([](auto&) {}, Storage::kF32);
+    EXPECT_NE(load_error(*d, 5).find("layer 5 out of range: the model has 2 layers"),
+              std::string::npos);
+    EXPECT_NE(load_error(*d, 1).find("missing tensor 'model.layers.1.self_attn."),
+              std::string::npos);
+  }
+  {  // no weights at all; an index that names a shard which is not there
+    TempDir d;
+    fixture::write_text(d / "config.json", fixture::config_json(c, false, 16).dump());
+    EXPECT_NE(load_error(d).find("no model.safetensors and no model.safetensors.index.json"),
+              std::string::npos);
+    fixture::write_text(
+        d / "model.safetensors.index.json",
+        R"({"weight_map": {"model.layers.0.self_attn.q_a_proj.weight": "gone.safetensors"}})");
+    EXPECT_NE(load_error(d).find("gone.safetensors: cannot open"), std::string::npos);
+    fixture::write_text(d / "model.safetensors.index.json", R"({"weight_map": {"a": "../x"}})");
+    EXPECT_NE(load_error(d).find("not a file of the directory"), std::string::npos);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// .npy
+
+std::vector<unsigned char> npy_bytes(const std::string& header_dict, std::size_t data_bytes,
+                                     int version = 1) {
+  std::string h = header_dict;
+  const std::size_t pre = version == 1 ? 10 : 12;
+  while ((pre + h.size() + 1) % 64 != 0) h += ' ';
+  h += '\n';
+  std::vector<unsigned char> out = {
+      0x93, 'N', 'U', 'M', 'P', 'Y', static_cast<unsigned char>(version), 0};
+  if (version == 1) {
+    out.push_back(static_cast<unsigned char>(h.size() & 0xFF));
+    out.push_back(static_cast<unsigned char>(h.size() >> 8));
+  } else {
+    const std::uint32_t n = static_cast<std::uint32_t>(h.size());
+    out.resize(12);
+    std::memcpy(out.data() + 8, &n, 4);
+  }
+  out.insert(out.end(), h.begin(), h.end());
+  for (std::size_t i = 0; i < data_bytes; ++i) out.push_back(static_cast<unsigned char>(i * 7));
+  return out;
+}
+
+std::string npy_error(const std::vector<unsigned char>& b) {
+  try {
+    mla::io::parse_npy(b.data(), b.size(), "x.npy");
+  } catch (const mla::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Npy, ReadsWhatNumpyWritesAndWritesWhatItReads) {
+  const std::vector<unsigned char> v1 =
+      npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }", 24);
+  const RowMatrix<float> m = mla::io::parse_npy(v1.data(), v1.size(), "x.npy");
+  ASSERT_EQ(m.rows(), 3);
+  ASSERT_EQ(m.cols(), 2);
+  EXPECT_EQ(std::memcmp(m.data(), v1.data() + v1.size() - 24, 24), 0);  // the data is last
+  const std::vector<unsigned char> v2 =
+      npy_bytes("{\"descr\":\"<f4\",\"shape\":(3,2),\"fortran_order\":False}", 24, 2);
+  EXPECT_EQ(mla::io::parse_npy(v2.data(), v2.size(), "x.npy"), m);
+  TempDir dir;
+  mla::io::write_npy(dir / "y.npy", m);
+  EXPECT_EQ(mla::io::read_npy(dir / "y.npy"), m);
+  std::ifstream in(dir / "y.npy", std::ios::binary);
+  const std::vector<unsigned char> written((std::istreambuf_iterator<char>(in)),
+                                           std::istreambuf_iterator<char>());
+  EXPECT_EQ(written, v1);  // byte for byte numpy's layout: the same header, 64-byte aligned data
+  const std::vector<unsigned char> empty =
+      npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (0, 5), }", 0);
+  EXPECT_EQ(mla::io::parse_npy(empty.data(), empty.size(), "x.npy").cols(), 5);
+}
+
+TEST(Npy, BadArraysAreClearErrors) {
+  EXPECT_NE(npy_error({}).find("empty file"), std::string::npos);
+  EXPECT_NE(npy_error({'P', 'K', 3, 4, 0, 0, 0, 0, 0, 0, 0}).find("not a .npy file"),
+            std::string::npos);
+  EXPECT_NE(npy_error(npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (3, 2), }", 48))
+                .find("must hold float32 ('<f4'), got '<f8'"),
+            std::string::npos);
+  EXPECT_NE(npy_error(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (6,), }", 24))
+                .find("must be 2-D, got shape (6,)"),
+            std::string::npos);
+  EXPECT_NE(
+      npy_error(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (1, 2, 3), }", 24))
+          .find("must be 2-D, got shape (1, 2, 3)"),
+      std::string::npos);
+  EXPECT_NE(npy_error(npy_bytes("{'descr': '<f4', 'fortran_order': True, 'shape': (3, 2), }", 24))
+                .find("Fortran-ordered"),
+            std::string::npos);
+  EXPECT_NE(npy_error(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }", 20))
+                .find("truncated: shape (3, 2) needs 24 bytes of data, the file holds 20"),
+            std::string::npos);
+  EXPECT_NE(npy_error(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }", 28))
+                .find("4 unexpected bytes after"),
+            std::string::npos);
+  EXPECT_NE(
+      npy_error(npy_bytes("{'descr': '<f4', 'shape': (3, 2), }", 24)).find("malformed .npy header"),
+      std::string::npos);
+  EXPECT_NE(
+      npy_error(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }", 24, 4))
+          .find("unsupported .npy version 4"),
+      std::string::npos);
+  std::vector<unsigned char> cut =
+      npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }", 24);
+  cut.resize(30);
+  EXPECT_NE(npy_error(cut).find("truncated header"), std::string::npos);
+  EXPECT_NE(
+      npy_error(
+          npy_bytes(
+              "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999, 2), }", 0))
+          .find("dimension too large"),
+      std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// deepseek_layer, end to end (built with the examples)
+
+#ifdef MLA_DEEPSEEK_LAYER
+
+struct CliResult {
+  int status;
+  std::string out, err;
+};
+
+CliResult run_cli(const TempDir& dir, const std::string& args) {
+  const std::string cmd = std::string(MLA_DEEPSEEK_LAYER) + " " + args + " > " + (dir / "out.txt") +
+                          " 2> " + (dir / "err.txt");
+  const int status = std::system(cmd.c_str());
+  auto slurp = [](const std::string& p) {
+    std::ifstream in(p);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  };
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out.txt"),
+          slurp(dir / "err.txt")};
+}
+
+TEST(DeepSeekLayer, RunsACheckpointLayerLikeTheLibrary) {
+  for (Storage s : {Storage::kBF16, Storage::kFp8}) {
+    const MlaConfig c = MlaConfig::small_v3();
+    TempDir dir;
+    const std::vector<mla::MlaWeights<float>> w = {mla::MlaWeights<float>::random(c, 7),
+                                                   mla::MlaWeights<float>::random(c, 8)};
+    const auto stored = fixture::write_checkpoint(dir / "", c, w, s, 2);
+    const RowMatrix<float> x = test::random_input<float>(20, c.hidden_size, 9);
+    mla::io::write_npy(dir / "x.npy", x);
+    for (const char* cache : {"fp32", "bf16", "fp8"}) {
+      SCOPED_TRACE(std::string(storage_name(s)) + " cache " + cache);
+      const CliResult r =
+          run_cli(dir, "--model " + dir.path() + " --layer 1 --input " + (dir / "x.npy") +
+                           " --output " + (dir / "y.npy") + " --start 4096 --prefill 12 --cache " +
+                           cache + " --threads 2");
+      ASSERT_EQ(r.status, 0) << r.err;
+      const std::size_t bytes = std::string(cache) == "fp32"   ? 160
+                                : std::string(cache) == "bf16" ? 80
+                                                               : 52;
+      EXPECT_EQ(r.out, "cache_bytes_per_token_per_layer: " + std::to_string(bytes) + "\n");
+      const RowMatrix<float> y = mla::io::read_npy(dir / "y.npy");
+      ASSERT_EQ(y.rows(), 20);
+      // Against the double reference, for the FP32 cache (others round the latent).
+      if (std::string(cache) == "fp32") {
+        const std::vector<double> want =
+            ref::mla_forward(test::to_ref(c), test::to_ref(stored[1]), test::to_vec(x), 20, 4096);
+        EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-5);
+      }
+      std::remove((dir / "y.npy").c_str());
+    }
+  }
+}
+
+TEST(DeepSeekLayer, ErrorsSayWhatAndWhereAndWriteNothing) {
+  const MlaConfig c = MlaConfig::small_v3();
+  TempDir dir;
+  fixture::write_checkpoint(dir / "", c, {mla::MlaWeights<float>::random(c, 7)}, Storage::kBF16, 1);
+  mla::io::write_npy(dir / "x.npy", test::random_input<float>(5, c.hidden_size, 1));
+  mla::io::write_npy(dir / "narrow.npy", test::random_input<float>(5, 10, 1));
+  fixture::write_bytes(
+      dir / "f64.npy",
+      npy_bytes("{'descr': '<f8', 'fortran_order': False, 'shape': (1, 64), }", 512));
+  fixture::write_bytes(
+      dir / "cut.npy",
+      npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (5, 64), }", 100));
+  const std::string base = "--model " + dir.path() + " --output " + (dir / "y.npy");
+  struct Case {
+    std::string args;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {base + " --layer 0 --input " + (dir / "narrow.npy"),
+       "narrow.npy: has 10 columns, expected hidden_size = 64"},
+      {base + " --layer 0 --input " + (dir / "f64.npy"), "f64.npy: must hold float32"},
+      {base + " --layer 0 --input " + (dir / "cut.npy"), "cut.npy: truncated"},
+      {base + " --layer 0 --input " + (dir / "none.npy"), "none.npy: cannot open"},
+      {base + " --layer 3 --input " + (dir / "x.npy"), "layer 3 out of range"},
+      {base + " --layer 1 --input " + (dir / "x.npy"), "missing tensor 'model.layers.1.self_attn."},
+      {base + " --layer 0 --input " + (dir / "x.npy") + " --prefill 9",
+       "--prefill 9 exceeds the 5 tokens"},
+      {base + " --layer 0 --input " + (dir / "x.npy") + " --cache fp16",
+       "--cache must be fp32, bf16 or fp8"},
+      {base + " --layer zero --input " + (dir / "x.npy"), "--layer needs an integer, got 'zero'"},
+      {base + " --layer 0 --input " + (dir / "x.npy") + " --bogus 1", "unknown option '--bogus'"},
+      {base + " --layer 0 --input", "--input needs a value"},
+      {"--layer 0 --input x.npy --output y.npy --model " + (dir / "nowhere"),
+       "nowhere/config.json: cannot open"},
+  };
+  for (const Case& k : cases) {
+    const CliResult r = run_cli(dir, k.args);
+    EXPECT_EQ(r.status, 1) << k.args;
+    EXPECT_EQ(r.err.rfind("error: ", 0), 0u) << r.err;
+    EXPECT_NE(r.err.find(k.message), std::string::npos)
+        << "stderr: " << r.err << " expected: " << k.message;
+    EXPECT_TRUE(r.out.empty()) << r.out;
+    EXPECT_FALSE(std::ifstream(dir / "y.npy").good()) << "Y written after: " << k.args;
+  }
+}
+
+#endif  // MLA_DEEPSEEK_LAYER
+
+}  // namespace
