@@ -1,0 +1,142 @@
+// Runs one attention layer of a real DeepSeek checkpoint (Hugging Face format) on hidden
+// states from a .npy file and writes the layer's attention output as .npy.
+//
+//   deepseek_layer --model DIR --layer N --input X.npy --output Y.npy [--start POS]
+//                  [--prefill K] [--cache fp32|bf16|fp8] [--threads T]
+//
+// DIR holds config.json and model.safetensors (or model.safetensors.index.json and its shards).
+// The rows of X ([tokens, hidden_size], float32) are consecutive tokens of one sequence at
+// positions POS, POS + 1, ... (default 0). The first K tokens (default: all) run as one prefill,
+// every remaining token as one decode step through the latent cache. FP8 checkpoints run W8A32
+// (activations stay FP32). --threads sets the threads of the projections' GEMMs (OpenMP).
+//
+// On success the output ([tokens, hidden_size], float32) is written to Y and the line
+// `cache_bytes_per_token_per_layer: <n>` is printed. On any error the program prints
+// `error: <what, and where>` to stderr, writes nothing to Y and exits 1.
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "mla/io.hpp"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: deepseek_layer --model DIR --layer N --input X.npy --output Y.npy [--start POS] "
+    "[--prefill K] [--cache fp32|bf16|fp8] [--threads T]";
+
+struct Args {
+  std::string model, input, output;
+  long long layer = -1, start = 0, prefill = -1, threads = 1;
+  mla::CacheStorage cache = mla::CacheStorage::kFloat32;
+};
+
+long long parse_integer(const std::string& flag, const std::string& text) {
+  std::size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  mla::detail::require(used == text.size() && !text.empty(), flag, " needs an integer, got '", text,
+                       "'");
+  return v;
+}
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  bool have_layer = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    mla::detail::require(
+        i + 1 < argc,
+        flag.rfind("--", 0) == 0 ? flag + " needs a value" : "unexpected argument '" + flag + "'",
+        "\n", kUsage);
+    const std::string value = argv[++i];
+    if (flag == "--model") {
+      a.model = value;
+    } else if (flag == "--layer") {
+      a.layer = parse_integer(flag, value);
+      have_layer = true;
+    } else if (flag == "--input") {
+      a.input = value;
+    } else if (flag == "--output") {
+      a.output = value;
+    } else if (flag == "--start") {
+      a.start = parse_integer(flag, value);
+      mla::detail::require(a.start >= 0, "--start must be >= 0, got ", a.start);
+    } else if (flag == "--prefill") {
+      a.prefill = parse_integer(flag, value);
+      mla::detail::require(a.prefill >= 0, "--prefill must be >= 0, got ", a.prefill);
+    } else if (flag == "--cache") {
+      if (value == "fp32") {
+        a.cache = mla::CacheStorage::kFloat32;
+      } else if (value == "bf16") {
+        a.cache = mla::CacheStorage::kBFloat16;
+      } else if (value == "fp8") {
+        a.cache = mla::CacheStorage::kFp8E4M3;
+      } else {
+        mla::detail::fail("--cache must be fp32, bf16 or fp8, got '", value, "'");
+      }
+    } else if (flag == "--threads") {
+      a.threads = parse_integer(flag, value);
+      mla::detail::require(a.threads >= 1 && a.threads <= 1024,
+                           "--threads must be in [1, 1024], got ", a.threads);
+    } else {
+      mla::detail::fail("unknown option '", flag, "'\n", kUsage);
+    }
+  }
+  mla::detail::require(!a.model.empty() && have_layer && !a.input.empty() && !a.output.empty(),
+                       "--model, --layer, --input and --output are required\n", kUsage);
+  return a;
+}
+
+int run(const Args& a) {
+  Eigen::setNbThreads(static_cast<int>(a.threads));
+  const mla::io::CheckpointConfig cfg = mla::io::read_config(a.model + "/config.json");
+  const mla::io::Checkpoint ckpt = mla::io::Checkpoint::open(a.model);
+  const mla::MlaConfig& config = cfg.mla;
+  const mla::MlaLayer<float> layer(config,
+                                   mla::io::load_attention_weights<float>(ckpt, cfg, a.layer));
+
+  const mla::RowMatrix<float> x = mla::io::read_npy(a.input);
+  const mla::Index tokens = x.rows();
+  mla::detail::require(x.cols() == config.hidden_size, a.input, ": has ", x.cols(),
+                       " columns, expected hidden_size = ", config.hidden_size);
+  const mla::Index prefill = a.prefill < 0 ? tokens : a.prefill;
+  mla::detail::require(prefill <= tokens, "--prefill ", prefill, " exceeds the ", tokens,
+                       " tokens of ", a.input);
+
+  // A one-layer cache with room for the whole sequence.
+  mla::LatentCacheOptions options;
+  options.block_tokens = 64;
+  options.num_blocks = std::max<mla::Index>(1, (tokens + 63) / 64);
+  options.storage = a.cache;
+  mla::LatentCache cache(config, options);
+  const mla::SequenceId seq = cache.add_sequence();
+  mla::MlaWorkspace<float> ws;
+  mla::RowMatrix<float> y(tokens, config.hidden_size);
+  if (prefill > 0) {
+    layer.forward(x.topRows(prefill), a.start, cache, seq, y.topRows(prefill), ws);
+  }
+  for (mla::Index t = prefill; t < tokens; ++t) {
+    layer.forward(x.row(t), a.start + t, cache, seq, y.row(t), ws);
+  }
+  // Nothing is written before the whole computation has succeeded.
+  mla::io::write_npy(a.output, y);
+  std::printf("cache_bytes_per_token_per_layer: %zu\n", cache.bytes_per_token_per_layer());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse_args(argc, argv));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
