@@ -5,6 +5,8 @@
 #   ./run.sh test  [preset]   install what is missing, build, run the whole test suite (ctest)
 #   ./run.sh bench [preset]   install what is missing, build, run the benchmarks (JSON to build/)
 #   ./run.sh format           check the sources with clang-format (exit 1 on any difference)
+#   ./run.sh fuzz [seconds]   fuzz the safetensors, .npy and config.json parsers with libFuzzer
+#                             (clang build) for a bounded time, 60 s by default
 #
 # preset is one of CMakePresets.json's configure presets: release (default), debug, asan, clang.
 # Missing Debian packages are installed with apt-get (as root, or through sudo when available);
@@ -13,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 usage() {
-  sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -45,7 +47,7 @@ build_packages() {
   local preset=$1
   local pkgs=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev)
   case "$preset" in
-    clang*) pkgs+=(clang) ;;
+    clang*) pkgs+=(clang libclang-rt-14-dev) ;;
   esac
   ensure_packages "${pkgs[@]}"
 }
@@ -77,6 +79,17 @@ case "$command" in
       "$b" --benchmark_format=console --benchmark_out="build/$preset/$name.json" \
         --benchmark_out_format=json
     done
+    ;;
+  fuzz)
+    seconds=${2:-60}
+    case "$seconds" in '' | *[!0-9]*) usage ;; esac
+    build_packages clang
+    cmake --preset clang >/dev/null
+    cmake --build --preset clang --target fuzz_parsers
+    mkdir -p build/clang/fuzz-corpus
+    # New inputs are kept in build/clang/fuzz-corpus; a crash leaves crash-<hash> here.
+    build/clang/tests/fuzz_parsers -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 \
+      build/clang/fuzz-corpus tests/fuzz/seeds
     ;;
   format)
     ensure_packages clang-format
