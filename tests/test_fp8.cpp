@@ -476,7 +476,8 @@ TYPED_TEST(Fp8Test, BulkFromFp8EqualsScalarConversion) {
     // All 256 codes in order first, then random codes.
     codes[i] = F8::from_bits(static_cast<std::uint8_t>(i < 256 ? i : rng()));
   }
-  for (float scale : {1.0f, 0.25f, 3.0f, 1.0f / 448.0f, 7.3e-3f, 1e30f}) {
+  // Subnormal, negative and huge scales too (the AVX-512 path hands |scale| > 2^100 back).
+  for (float scale : {1.0f, 0.25f, 3.0f, 1.0f / 448.0f, 7.3e-3f, 1e30f, -0.5f, 1e-40f, 0x1p110f}) {
     for (std::size_t n : {0u, 1u, 15u, 16u, 17u, 255u, 256u, 1000u, 4096u}) {
       for (std::size_t offset : {0u, 1u, 3u}) {
         SCOPED_TRACE("scale " + std::to_string(scale) + " n " + std::to_string(n) + " offset " +

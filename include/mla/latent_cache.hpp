@@ -169,7 +169,12 @@ struct LatentLayout {
         load_as<double>(rec, c, k);
         break;
       case CacheStorage::kBFloat16:
-        load_as<Eigen::bfloat16>(rec, c, k);
+        if constexpr (std::is_same_v<T, float>) {
+          bfloat16_to_float(rec, static_cast<std::size_t>(D), c);
+          bfloat16_to_float(rec + kpe_offset, static_cast<std::size_t>(R), k);
+        } else {
+          load_as<Eigen::bfloat16>(rec, c, k);
+        }
         break;
       case CacheStorage::kFp8E4M3: {
         float scales[64];
@@ -183,10 +188,14 @@ struct LatentLayout {
           dequantize_e4m3_tiles(q, scales, D, kFp8Tile, scratch);
           for (Index i = 0; i < D; ++i) c[i] = static_cast<T>(scratch[i]);
         }
-        for (Index i = 0; i < R; ++i) {
-          Eigen::bfloat16 b;
-          std::memcpy(&b, rec + kpe_offset + sizeof(b) * static_cast<std::size_t>(i), sizeof(b));
-          k[i] = static_cast<T>(static_cast<float>(b));
+        if constexpr (std::is_same_v<T, float>) {
+          bfloat16_to_float(rec + kpe_offset, static_cast<std::size_t>(R), k);
+        } else {
+          for (Index i = 0; i < R; ++i) {
+            Eigen::bfloat16 b;
+            std::memcpy(&b, rec + kpe_offset + sizeof(b) * static_cast<std::size_t>(i), sizeof(b));
+            k[i] = static_cast<T>(static_cast<float>(b));
+          }
         }
         break;
       }

@@ -4,7 +4,9 @@
 
 #include <Eigen/Core>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "mla/detail/bit_cast.hpp"
 
@@ -24,6 +26,18 @@ inline Eigen::bfloat16 to_bfloat16(double x) {
     f = bit_cast<float>(bit_cast<std::uint32_t>(f) | 1u);
   }
   return Eigen::bfloat16(f);
+}
+
+/// dst[i] = float(src[i]) for n bfloat16 values given as their bits, read from possibly
+/// unaligned memory: the bits moved to the high half of a float (exact). Vectorised by the
+/// compiler.
+inline void bfloat16_to_float(const unsigned char* src, std::size_t n, float* dst) noexcept {
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint16_t b;
+    std::memcpy(&b, src + 2 * i, sizeof(b));
+    const std::uint32_t w = static_cast<std::uint32_t>(b) << 16;
+    std::memcpy(dst + i, &w, sizeof(w));
+  }
 }
 
 }  // namespace mla::detail
