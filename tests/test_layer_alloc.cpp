@@ -200,3 +200,38 @@ TYPED_TEST(DecodeAllocationTest, AReservedWorkspaceDecodesWithoutAllocating) {
 }
 
 }  // namespace
+
+TEST(DecodeAllocations, ThreadedDecodeStepsAllocateNothing) {
+  // The SIMD kernel on a two-thread pool, split over more parts than threads, for every cache
+  // format: the pool's hand-off and the kernel's scratch are all preallocated.
+  const MlaConfig c = MlaConfig::small_v3();
+  const mla::MlaLayer<float> layer(c, mla::MlaWeights<float>::random(c, 3));
+  mla::ThreadPool pool(2);
+  for (mla::CacheStorage storage :
+       {mla::CacheStorage::kFloat32, mla::CacheStorage::kBFloat16, mla::CacheStorage::kFp8E4M3}) {
+    SCOPED_TRACE(mla::to_string(storage));
+    mla::LatentCacheOptions o;
+    o.block_tokens = 16;
+    o.num_blocks = 16;
+    o.storage = storage;
+    mla::LatentCache cache(c, o);
+    const auto seq = cache.add_sequence();
+    mla::MlaWorkspace<float> ws;
+    ws.set_thread_pool(&pool);
+    mla::DecodeOptions d;
+    d.splits = 5;
+    d.tile_tokens = 16;
+    ws.set_decode_options(d);
+    const RowMatrix<float> x = test::random_input<float>(100, c.hidden_size, 4);
+    RowMatrix<float> y(100, c.hidden_size);
+    layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws);
+    layer.forward(x.row(30), 30, cache, seq, y.row(30), ws);
+    const auto [news, eigen] = count_allocations([&] {
+      for (Index t = 31; t < 100; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+    });
+    EXPECT_EQ(news, 0);
+    EXPECT_EQ(eigen, 0) << alloc_count::first_failure << " at " << alloc_count::first_file << ":"
+                        << alloc_count::first_line;
+    EXPECT_TRUE(y.allFinite());
+  }
+}

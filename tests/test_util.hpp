@@ -117,15 +117,19 @@ constexpr double layer_tolerance() {
   return sizeof(T) == 8 ? 1e-12 : 1e-5;
 }
 
-/// Everything (seq, layer) holds, dequantised to double: [tokens, d_c + R], [c^KV ; k^R] per row.
-inline mla::RowMatrix<double> cache_contents(const mla::LatentCache& cache, mla::SequenceId seq,
-                                             Eigen::Index layer) {
-  const mla::LatentView v = cache.view(seq, layer);
+/// Everything a view holds, dequantised to double: [tokens, d_c + R], [c^KV ; k^R] per row.
+inline mla::RowMatrix<double> cache_contents_of(const mla::LatentView& v) {
   mla::RowMatrix<double> c(v.tokens(), v.kv_lora_rank()), k(v.tokens(), v.rope_dim());
   v.read<double>(0, v.tokens(), c, k);
   mla::RowMatrix<double> both(v.tokens(), v.kv_lora_rank() + v.rope_dim());
   both << c, k;
   return both;
+}
+
+/// Everything (seq, layer) holds, dequantised to double: [tokens, d_c + R], [c^KV ; k^R] per row.
+inline mla::RowMatrix<double> cache_contents(const mla::LatentCache& cache, mla::SequenceId seq,
+                                             Eigen::Index layer) {
+  return cache_contents_of(cache.view(seq, layer));
 }
 
 /// Checks that running `f` throws mla::Error whose message contains `needle`.

@@ -295,6 +295,19 @@ class LatentView {
            static_cast<std::size_t>(token % block_tokens_) * layout_.token_bytes;
   }
 
+  /// True when the records hold T itself (FP32 records for float), so [c ; k^R] of a token is
+  /// d_c + R contiguous T at record(token).
+  template <class T>
+  bool holds() const {
+    return layout_.holds<T>();
+  }
+
+  /// Decodes one token's record into out[0, d_c + R) as float: c, then k^R (exact for FP32,
+  /// BF16 and FP8 records). `scratch` holds d_c floats (unused for float output of FP8).
+  void decode(Index token, float* out, float* scratch) const {
+    layout_.read(record(token), out, out + layout_.kv_lora_rank, scratch);
+  }
+
   /// Calls f(first, n, c, k_pe) for consecutive tiles of at most `max_tile` tokens, in order,
   /// none crossing a block: c is [n, d_c] and k_pe [n, R] of T. When the storage holds T they
   /// point into the cache (read in place); otherwise each tile is converted into the scratch

@@ -5,17 +5,20 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "mla/attention.hpp"
 #include "mla/config.hpp"
+#include "mla/decode.hpp"
 #include "mla/error.hpp"
 #include "mla/latent_cache.hpp"
 #include "mla/matrix.hpp"
 #include "mla/norm.hpp"
 #include "mla/projection.hpp"
 #include "mla/rope.hpp"
+#include "mla/thread_pool.hpp"
 #include "mla/weights.hpp"
 
 namespace mla {
@@ -43,10 +46,24 @@ class MlaWorkspace {
     grow(lse, tokens, H);
     grow(rope_scratch, 1, c.qk_rope_head_dim);
     attention.reserve(c, tokens, path);
+    if constexpr (std::is_same_v<T, float>) {
+      if (path != AttentionPath::kExpanded) {
+        decode.reserve(c, decode_options_, pool_ ? pool_->size() : 1, simd::Native::kWidth);
+      }
+    }
   }
 
   /// Log-sum-exp of the last forward call's attention, [tokens, H] in the top rows.
   const RowMatrix<T>& last_lse() const { return lse; }
+
+  /// Threads for the absorbed attention of float layers (decode_absorbed): the pool is used,
+  /// not owned, and must outlive the calls; nullptr (the default) runs on the calling thread.
+  void set_thread_pool(ThreadPool* pool) { pool_ = pool; }
+  ThreadPool* thread_pool() const { return pool_; }
+
+  /// How decode_absorbed divides its work (float layers).
+  void set_decode_options(const DecodeOptions& options) { decode_options_ = options; }
+  const DecodeOptions& decode_options() const { return decode_options_; }
 
  private:
   friend class MlaLayer<T>;
@@ -63,6 +80,9 @@ class MlaWorkspace {
   RowMatrix<T> lse;       // [tokens, H]
   RowMatrix<T> rope_scratch;
   AttentionWorkspace<T> attention;
+  DecodeWorkspace decode;
+  ThreadPool* pool_ = nullptr;
+  DecodeOptions decode_options_;
 };
 
 /// One MLA layer: weights, their absorbed forms, and the forward pass. Holds no per-sequence
@@ -256,6 +276,15 @@ class MlaLayer {
     if (path == AttentionPath::kExpanded) {
       attention_expanded<T>(config_, view, ws.q.middleRows(row0, n), weights_.wkv_b, softmax_scale_,
                             ws.o.block(row0, 0, n, H * V), lse, ws.attention);
+    } else if constexpr (std::is_same_v<T, float>) {
+      // The SIMD kernel, one query token at a time: token t sees the first past + t + 1 keys.
+      const Index past = view.tokens() - n;
+      for (Index t = 0; t < n; ++t) {
+        const Index r = (row0 + t) * H;
+        decode_absorbed(config_, view, ws.q_latent.middleRows(r, H), softmax_scale_,
+                        ws.o_latent.middleRows(r, H), lse.middleRows(t, 1), ws.decode, ws.pool_,
+                        ws.decode_options_, past + t + 1);
+      }
     } else {
       attention_absorbed<T>(config_, view, ws.q_latent.middleRows(row0 * H, n * H), softmax_scale_,
                             ws.o_latent.middleRows(row0 * H, n * H), lse, ws.attention);

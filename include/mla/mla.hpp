@@ -7,6 +7,7 @@
 
 #include "mla/attention.hpp"
 #include "mla/config.hpp"
+#include "mla/decode.hpp"
 #include "mla/error.hpp"
 #include "mla/fp8.hpp"
 #include "mla/latent_cache.hpp"
@@ -16,5 +17,6 @@
 #include "mla/projection.hpp"
 #include "mla/quant.hpp"
 #include "mla/rope.hpp"
+#include "mla/thread_pool.hpp"
 #include "mla/version.hpp"
 #include "mla/weights.hpp"

@@ -1,0 +1,398 @@
+#pragma once
+/// \file
+/// The fast absorbed decode kernel: attention of one new token's H absorbed queries over the
+/// latent cache, in FP32, on SIMD registers and several threads.
+///
+/// Scores and outputs are two small matrix products per tile of keys,
+///   S[j, h] = <K_j, Q_h>          K_j = [c_j ; k^R_j] (d_c + R),  Q_h = sigma [q~_h ; q^pe_h]
+///   O[d, h] += sum_j C[j, d] P[j, h]                              C_j = c_j (d_c)
+/// both vectorised over heads: a cached value is broadcast once into a register and multiplies a
+/// whole vector of heads, so every key tile is read once and serves all heads. The register
+/// blocks hold MR keys (or latent dimensions) x NR vectors of heads. Softmax is online per tile
+/// in FP32; the key range is split into parts (and the heads into groups) that threads work on
+/// independently and that are merged exactly by their log-sum-exp. BF16 and FP8 caches are
+/// converted tile by tile into a small FP32 buffer that stays in cache; FP32 caches are read in
+/// place.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "mla/config.hpp"
+#include "mla/detail/simd.hpp"
+#include "mla/error.hpp"
+#include "mla/latent_cache.hpp"
+#include "mla/matrix.hpp"
+#include "mla/thread_pool.hpp"
+
+namespace mla {
+
+/// How decode_absorbed divides its work.
+struct DecodeOptions {
+  /// Parts the key range is split into (each merged by log-sum-exp); 0 means one per thread of
+  /// the pool. More parts than threads balance uneven progress; each costs d_c x H floats.
+  Index splits = 0;
+  /// Groups the heads are split into (each reads the cache on its own). 1 reads every key tile
+  /// once for all heads, which is what makes the kernel fast; more groups give threads work
+  /// when the context is too short to split.
+  Index head_groups = 1;
+  /// Keys per tile, a multiple of 16 (the softmax and the FP8/BF16 conversion work per tile).
+  Index tile_tokens = 64;
+};
+
+namespace detail::decode {
+
+/// How the heads and keys of one call are laid out and divided.
+struct Geometry {
+  Index h_pad = 0;    // heads rounded up to the SIMD width (padding heads have zero queries)
+  Index h_group = 0;  // heads per group, a multiple of the width
+  Index groups = 0;   // head groups
+  Index splits = 0;   // key-range parts
+
+  Geometry(Index heads, const DecodeOptions& o, int threads, int width) {
+    h_pad = (heads + width - 1) / width * width;
+    const Index want = std::max<Index>(1, std::min(o.head_groups, h_pad / width));
+    h_group = ((h_pad + want - 1) / want + width - 1) / width * width;
+    groups = (h_pad + h_group - 1) / h_group;
+    splits = o.splits > 0 ? o.splits : threads;
+  }
+};
+}  // namespace detail::decode
+
+class DecodeWorkspace;
+class LatentView;
+
+template <class Isa = simd::Native>
+void decode_absorbed(const MlaConfig& c, const LatentView& cache, ConstMatrixRef<float> q_latent,
+                     double scale, MatrixRef<float> out_latent, MatrixRef<float> lse,
+                     DecodeWorkspace& ws, ThreadPool* pool = nullptr,
+                     const DecodeOptions& options = {}, Index keys = -1);
+
+/// Scratch memory of decode_absorbed, sized on first use for a config, options and thread
+/// count, and reused: later calls that fit allocate nothing. One workspace serves one call at
+/// a time.
+class DecodeWorkspace {
+ public:
+  /// Makes room for decode_absorbed with these dimensions on a pool of `threads` threads, for
+  /// SIMD width `width` (Isa::kWidth).
+  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, int width) {
+    const Index D = c.kv_lora_rank, K = c.latent_cache_width();
+    const detail::decode::Geometry g(c.num_attention_heads, o, threads, width);
+    const Index h_group = g.h_group, parts = g.splits * g.groups;
+    grow(qt, K * g.h_pad);
+    grow(partial_o, parts * D * h_group);
+    grow(partial_m, parts * h_group);
+    grow(partial_l, parts * h_group);
+    grow(merged_o, D * g.h_pad);
+    if (static_cast<Index>(per_thread.size()) < threads) {
+      per_thread.resize(static_cast<std::size_t>(threads));
+    }
+    for (auto& t : per_thread) {
+      grow(t.scores, o.tile_tokens * h_group);
+      grow(t.correction, h_group);
+      grow(t.new_max, h_group);
+      grow(t.tile, o.tile_tokens * K);
+      grow(t.scratch, D);
+      if (static_cast<Index>(t.rows.size()) < o.tile_tokens) {
+        t.rows.resize(static_cast<std::size_t>(o.tile_tokens));
+      }
+    }
+  }
+
+ private:
+  template <class Isa>
+  friend void decode_absorbed(const MlaConfig&, const LatentView&, ConstMatrixRef<float>, double,
+                              MatrixRef<float>, MatrixRef<float>, DecodeWorkspace&, ThreadPool*,
+                              const DecodeOptions&, Index);
+
+  struct PerThread {
+    Eigen::VectorXf scores;      // [tile][h_group]: scores, then softmax weights
+    Eigen::VectorXf correction;  // [h_group]
+    Eigen::VectorXf new_max;     // [h_group]
+    Eigen::VectorXf tile;        // [tile][d_c + R], converted keys (BF16 / FP8 caches)
+    Eigen::VectorXf scratch;     // [d_c], for record conversion
+    std::vector<const float*> rows;
+  };
+
+  static void grow(Eigen::VectorXf& v, Index n) {
+    if (v.size() < n) v.resize(n);
+  }
+
+  Eigen::VectorXf qt;         // [d_c + R][h_pad], sigma * queries, transposed, padded with 0
+  Eigen::VectorXf partial_o;  // per (split, group): [d_c][h_group], unnormalised
+  Eigen::VectorXf partial_m;  // per (split, group): [h_group], running max
+  Eigen::VectorXf partial_l;  // per (split, group): [h_group], running sum
+  Eigen::VectorXf merged_o;   // [d_c][h_pad]
+  std::vector<PerThread> per_thread;
+};
+
+namespace detail::decode {
+
+/// S[r][h] = sum_k rows[r][k] * qt[k][h] for MR key rows and NR head vectors. qt and s point at
+/// the first head of the block; qt_stride and s_stride are their row lengths.
+template <class Isa, int MR, int NR>
+inline void score_block(const float* const* rows, Index width, const float* qt, Index qt_stride,
+                        float* s, Index s_stride) {
+  using V = typename Isa::V;
+  constexpr int W = Isa::kWidth;
+  V acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NR; ++v) acc[r][v] = Isa::zero();
+  const float* row[MR];
+  for (int r = 0; r < MR; ++r) row[r] = rows[r];
+  for (Index k = 0; k < width; ++k) {
+    const float* q = qt + k * qt_stride;
+    V b[NR];
+    for (int v = 0; v < NR; ++v) b[v] = Isa::load(q + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const V a = Isa::set1(row[r][k]);
+      for (int v = 0; v < NR; ++v) acc[r][v] = Isa::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NR; ++v) Isa::store(s + r * s_stride + v * W, acc[r][v]);
+}
+
+/// O[d0 + r][h] = corr[h] O[d0 + r][h] + sum_j rows[j][d0 + r] * p[j][h] for MR latent
+/// dimensions and NR head vectors. p, o and corr point at the first head of the block.
+template <class Isa, int MR, int NR>
+inline void output_block(const float* const* rows, Index n, Index d0, const float* p,
+                         Index p_stride, float* o, Index o_stride, const float* corr) {
+  using V = typename Isa::V;
+  constexpr int W = Isa::kWidth;
+  V acc[MR][NR];
+  for (int v = 0; v < NR; ++v) {
+    const V c = Isa::load(corr + v * W);
+    for (int r = 0; r < MR; ++r) acc[r][v] = Isa::mul(Isa::load(o + r * o_stride + v * W), c);
+  }
+  for (Index j = 0; j < n; ++j) {
+    const float* pj = p + j * p_stride;
+    V b[NR];
+    for (int v = 0; v < NR; ++v) b[v] = Isa::load(pj + v * W);
+    const float* c = rows[j] + d0;
+    for (int r = 0; r < MR; ++r) {
+      const V a = Isa::set1(c[r]);
+      for (int v = 0; v < NR; ++v) acc[r][v] = Isa::fmadd(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NR; ++v) Isa::store(o + r * o_stride + v * W, acc[r][v]);
+}
+
+/// Register blocks: MR x NR accumulators, about half the vector registers.
+template <class Isa, int NR>
+inline constexpr int kRows = (Isa::kWidth == 16 ? 16 : 8) / NR;
+
+/// Scores of n key rows against the head vectors [0, h_vectors) of a group.
+template <class Isa, int NR>
+inline Index score_heads(const float* const* rows, Index n, Index width, const float* qt,
+                         Index qt_stride, float* s, Index s_stride, Index h) {
+  constexpr int W = Isa::kWidth, MR = kRows<Isa, NR>;
+  Index r = 0;
+  for (; r + MR <= n; r += MR) {
+    score_block<Isa, MR, NR>(rows + r, width, qt + h * W, qt_stride, s + r * s_stride + h * W,
+                             s_stride);
+  }
+  for (; r < n; ++r) {
+    score_block<Isa, 1, NR>(rows + r, width, qt + h * W, qt_stride, s + r * s_stride + h * W,
+                            s_stride);
+  }
+  return h + NR;
+}
+
+template <class Isa, int NR>
+inline Index output_heads(const float* const* rows, Index n, Index d_c, const float* p,
+                          Index p_stride, float* o, Index o_stride, const float* corr, Index h) {
+  constexpr int W = Isa::kWidth, MR = kRows<Isa, NR>;
+  Index d = 0;
+  for (; d + MR <= d_c; d += MR) {
+    output_block<Isa, MR, NR>(rows, n, d, p + h * W, p_stride, o + d * o_stride + h * W, o_stride,
+                              corr + h * W);
+  }
+  for (; d < d_c; ++d) {
+    output_block<Isa, 1, NR>(rows, n, d, p + h * W, p_stride, o + d * o_stride + h * W, o_stride,
+                             corr + h * W);
+  }
+  return h + NR;
+}
+
+}  // namespace detail::decode
+
+/// Absorbed attention of one query token over the first `keys` tokens of `cache` (all of them
+/// when keys < 0), the decode step's attention. FP32 throughout; the cache may be FP32 (read in
+/// place), BF16 or FP8 (converted tile by tile), or FP64 (rounded to float).
+///
+/// - q_latent: [H, d_c + R], row h = [q~_h ; q^pe_h] with q~_h = W_UK^(h)^T q_h^nope and RoPE
+///   applied to q^pe_h (as for attention_absorbed);
+/// - out_latent: [H, d_c], o~_h = sum_j p_hj c_j;
+/// - lse: [1, H], log sum_j exp(scale * (<q~_h, c_j> + <q^pe_h, k^R_j>)).
+///
+/// Runs on `pool` when given (its threads take the (split, head group) parts), otherwise on the
+/// calling thread. After the first call with given dimensions, options and pool size it
+/// allocates nothing. Throws mla::Error for shapes that do not match.
+template <class Isa>
+void decode_absorbed(const MlaConfig& c, const LatentView& cache, ConstMatrixRef<float> q_latent,
+                     double scale, MatrixRef<float> out_latent, MatrixRef<float> lse,
+                     DecodeWorkspace& ws, ThreadPool* pool, const DecodeOptions& options,
+                     Index keys) {
+  namespace dd = detail::decode;
+  constexpr int W = Isa::kWidth;
+  const Index H = c.num_attention_heads, D = c.kv_lora_rank, R = c.qk_rope_head_dim, K = D + R;
+  if (keys < 0) keys = cache.tokens();
+  detail::require(cache.kv_lora_rank() == D && cache.rope_dim() == R,
+                  "decode_absorbed: the cache holds [", cache.kv_lora_rank(), " + ",
+                  cache.rope_dim(), "] per token, the config [", D, " + ", R, "]");
+  detail::require(keys >= 1 && keys <= cache.tokens(), "decode_absorbed: ", keys,
+                  " keys requested, the cache holds ", cache.tokens(), " tokens");
+  detail::require(q_latent.rows() == H && q_latent.cols() == K && out_latent.rows() == H &&
+                      out_latent.cols() == D && lse.rows() == 1 && lse.cols() == H,
+                  "decode_absorbed: q_latent [", q_latent.rows(), ", ", q_latent.cols(),
+                  "], out_latent [", out_latent.rows(), ", ", out_latent.cols(), "], lse [",
+                  lse.rows(), ", ", lse.cols(), "]; expected [", H, ", ", K, "], [", H, ", ", D,
+                  "], [1, ", H, "]");
+  detail::require(options.tile_tokens >= 16 && options.tile_tokens % 16 == 0 &&
+                      options.tile_tokens <= 4096 && options.splits >= 0 &&
+                      options.splits <= 4096 && options.head_groups >= 1,
+                  "decode_absorbed: options need tile_tokens a multiple of 16 in [16, 4096], "
+                  "splits in [0, 4096] and head_groups >= 1; got ",
+                  options.tile_tokens, ", ", options.splits, ", ", options.head_groups);
+  const int threads = pool ? pool->size() : 1;
+  ws.reserve(c, options, threads, W);
+
+  const dd::Geometry geo(H, options, threads, W);
+  const Index h_pad = geo.h_pad, h_group = geo.h_group, groups = geo.groups, splits = geo.splits;
+  const Index tile = options.tile_tokens;
+  // Split boundaries on whole tiles.
+  const Index split_len = (keys + splits - 1) / splits;
+  const Index split_keys = (split_len + tile - 1) / tile * tile;
+
+  // Q^T [K][h_pad], scaled by sigma, padded heads zero: the broadcast operand of the scores.
+  float* qt = ws.qt.data();
+  const auto sigma = static_cast<float>(scale);
+  for (Index k = 0; k < K; ++k) {
+    for (Index h = 0; h < H; ++h) qt[k * h_pad + h] = sigma * q_latent(h, k);
+    for (Index h = H; h < h_pad; ++h) qt[k * h_pad + h] = 0.0f;
+  }
+
+  const bool in_place = cache.holds<float>();
+  auto part = [&](Index item, int thread) {
+    const Index s = item / groups, g = item % groups;
+    const Index h0 = g * h_group;
+    const Index hw = std::min(h_group, h_pad - h0);  // this group's width, a multiple of W
+    auto& t = ws.per_thread[static_cast<std::size_t>(thread)];
+    float* o = ws.partial_o.data() + item * D * h_group;
+    float* m = ws.partial_m.data() + item * h_group;
+    float* l = ws.partial_l.data() + item * h_group;
+    std::fill(o, o + D * h_group, 0.0f);
+    std::fill(m, m + h_group, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + h_group, 0.0f);
+    const Index first = s * split_keys, last = std::min(keys, first + split_keys);
+    float* sc = t.scores.data();
+    float* corr = t.correction.data();
+    float* m_new = t.new_max.data();
+    const float** rows = t.rows.data();
+    for (Index j0 = first; j0 < last; j0 += tile) {
+      const Index n = std::min(tile, last - j0);
+      if (in_place) {
+        for (Index j = 0; j < n; ++j)
+          rows[j] = reinterpret_cast<const float*>(cache.record(j0 + j));
+      } else {
+        for (Index j = 0; j < n; ++j) {
+          float* row = t.tile.data() + j * K;
+          cache.decode(j0 + j, row, t.scratch.data());
+          rows[j] = row;
+        }
+      }
+      // Scores of the tile for this group's heads: [n][hw], row stride h_group.
+      const float* q = qt + h0;
+      for (Index h = 0, hv = hw / W; h < hv;) {
+        if (hv - h >= 4) {
+          h = dd::score_heads<Isa, 4>(rows, n, K, q, h_pad, sc, h_group, h);
+        } else if (hv - h >= 2) {
+          h = dd::score_heads<Isa, 2>(rows, n, K, q, h_pad, sc, h_group, h);
+        } else {
+          h = dd::score_heads<Isa, 1>(rows, n, K, q, h_pad, sc, h_group, h);
+        }
+      }
+      // Online softmax per head (columns), vectorised over heads.
+      for (Index h = 0; h < hw; ++h) m_new[h] = m[h];
+      for (Index j = 0; j < n; ++j) {
+        const float* sj = sc + j * h_group;
+        for (Index h = 0; h < hw; ++h) m_new[h] = std::max(m_new[h], sj[h]);
+      }
+      Eigen::Map<Eigen::ArrayXf> mn(m_new, hw), cr(corr, hw), mm(m, hw), ll(l, hw);
+      cr = (mm - mn).exp();  // exp(-inf) = 0 on the first tile
+      ll *= cr;
+      Eigen::Map<Eigen::ArrayXXf, 0, Eigen::OuterStride<>> p(sc, hw, n,
+                                                             Eigen::OuterStride<>(h_group));
+      p = (p.colwise() - mn).exp();
+      ll += p.rowwise().sum();
+      mm = mn;
+      // O^T [D][hw] += C^T P, after scaling by the correction.
+      for (Index h = 0, hv = hw / W; h < hv;) {
+        if (hv - h >= 4) {
+          h = dd::output_heads<Isa, 4>(rows, n, D, sc, h_group, o, h_group, corr, h);
+        } else if (hv - h >= 2) {
+          h = dd::output_heads<Isa, 2>(rows, n, D, sc, h_group, o, h_group, corr, h);
+        } else {
+          h = dd::output_heads<Isa, 1>(rows, n, D, sc, h_group, o, h_group, corr, h);
+        }
+      }
+    }
+  };
+  const Index items = splits * groups;
+  if (pool) {
+    pool->run(items, part);
+  } else {
+    for (Index i = 0; i < items; ++i) part(i, 0);
+  }
+
+  // Exact merge of the splits: weights exp(m_s - M) / L, L = sum_s l_s exp(m_s - M).
+  for (Index g = 0; g < groups; ++g) {
+    const Index h0 = g * h_group;
+    for (Index hl = 0; hl < h_group && h0 + hl < H; ++hl) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (Index s = 0; s < splits; ++s)
+        mx = std::max(mx, ws.partial_m[(s * groups + g) * h_group + hl]);
+      double sum = 0;
+      for (Index s = 0; s < splits; ++s) {
+        const Index i = (s * groups + g) * h_group + hl;
+        const float w = std::exp(ws.partial_m[i] - mx);
+        ws.partial_m[i] = w;  // reused below as the split's weight
+        sum += static_cast<double>(w) * ws.partial_l[i];
+      }
+      const auto inv = static_cast<float>(1.0 / sum);
+      for (Index s = 0; s < splits; ++s) ws.partial_m[(s * groups + g) * h_group + hl] *= inv;
+      lse(0, h0 + hl) = mx + static_cast<float>(std::log(sum));
+    }
+  }
+  auto merge = [&](Index task, int) {
+    // Task: 16 latent dimensions of every head.
+    const Index d0 = task * 16, d1 = std::min(D, d0 + 16);
+    for (Index g = 0; g < groups; ++g) {
+      const Index h0 = g * h_group, hn = std::min(h_group, H - h0);
+      for (Index d = d0; d < d1; ++d) {
+        float* out = ws.merged_o.data() + d * h_pad + h0;
+        for (Index hl = 0; hl < hn; ++hl) out[hl] = 0.0f;
+        for (Index s = 0; s < splits; ++s) {
+          const Index i = s * groups + g;
+          const float* w = ws.partial_m.data() + i * h_group;
+          const float* os = ws.partial_o.data() + (i * D + d) * h_group;
+          for (Index hl = 0; hl < hn; ++hl) out[hl] += w[hl] * os[hl];
+        }
+      }
+      for (Index hl = 0; hl < hn; ++hl) {
+        for (Index d = d0; d < d1; ++d) out_latent(h0 + hl, d) = ws.merged_o[d * h_pad + h0 + hl];
+      }
+    }
+  };
+  const Index merge_tasks = (D + 15) / 16;
+  if (pool) {
+    pool->run(merge_tasks, merge);
+  } else {
+    for (Index i = 0; i < merge_tasks; ++i) merge(i, 0);
+  }
+}
+
+}  // namespace mla
