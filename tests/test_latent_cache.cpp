@@ -403,3 +403,28 @@ TEST(LatentCacheStorage, KernelsReadFp32InPlaceAndConvertOtherFormatsPerTile) {
 }
 
 }  // namespace
+
+TEST(LatentCache, SubviewsSeeTheirTokensOnly) {
+  const MlaConfig c = MlaConfig::small_v2_lite();
+  LatentCacheOptions o;
+  o.block_tokens = 16;
+  o.num_blocks = 16;
+  LatentCache cache(c, o);
+  const SequenceId a = cache.add_sequence(), b = cache.add_sequence();
+  // Interleave two sequences so that their blocks alternate in the pool.
+  RowMatrix<float> x = RowMatrix<float>::Random(100, c.latent_cache_width());
+  for (Index t = 0; t < 100; t += 10) {
+    cache.append<float>(a, 0, x.block(t, 0, 10, 32), x.block(t, 32, 10, 8));
+    cache.append<float>(b, 0, -x.block(t, 0, 10, 32), -x.block(t, 32, 10, 8));
+  }
+  const mla::LatentView sub = cache.view(a, 0).subview(32, 50);
+  EXPECT_EQ(sub.tokens(), 50);
+  RowMatrix<float> cv(50, 32), kv(50, 8);
+  sub.read<float>(0, 50, cv, kv);
+  EXPECT_EQ(cv, x.block(32, 0, 50, 32));
+  EXPECT_EQ(kv, x.block(32, 32, 50, 8));
+  EXPECT_TRUE(test::throws_error_containing([&] { (void)cache.view(a, 0).subview(5, 10); },
+                                            "must lie in [0, 100) and start a block of 16"));
+  EXPECT_TRUE(test::throws_error_containing([&] { (void)cache.view(a, 0).subview(96, 5); },
+                                            "tokens [96, 101)"));
+}

@@ -129,19 +129,21 @@ class DecodeWorkspace {
 
 namespace detail::decode {
 
-/// S[r][h] = sum_k rows[r][k] * qt[k][h] for MR key rows and NR head vectors. qt and s point at
+/// S[r][h] (+)= sum_{k0 <= k < k1} rows[r][k] * qt[k][h] for MR key rows and NR head vectors:
+/// starts from 0 on the first chunk of k (k0 == 0), adds to S on later ones. qt and s point at
 /// the first head of the block; qt_stride and s_stride are their row lengths.
 template <class Isa, int MR, int NR>
-inline void score_block(const float* const* rows, Index width, const float* qt, Index qt_stride,
-                        float* s, Index s_stride) {
+inline void score_block(const float* const* rows, Index k0, Index k1, const float* qt,
+                        Index qt_stride, float* s, Index s_stride) {
   using V = typename Isa::V;
   constexpr int W = Isa::kWidth;
   V acc[MR][NR];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NR; ++v) acc[r][v] = Isa::zero();
+    for (int v = 0; v < NR; ++v)
+      acc[r][v] = k0 == 0 ? Isa::zero() : Isa::load(s + r * s_stride + v * W);
   const float* row[MR];
   for (int r = 0; r < MR; ++r) row[r] = rows[r];
-  for (Index k = 0; k < width; ++k) {
+  for (Index k = k0; k < k1; ++k) {
     const float* q = qt + k * qt_stride;
     V b[NR];
     for (int v = 0; v < NR; ++v) b[v] = Isa::load(q + v * W);
@@ -180,7 +182,9 @@ inline void output_block(const float* const* rows, Index n, Index d0, const floa
     for (int v = 0; v < NR; ++v) Isa::store(o + r * o_stride + v * W, acc[r][v]);
 }
 
-/// Register blocks: MR x NR accumulators, about half the vector registers.
+/// Register blocks: MR x NR accumulators, half the vector registers (16 of AVX-512's 32, 8 of
+/// AVX2's 16), with NR at most 2 head vectors: measured fastest for 16 and 128 heads, as two
+/// head vectors leave room for 8 key rows (or latent dimensions) per block.
 template <class Isa, int NR>
 inline constexpr int kRows = (Isa::kWidth == 16 ? 16 : 8) / NR;
 
@@ -189,14 +193,20 @@ template <class Isa, int NR>
 inline Index score_heads(const float* const* rows, Index n, Index width, const float* qt,
                          Index qt_stride, float* s, Index s_stride, Index h) {
   constexpr int W = Isa::kWidth, MR = kRows<Isa, NR>;
-  Index r = 0;
-  for (; r + MR <= n; r += MR) {
-    score_block<Isa, MR, NR>(rows + r, width, qt + h * W, qt_stride, s + r * s_stride + h * W,
-                             s_stride);
-  }
-  for (; r < n; ++r) {
-    score_block<Isa, 1, NR>(rows + r, width, qt + h * W, qt_stride, s + r * s_stride + h * W,
-                            s_stride);
+  // Chunks of the key width whose slice of Q^T (KC x NR vectors, 24 KiB) stays in L1 while
+  // every row group of the tile uses it.
+  constexpr Index KC = 24576 / (NR * W * static_cast<Index>(sizeof(float)));
+  for (Index k0 = 0; k0 < width; k0 += KC) {
+    const Index k1 = std::min(width, k0 + KC);
+    Index r = 0;
+    for (; r + MR <= n; r += MR) {
+      score_block<Isa, MR, NR>(rows + r, k0, k1, qt + h * W, qt_stride, s + r * s_stride + h * W,
+                               s_stride);
+    }
+    for (; r < n; ++r) {
+      score_block<Isa, 1, NR>(rows + r, k0, k1, qt + h * W, qt_stride, s + r * s_stride + h * W,
+                              s_stride);
+    }
   }
   return h + NR;
 }
@@ -307,9 +317,7 @@ void decode_absorbed(const MlaConfig& c, const LatentView& cache, ConstMatrixRef
       // Scores of the tile for this group's heads: [n][hw], row stride h_group.
       const float* q = qt + h0;
       for (Index h = 0, hv = hw / W; h < hv;) {
-        if (hv - h >= 4) {
-          h = dd::score_heads<Isa, 4>(rows, n, K, q, h_pad, sc, h_group, h);
-        } else if (hv - h >= 2) {
+        if (hv - h >= 2) {
           h = dd::score_heads<Isa, 2>(rows, n, K, q, h_pad, sc, h_group, h);
         } else {
           h = dd::score_heads<Isa, 1>(rows, n, K, q, h_pad, sc, h_group, h);
@@ -331,9 +339,7 @@ void decode_absorbed(const MlaConfig& c, const LatentView& cache, ConstMatrixRef
       mm = mn;
       // O^T [D][hw] += C^T P, after scaling by the correction.
       for (Index h = 0, hv = hw / W; h < hv;) {
-        if (hv - h >= 4) {
-          h = dd::output_heads<Isa, 4>(rows, n, D, sc, h_group, o, h_group, corr, h);
-        } else if (hv - h >= 2) {
+        if (hv - h >= 2) {
           h = dd::output_heads<Isa, 2>(rows, n, D, sc, h_group, o, h_group, corr, h);
         } else {
           h = dd::output_heads<Isa, 1>(rows, n, D, sc, h_group, o, h_group, corr, h);

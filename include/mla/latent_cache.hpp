@@ -295,6 +295,19 @@ class LatentView {
            static_cast<std::size_t>(token % block_tokens_) * layout_.token_bytes;
   }
 
+  /// The tokens [first, first + count) as a view of their own, for splitting attention over key
+  /// ranges (each part's result merges by its log-sum-exp). `first` must start a block.
+  LatentView subview(Index first, Index count) const {
+    detail::require(
+        first >= 0 && count >= 0 && first + count <= tokens_ && first % block_tokens_ == 0,
+        "LatentView::subview: tokens [", first, ", ", first + count, ") must lie in [0, ", tokens_,
+        ") and start a block of ", block_tokens_);
+    LatentView v = *this;
+    v.block_table_ += first / block_tokens_;
+    v.tokens_ = count;
+    return v;
+  }
+
   /// True when the records hold T itself (FP32 records for float), so [c ; k^R] of a token is
   /// d_c + R contiguous T at record(token).
   template <class T>
