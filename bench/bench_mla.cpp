@@ -1,0 +1,359 @@
+// The benchmark suite: cache size of MLA against MHA, GQA and MQA; decode-step attention speed
+// of the absorbed and expanded MLA paths and of GQA-8 and MHA over a plain KV cache; prefill
+// speed of a whole MLA layer. DeepSeek-V2-Lite (16 heads) and V3 (128 heads) dimensions.
+//
+//   bench_mla --benchmark_format=json          (./run.sh bench writes
+//   build/<preset>/bench_mla.json)
+//
+// Names:  cache_bytes/<arch>/<preset>
+//         decode/<path>/<preset>/<cache>/<ctx>      path: absorbed expanded gqa8 mha
+//         prefill/<preset>/<tokens>
+// The FP32 FMA peak and the read bandwidth are measured at start-up with the same threads and
+// written to the JSON context (fma_peak_gflops, read_gbs); the counters peak_fraction and
+// roofline_fraction compare each benchmark with them, so the ratios come from one run.
+//
+// A decode step here is the attention of one new token over `ctx` cached tokens: the part in
+// which the paths differ (the projections before and after are the same GEMVs for all). One
+// step per iteration, on 2 threads. Results are checked outside the timed region.
+
+#include <benchmark/benchmark.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "baseline_kv.hpp"
+#include "machine.hpp"
+#include "mla/mla.hpp"
+
+namespace {
+
+using mla::CacheStorage;
+using mla::Index;
+using mla::MlaConfig;
+using mla::RowMatrix;
+using Clock = std::chrono::steady_clock;
+
+constexpr int kThreads = 2;
+constexpr Index kHeadDim = 128;  // per-head K and V width of the MHA/GQA/MQA baselines
+
+bench::MachineLimits g_limits;
+
+mla::ThreadPool& pool() {
+  static mla::ThreadPool p(kThreads);
+  return p;
+}
+
+struct Preset {
+  const char* name;
+  MlaConfig config;
+};
+Preset preset(const std::string& name) {
+  return {name == "v3" ? "v3" : "v2lite",
+          name == "v3" ? MlaConfig::deepseek_v3() : MlaConfig::deepseek_v2_lite()};
+}
+
+/// Values of unit spread, fast to make in bulk (the caches hold up to billions).
+void fill_random(float* p, Index n, std::uint32_t seed) {
+  std::uint32_t s = seed * 2654435761u + 1u;
+  for (Index i = 0; i < n; ++i) {
+    s ^= s << 13;
+    s ^= s >> 17;
+    s ^= s << 5;
+    p[i] = static_cast<float>(s) * 0x1p-31f - 1.0f;
+  }
+}
+RowMatrix<float> random_matrix(Index rows, Index cols, std::uint32_t seed, float scale = 1.0f) {
+  RowMatrix<float> m(rows, cols);
+  fill_random(m.data(), m.size(), seed);
+  m *= scale;
+  return m;
+}
+
+/// A one-sequence latent cache of `tokens` random tokens.
+struct FilledCache {
+  mla::LatentCache cache;
+  mla::SequenceId seq;
+};
+FilledCache fill_cache(const MlaConfig& c, CacheStorage storage, Index tokens) {
+  mla::LatentCacheOptions o;
+  o.block_tokens = 64;
+  o.num_blocks = tokens / 64 + 1;
+  o.storage = storage;
+  FilledCache f{mla::LatentCache(c, o), 0};
+  f.seq = f.cache.add_sequence();
+  const RowMatrix<float> chunk = random_matrix(1024, c.latent_cache_width(), 7);
+  for (Index t = 0; t < tokens; t += 1024) {
+    const Index n = std::min<Index>(1024, tokens - t);
+    f.cache.append<float>(f.seq, 0, chunk.topLeftCorner(n, c.kv_lora_rank),
+                          chunk.block(0, c.kv_lora_rank, n, c.qk_rope_head_dim));
+  }
+  return f;
+}
+
+/// Times `step` once per iteration (manual time) and sets the rate counters: GFLOP/s,
+/// peak_fraction, and roofline_fraction against min(peak, bandwidth x flops / bytes).
+template <class Step>
+void run_steps(benchmark::State& state, double flops, double bytes, Step&& step) {
+  double total = 0.0;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    step();
+    const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
+    state.SetIterationTime(dt);
+    total += dt;
+  }
+  const double gflops = flops * static_cast<double>(state.iterations()) / total / 1e9;
+  const double roof = std::min(g_limits.fma_gflops, g_limits.read_gbs * flops / bytes);
+  state.counters["GFLOP/s"] = gflops;
+  state.counters["peak_fraction"] = gflops / g_limits.fma_gflops;
+  state.counters["roofline_fraction"] = gflops / roof;
+  state.counters["step_ms"] = total / static_cast<double>(state.iterations()) * 1e3;
+}
+
+void require_finite(benchmark::State& state, const RowMatrix<float>& m) {
+  if (!m.allFinite()) state.SkipWithError("non-finite attention output");
+}
+
+// ---------------------------------------------------------------------------------------------
+// cache_bytes/<arch>/<preset>
+
+void cache_bytes(benchmark::State& state, std::string arch, std::string preset_name) {
+  const Preset p = preset(preset_name);
+  const MlaConfig& c = p.config;
+  std::size_t bytes = 0;
+  double elements = 0;
+  for (auto _ : state) {
+    if (arch == "mla_fp32" || arch == "mla_bf16" || arch == "mla_fp8") {
+      const CacheStorage s = arch == "mla_fp32"   ? CacheStorage::kFloat32
+                             : arch == "mla_bf16" ? CacheStorage::kBFloat16
+                                                  : CacheStorage::kFp8E4M3;
+      bytes = mla::LatentCache::bytes_per_token_per_layer(c, s);
+      elements = static_cast<double>(c.latent_cache_width());
+    } else {
+      // Baselines in BF16, the usual KV cache type: mha = H KV heads, mqa = 1, gqa<g> = g.
+      const Index groups = arch == "mha"   ? c.num_attention_heads
+                           : arch == "mqa" ? 1
+                                           : std::stol(arch.substr(3));
+      bytes = bench::KvCache::bytes_per_token(groups, kHeadDim, true);
+      elements = static_cast<double>(2 * groups * kHeadDim);
+    }
+    benchmark::DoNotOptimize(bytes);
+  }
+  const auto layers = static_cast<double>(c.num_hidden_layers);
+  state.counters["bytes_per_token_per_layer"] = static_cast<double>(bytes);
+  state.counters["elements_per_token_per_layer"] = elements;
+  state.counters["model_bytes_4k"] = static_cast<double>(bytes) * layers * 4096;
+  state.counters["model_bytes_32k"] = static_cast<double>(bytes) * layers * 32768;
+  state.counters["model_bytes_128k"] = static_cast<double>(bytes) * layers * 131072;
+}
+
+// ---------------------------------------------------------------------------------------------
+// decode/<path>/<preset>/<cache>/<ctx>
+
+CacheStorage storage_of(const std::string& cache) {
+  return cache == "fp8"    ? CacheStorage::kFp8E4M3
+         : cache == "bf16" ? CacheStorage::kBFloat16
+                           : CacheStorage::kFloat32;
+}
+
+void decode_absorbed(benchmark::State& state, std::string preset_name, std::string cache,
+                     Index ctx) {
+  const MlaConfig c = preset(preset_name).config;
+  const Index H = c.num_attention_heads, D = c.kv_lora_rank, R = c.qk_rope_head_dim;
+  const FilledCache f = fill_cache(c, storage_of(cache), ctx);
+  const mla::LatentView view = f.cache.view(f.seq, 0);
+  const RowMatrix<float> q = random_matrix(H, D + R, 3);
+  RowMatrix<float> out(H, D), lse(1, H);
+  mla::DecodeWorkspace ws;
+  const double scale = mla::softmax_scale(c);
+  auto step = [&] { mla::decode_absorbed(c, view, q, scale, out, lse, ws, &pool()); };
+  step();
+  require_finite(state, out);
+  const double flops = 2.0 * static_cast<double>(H * ctx * (D + R + D));
+  const double bytes = static_cast<double>(ctx) * static_cast<double>(view.token_bytes());
+  run_steps(state, flops, bytes, step);
+}
+
+/// Rebuilds every head's K and V from the latent in each step (attention_expanded), the key
+/// range split in two at a block boundary, one part per thread, merged by log-sum-exp.
+void decode_expanded(benchmark::State& state, std::string preset_name, std::string cache,
+                     Index ctx) {
+  const MlaConfig c = preset(preset_name).config;
+  const Index H = c.num_attention_heads, D = c.kv_lora_rank, P = c.qk_nope_head_dim;
+  const Index R = c.qk_rope_head_dim, V = c.v_head_dim;
+  const FilledCache f = fill_cache(c, storage_of(cache), ctx);
+  const mla::LatentView view = f.cache.view(f.seq, 0);
+  const mla::Linear<float> wkv_b(random_matrix(H * (P + V), D, 5, 1.0f / std::sqrt(512.0f)));
+  const RowMatrix<float> q = random_matrix(1, H * (P + R), 3);
+  const Index half = (ctx / 2) / 64 * 64;
+  const mla::LatentView parts[2] = {view.subview(0, half), view.subview(half, ctx - half)};
+  RowMatrix<float> out[2] = {RowMatrix<float>(1, H * V), RowMatrix<float>(1, H * V)};
+  RowMatrix<float> lse[2] = {RowMatrix<float>(1, H), RowMatrix<float>(1, H)};
+  RowMatrix<float> merged(1, H * V);
+  mla::AttentionWorkspace<float> ws[2];
+  const double scale = mla::softmax_scale(c);
+  auto step = [&] {
+    pool().run(2, [&](Index i, int) {
+      if (parts[i].tokens() == 0) {
+        lse[i].setConstant(-INFINITY);
+        out[i].setZero();
+        return;
+      }
+      mla::attention_expanded<float>(c, parts[i], q, wkv_b, scale, out[i], lse[i], ws[i]);
+    });
+    for (Index h = 0; h < H; ++h) {
+      const float m = std::max(lse[0](0, h), lse[1](0, h));
+      const float w0 = std::exp(lse[0](0, h) - m), w1 = std::exp(lse[1](0, h) - m);
+      merged.middleCols(h * V, V) =
+          (w0 * out[0].middleCols(h * V, V) + w1 * out[1].middleCols(h * V, V)) / (w0 + w1);
+    }
+  };
+  step();
+  require_finite(state, merged);
+  const double flops = 2.0 * static_cast<double>(ctx) * static_cast<double>(H) *
+                       static_cast<double>((P + V) * D + (P + R) + V);
+  const double bytes = static_cast<double>(ctx) * static_cast<double>(view.token_bytes());
+  run_steps(state, flops, bytes, step);
+}
+
+/// GQA with `groups` KV heads (groups == H: MHA) over a plain KV cache of the same head count.
+void decode_kv(benchmark::State& state, std::string preset_name, std::string cache, Index ctx,
+               Index groups) {
+  const MlaConfig c = preset(preset_name).config;
+  const Index H = c.num_attention_heads;
+  if (groups == 0) groups = H;
+  const bench::KvCache kv(ctx, groups, kHeadDim, cache == "bf16");
+  const RowMatrix<float> q = random_matrix(H, kHeadDim, 3);
+  RowMatrix<float> out(H, kHeadDim);
+  bench::KvWorkspace ws;
+  ws.reserve(kThreads, H / groups, kHeadDim);
+  const auto scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(kHeadDim)));
+  auto step = [&] { bench::gqa_decode(kv, q, scale, out, pool(), ws); };
+  step();
+  require_finite(state, out);
+  const double flops = 2.0 * static_cast<double>(H * ctx * 2 * kHeadDim);
+  const double bytes =
+      static_cast<double>(ctx) *
+      static_cast<double>(bench::KvCache::bytes_per_token(groups, kHeadDim, kv.bf16()));
+  run_steps(state, flops, bytes, step);
+}
+
+// ---------------------------------------------------------------------------------------------
+// prefill/<preset>/<tokens>
+
+void prefill(benchmark::State& state, std::string preset_name, Index tokens) {
+  const MlaConfig c = preset(preset_name).config;
+  const mla::MlaLayer<float> layer(c, mla::MlaWeights<float>::random(c, 1));
+  mla::LatentCacheOptions o;
+  o.num_blocks = tokens / 64 + 1;
+  mla::LatentCache cache(c, o);
+  const RowMatrix<float> x = random_matrix(tokens, c.hidden_size, 2);
+  RowMatrix<float> y(tokens, c.hidden_size);
+  mla::MlaWorkspace<float> ws;
+  ws.set_thread_pool(&pool());
+  auto step = [&] {
+    const mla::SequenceId seq = cache.add_sequence();
+    layer.forward(x, 0, cache, seq, y, ws);
+    cache.remove_sequence(seq);
+  };
+  step();
+  require_finite(state, y);
+  const auto T = static_cast<double>(tokens), hid = static_cast<double>(c.hidden_size);
+  const auto H = static_cast<double>(c.num_attention_heads),
+             D = static_cast<double>(c.kv_lora_rank);
+  const auto P = static_cast<double>(c.qk_nope_head_dim),
+             R = static_cast<double>(c.qk_rope_head_dim);
+  const auto V = static_cast<double>(c.v_head_dim), Q = static_cast<double>(c.q_lora_rank);
+  const double q_proj = c.has_q_lora() ? hid * Q + Q * H * (P + R) : hid * H * (P + R);
+  const double projections = 2 * T * (q_proj + hid * (D + R) + H * V * hid);
+  const double rebuild = 2 * T * H * (P + V) * D;
+  const double attention = 2 * H * (T * (T + 1) / 2) * (P + R + V);
+  const double flops = projections + rebuild + attention;
+  // Bytes: the FP32 weights, read at least once.
+  const double bytes = 4 * (q_proj + hid * (D + R) + H * (P + V) * D + H * V * hid);
+  run_steps(state, flops, bytes, step);
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(T * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+void register_all() {
+  const char* presets[] = {"v2lite", "v3"};
+  for (const char* p : presets) {
+    for (const char* arch : {"mha", "gqa1", "gqa2", "gqa4", "gqa8", "gqa16", "mqa", "mla_fp32",
+                             "mla_bf16", "mla_fp8"}) {
+      benchmark::RegisterBenchmark((std::string("cache_bytes/") + arch + "/" + p).c_str(),
+                                   [arch = std::string(arch), p = std::string(p)](
+                                       benchmark::State& s) { cache_bytes(s, arch, p); });
+    }
+  }
+  const Index contexts[] = {1024, 4096, 16384, 32768};
+  for (const char* p : presets) {
+    for (const char* cache : {"fp32", "bf16", "fp8"}) {
+      for (Index ctx : contexts) {
+        const std::string tail = std::string(p) + "/" + cache + "/" + std::to_string(ctx);
+        benchmark::RegisterBenchmark(("decode/absorbed/" + tail).c_str(), decode_absorbed, p, cache,
+                                     ctx)
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond);
+      }
+    }
+  }
+  for (const char* p : presets) {
+    for (const char* cache : {"fp32", "bf16", "fp8"}) {
+      for (Index ctx : contexts) {
+        const std::string tail = std::string(p) + "/" + cache + "/" + std::to_string(ctx);
+        benchmark::RegisterBenchmark(("decode/expanded/" + tail).c_str(), decode_expanded, p, cache,
+                                     ctx)
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->MinTime(0.2);
+      }
+    }
+    for (const char* cache : {"fp32", "bf16"}) {
+      for (Index ctx : contexts) {
+        const std::string tail = std::string(p) + "/" + cache + "/" + std::to_string(ctx);
+        benchmark::RegisterBenchmark(("decode/gqa8/" + tail).c_str(), decode_kv, p, cache, ctx,
+                                     Index{8})
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("decode/mha/" + tail).c_str(), decode_kv, p, cache, ctx,
+                                     Index{0})
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond);
+      }
+    }
+  }
+  for (const char* p : presets) {
+    for (Index tokens : {512, 2048, 4096}) {
+      benchmark::RegisterBenchmark(
+          (std::string("prefill/") + p + "/" + std::to_string(tokens)).c_str(), prefill, p, tokens)
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(0.2);
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+#if defined(_OPENMP)
+  Eigen::setNbThreads(kThreads);  // the projections' GEMMs in prefill
+#endif
+  g_limits = bench::measure_machine(kThreads);
+  benchmark::AddCustomContext("fma_peak_gflops", std::to_string(g_limits.fma_gflops));
+  benchmark::AddCustomContext("read_gbs", std::to_string(g_limits.read_gbs));
+  benchmark::AddCustomContext("threads", std::to_string(kThreads));
+  benchmark::AddCustomContext("simd", mla::simd::Native::kName);
+  register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
