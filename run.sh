@@ -5,6 +5,7 @@
 #   ./run.sh test  [preset]   install what is missing, build, run the whole test suite (ctest)
 #   ./run.sh bench [preset]   install what is missing, build, run the benchmarks (JSON to build/)
 #   ./run.sh format           check the sources with clang-format (exit 1 on any difference)
+#   ./run.sh plot             plot build/release/bench_mla.json (from ./run.sh bench) into docs/
 #   ./run.sh fuzz [seconds]   fuzz the safetensors, .npy and config.json parsers with libFuzzer
 #                             (clang build) for a bounded time, 60 s by default
 #
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 usage() {
-  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -90,6 +91,10 @@ case "$command" in
     # New inputs are kept in build/clang/fuzz-corpus; a crash leaves crash-<hash> here.
     build/clang/tests/fuzz_parsers -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 \
       build/clang/fuzz-corpus tests/fuzz/seeds
+    ;;
+  plot)
+    ensure_packages python3-matplotlib
+    /usr/bin/python3 scripts/plot_bench.py build/release/bench_mla.json docs
     ;;
   format)
     ensure_packages clang-format
