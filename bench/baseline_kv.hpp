@@ -20,6 +20,18 @@ namespace bench {
 using mla::Index;
 using mla::RowMatrix;
 
+/// Values of unit spread in [-1, 1) (xorshift), fast to make in bulk: the caches hold up to
+/// billions.
+inline void fill_random(float* p, Index n, std::uint32_t seed) {
+  std::uint32_t s = seed * 2654435761u + 1u;
+  for (Index i = 0; i < n; ++i) {
+    s ^= s << 13;
+    s ^= s >> 17;
+    s ^= s << 5;
+    p[i] = static_cast<float>(s) * 0x1p-31f - 1.0f;
+  }
+}
+
 /// K and V of `groups` KV heads of width head_dim per token, FP32 or BF16, token-major:
 /// [token][K/V][group][head_dim].
 class KvCache {
@@ -32,19 +44,16 @@ class KvCache {
     } else {
       f32_.resize(n);
     }
-    // Deterministic values of unit spread (xorshift), written once.
-    std::uint32_t s = 2463534242u;
-    for (std::size_t i = 0; i < n; ++i) {
-      s ^= s << 13;
-      s ^= s >> 17;
-      s ^= s << 5;
-      const float x = static_cast<float>(s) * 0x1p-31f - 1.0f;
-      if (bf16) {
-        const Eigen::bfloat16 b = mla::detail::to_bfloat16(x);
+    // Deterministic values of unit spread, written once.
+    if (bf16) {
+      std::vector<float> x(n);
+      fill_random(x.data(), static_cast<Index>(n), 1);
+      for (std::size_t i = 0; i < n; ++i) {
+        const Eigen::bfloat16 b = mla::detail::to_bfloat16(x[i]);
         std::memcpy(&b16_[i], &b, sizeof(b));
-      } else {
-        f32_[i] = x;
       }
+    } else {
+      fill_random(f32_.data(), static_cast<Index>(n), 1);
     }
   }
 

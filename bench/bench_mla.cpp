@@ -57,16 +57,8 @@ Preset preset(const std::string& name) {
           name == "v3" ? MlaConfig::deepseek_v3() : MlaConfig::deepseek_v2_lite()};
 }
 
-/// Values of unit spread, fast to make in bulk (the caches hold up to billions).
-void fill_random(float* p, Index n, std::uint32_t seed) {
-  std::uint32_t s = seed * 2654435761u + 1u;
-  for (Index i = 0; i < n; ++i) {
-    s ^= s << 13;
-    s ^= s >> 17;
-    s ^= s << 5;
-    p[i] = static_cast<float>(s) * 0x1p-31f - 1.0f;
-  }
-}
+using bench::fill_random;
+
 RowMatrix<float> random_matrix(Index rows, Index cols, std::uint32_t seed, float scale = 1.0f) {
   RowMatrix<float> m(rows, cols);
   fill_random(m.data(), m.size(), seed);
