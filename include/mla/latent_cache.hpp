@@ -16,6 +16,10 @@
 #include <unordered_map>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "mla/config.hpp"
 #include "mla/detail/bfloat16.hpp"
 #include "mla/error.hpp"
@@ -248,19 +252,31 @@ struct LatentLayout {
   }
 };
 
-/// 64-byte aligned, uninitialised byte buffer.
+/// 64-byte aligned, uninitialised byte buffer. Buffers of 2 MiB or more are aligned to 2 MiB
+/// and, on Linux, offered to the kernel for transparent huge pages: a decode step streams the
+/// whole cache, and with 4 KiB pages every other token's record needs a page walk.
+struct AlignedFree {
+  std::align_val_t align{64};
+  void operator()(unsigned char* p) const { ::operator delete(p, align); }
+};
 struct AlignedBytes {
-  static constexpr std::align_val_t kAlign{64};
-  struct Free {
-    void operator()(unsigned char* p) const { ::operator delete(p, kAlign); }
-  };
+  static constexpr std::size_t kHugePage = std::size_t{2} << 20;
+  using Free = AlignedFree;
   std::unique_ptr<unsigned char[], Free> data;
   std::size_t size = 0;
 
   static AlignedBytes allocate(std::size_t bytes) {
     AlignedBytes b;
-    b.data.reset(static_cast<unsigned char*>(::operator new(bytes == 0 ? 1 : bytes, kAlign)));
+    const std::align_val_t align{bytes >= kHugePage ? kHugePage : 64};
+    b.data = std::unique_ptr<unsigned char[], Free>(
+        static_cast<unsigned char*>(::operator new(bytes == 0 ? 1 : bytes, align)), Free{align});
     b.size = bytes;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= kHugePage) {
+      // Advice only: where huge pages are unavailable the buffer works the same.
+      (void)::madvise(b.data.get(), bytes / kHugePage * kHugePage, MADV_HUGEPAGE);
+    }
+#endif
     return b;
   }
 };
