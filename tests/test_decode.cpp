@@ -131,24 +131,28 @@ void for_each_isa(F&& f) {
 constexpr double kTolerance = 1e-5;
 
 TEST(DecodeAbsorbed, MatchesTheReferenceForEveryStorageLengthThreadCountAndSplit) {
-  // 24 heads: one full vector plus a padded one on AVX-512; d_c 42 leaves register-block tails.
-  const MlaConfig c = dims(24, 42, 6);
-  for (CacheStorage storage : {CacheStorage::kFloat32, CacheStorage::kBFloat16,
-                               CacheStorage::kFp8E4M3, CacheStorage::kFloat64}) {
-    const Filled f = fill(c, storage, 1000, 11);
-    const mla::LatentView view = f.cache.view(f.seq, 0);
-    for (Index keys : {1, 63, 64, 65, 1000}) {
-      for (int threads : {1, 2}) {
-        for (Index splits : {0, 1, 3, 7}) {
-          DecodeOptions o;
-          o.splits = splits;
-          for_each_isa([&](auto isa) {
-            using Isa = decltype(isa);
-            SCOPED_TRACE(std::string(Isa::kName) + " " + mla::to_string(storage) + " keys " +
-                         std::to_string(keys) + " threads " + std::to_string(threads) + " splits " +
-                         std::to_string(splits));
-            EXPECT_LE(decode_error<Isa>(c, view, keys, threads, o), kTolerance);
-          });
+  // 24 heads: one full vector plus a padded one on AVX-512 (heads broadcast against key
+  // values); 5 heads: a single padded vector (scores along the key width). d_c 42 and 41,
+  // widths 48 and 47 leave tails in every register block.
+  for (const MlaConfig& c : {dims(24, 42, 6), dims(5, 41, 6)}) {
+    for (CacheStorage storage : {CacheStorage::kFloat32, CacheStorage::kBFloat16,
+                                 CacheStorage::kFp8E4M3, CacheStorage::kFloat64}) {
+      const Filled f = fill(c, storage, 1000, 11);
+      const mla::LatentView view = f.cache.view(f.seq, 0);
+      for (Index keys : {1, 63, 64, 65, 1000}) {
+        for (int threads : {1, 2}) {
+          for (Index splits : {0, 1, 3, 7}) {
+            DecodeOptions o;
+            o.splits = splits;
+            for_each_isa([&](auto isa) {
+              using Isa = decltype(isa);
+              SCOPED_TRACE(std::string(Isa::kName) + " heads " +
+                           std::to_string(c.num_attention_heads) + " " + mla::to_string(storage) +
+                           " keys " + std::to_string(keys) + " threads " + std::to_string(threads) +
+                           " splits " + std::to_string(splits));
+              EXPECT_LE(decode_error<Isa>(c, view, keys, threads, o), kTolerance);
+            });
+          }
         }
       }
     }
