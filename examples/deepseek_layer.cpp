@@ -8,7 +8,8 @@
 // The rows of X ([tokens, hidden_size], float32) are consecutive tokens of one sequence at
 // positions POS, POS + 1, ... (default 0). The first K tokens (default: all) run as one prefill,
 // every remaining token as one decode step through the latent cache. FP8 checkpoints run W8A32
-// (activations stay FP32). --threads sets the threads of the projections' GEMMs (OpenMP).
+// (activations stay FP32). --threads sets the threads of the projections' GEMMs (OpenMP) and
+// of the decode steps' attention over the latent cache (a thread pool).
 //
 // On success the output ([tokens, hidden_size], float32) is written to Y and the line
 // `cache_bytes_per_token_per_layer: <n>` is printed. On any error the program prints
@@ -116,7 +117,9 @@ int run(const Args& a) {
   options.storage = a.cache;
   mla::LatentCache cache(config, options);
   const mla::SequenceId seq = cache.add_sequence();
+  mla::ThreadPool pool(static_cast<int>(a.threads));
   mla::MlaWorkspace<float> ws;
+  ws.set_thread_pool(&pool);
   mla::RowMatrix<float> y(tokens, config.hidden_size);
   if (prefill > 0) {
     layer.forward(x.topRows(prefill), a.start, cache, seq, y.topRows(prefill), ws);
