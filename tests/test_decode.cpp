@@ -39,7 +39,8 @@ struct Filled {
   LatentCache cache;
   mla::SequenceId seq;
 };
-Filled fill(const MlaConfig& c, CacheStorage storage, Index tokens, unsigned seed) {
+/// A cache of `tokens` N(0, 1) tokens; with `big` != 0 the latents of odd tokens are scaled by it.
+Filled fill(const MlaConfig& c, CacheStorage storage, Index tokens, unsigned seed, float big = 0) {
   mla::LatentCacheOptions o;
   o.block_tokens = 16;
   o.num_blocks = tokens / 16 + 1;
@@ -50,6 +51,9 @@ Filled fill(const MlaConfig& c, CacheStorage storage, Index tokens, unsigned see
   std::normal_distribution<float> n;
   RowMatrix<float> kv(tokens, c.latent_cache_width());
   for (Index i = 0; i < kv.size(); ++i) kv.data()[i] = n(rng);
+  if (big != 0) {
+    for (Index j = 1; j < tokens; j += 2) kv.row(j).head(c.kv_lora_rank) *= big;
+  }
   f.cache.append<float>(f.seq, 0, kv.leftCols(c.kv_lora_rank), kv.rightCols(c.qk_rope_head_dim));
   return f;
 }
@@ -164,7 +168,8 @@ TEST(DecodeAbsorbed, MatchesTheReferenceAtDeepSeekWidthsAndHeadCounts) {
   // and ones that need padding.
   for (Index heads : {1, 5, 16, 32, 48, 128}) {
     const MlaConfig c = dims(heads, 512, 64);
-    for (CacheStorage storage : {CacheStorage::kFloat32, CacheStorage::kFp8E4M3}) {
+    for (CacheStorage storage :
+         {CacheStorage::kFloat32, CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
       const Filled f = fill(c, storage, 130, 3);
       for_each_isa([&](auto isa) {
         using Isa = decltype(isa);
@@ -175,6 +180,19 @@ TEST(DecodeAbsorbed, MatchesTheReferenceAtDeepSeekWidthsAndHeadCounts) {
       });
     }
   }
+}
+
+TEST(DecodeAbsorbed, Fp8TilesWithScalesBeyondTheFastWideningRangeStayExact) {
+  // Latents of ~1e34 need tile scales above 2^100, where widening through FP16 would overflow:
+  // those records take the exact scalar route, the others the SIMD one, in the same tiles.
+  const MlaConfig c = dims(16, 512, 64);
+  const Filled f = fill(c, CacheStorage::kFp8E4M3, 200, 9, 1e34f);
+  for_each_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    SCOPED_TRACE(Isa::kName);
+    EXPECT_LE(decode_error<Isa>(c, f.cache.view(f.seq, 0), 200, 2, DecodeOptions{}, 1e-35),
+              kTolerance);
+  });
 }
 
 TEST(DecodeAbsorbed, HeadGroupsAndTileSizesGiveTheSameAnswer) {

@@ -17,7 +17,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "mla/config.hpp"
@@ -215,6 +217,62 @@ inline void score_row(const float* row, Index width, const float* q, float* s, c
   }
 }
 
+#if defined(__AVX512F__)
+/// score_row for one BF16 or FP8 record, widened in registers as it is scored (16 heads, AVX-512):
+/// the widened [c ; k^R] is also stored at `row` for the output pass, so the record is read
+/// once and no separate conversion pass runs. Needs d_c and R multiples of 16 (checked by the
+/// caller) and, for FP8, tile scales with |scale| <= 2^100 (the FP16 route's range); returns
+/// false, having done nothing, when a scale is outside it. `ahead` is a record to prefetch.
+inline bool score_record_avx512(const detail::LatentLayout& l, const unsigned char* rec,
+                                const float* q, float* s, float* row, const unsigned char* ahead) {
+  constexpr int W = 16;
+  const Index D = l.kv_lora_rank, R = l.rope_dim;
+  const bool fp8 = l.storage == CacheStorage::kFp8E4M3;
+  float scales[64];  // d_c <= 8192 (checked by the cache)
+  if (fp8) {
+    const Index tiles = detail::LatentLayout::fp8_tiles(D);
+    std::memcpy(scales, rec + l.scales_offset, sizeof(float) * static_cast<std::size_t>(tiles));
+    for (Index t = 0; t < tiles; ++t) {
+      if (!(std::fabs(scales[t]) <= 0x1p100f)) return false;
+      scales[t] *= 256.0f;  // the FP16 route yields value / 2^8
+    }
+  }
+  for (std::size_t b = 0; b < l.token_bytes; b += 64) __builtin_prefetch(ahead + b);
+  __m512 acc[W];
+  for (int v = 0; v < W; ++v) acc[v] = _mm512_setzero_ps();
+  const auto bf16 = [](const unsigned char* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  };
+  const auto step = [&](__m512 a, Index k) {
+    _mm512_storeu_ps(row + k, a);
+    for (int v = 0; v < W; ++v) acc[v] = _mm512_fmadd_ps(a, _mm512_loadu_ps(q + v * W), acc[v]);
+    q += W * W;
+  };
+  Index k = 0;
+  if (fp8) {
+    for (; k < D; k += W) {
+      const __m512 mul = _mm512_set1_ps(scales[k / detail::LatentLayout::kFp8Tile]);
+#if defined(__AVX512BW__)
+      if (k + 2 * W <= D) {  // 32 codes share a scale tile (128 values)
+        __m512 lo, hi;
+        widen32_e4m3_avx512(rec + k, mul, lo, hi);
+        step(lo, k);
+        step(hi, k += W);
+        continue;
+      }
+#endif
+      step(widen16_e4m3_avx512(rec + k, mul), k);
+    }
+  } else {
+    for (; k < D; k += W) step(bf16(rec + 2 * static_cast<std::size_t>(k)), k);
+  }
+  for (; k < D + R; k += W) step(bf16(rec + l.kpe_offset + 2 * static_cast<std::size_t>(k - D)), k);
+  _mm512_storeu_ps(s, simd::Avx512::transpose_sum(acc));
+  return true;
+}
+#endif
+
 /// O[h][d0 + i] = corr[h] O[h][d0 + i] + sum_j p[j][h] rows[j][d0 + i] for MR heads and the
 /// NR vectors of latent dimensions from d0: vectorised along the latent, so each key row is
 /// read as vectors and its softmax weights are broadcast. p, o and corr point at the first
@@ -337,6 +395,13 @@ void decode_absorbed(const MlaConfig& c, const LatentView& cache, ConstMatrixRef
   }
 
   const bool in_place = cache.holds<float>();
+  // 16-head groups over BF16 and FP8 caches widen records inside the score kernel.
+  bool widen_in_score = false;
+#if defined(__AVX512F__)
+  widen_in_score =
+      std::is_same_v<Isa, simd::Avx512> && by_row && D % W == 0 && R % W == 0 &&
+      (cache.storage() == CacheStorage::kBFloat16 || cache.storage() == CacheStorage::kFp8E4M3);
+#endif
   auto part = [&](Index item, int thread) {
     const Index s = item / groups, g = item % groups;
     const Index h0 = g * h_group;
@@ -361,25 +426,42 @@ void decode_absorbed(const MlaConfig& c, const LatentView& cache, ConstMatrixRef
         for (Index j = 0; j < named; ++j)
           rows[j] = reinterpret_cast<const float*>(cache.record(j0 + j));
       } else {
+        for (Index j = 0; j < n; ++j) rows[j] = t.tile.data() + j * K;
+      }
+      // Scores of the tile for this group's heads: [n][hw], row stride h_group. Records that
+      // are not read in place are widened into the tile as they are scored (widen_in_score),
+      // or else before.
+      if (widen_in_score) {
+#if defined(__AVX512F__)
         for (Index j = 0; j < n; ++j) {
           float* row = t.tile.data() + j * K;
-          cache.decode(j0 + j, row, t.scratch.data());
-          rows[j] = row;
+          const unsigned char* ahead = cache.record(std::min(j0 + j + dd::kAhead, last - 1));
+          if (!dd::score_record_avx512(cache.layout(), cache.record(j0 + j), qs + h0 * k_pad,
+                                       sc + j * W, row, ahead)) {
+            cache.decode(j0 + j, row, t.scratch.data());
+            dd::score_row<Isa>(row, K, qs + h0 * k_pad, sc + j * W, row);
+          }
         }
-      }
-      // Scores of the tile for this group's heads: [n][hw], row stride h_group.
-      if (by_row) {
-        for (Index j = 0; j < n; ++j) {
-          dd::score_row<Isa>(rows[j], K, qs + h0 * k_pad, sc + j * W,
-                             rows[std::min(j + dd::kAhead, named - 1)]);
-        }
+#endif
       } else {
-        const float* q = qs + h0;
-        for (Index h = 0, hv = hw / W; h < hv;) {
-          if (hv - h >= 2) {
-            h = dd::score_heads<Isa, 2>(rows, n, K, q, h_pad, sc, h_group, h);
-          } else {
-            h = dd::score_heads<Isa, 1>(rows, n, K, q, h_pad, sc, h_group, h);
+        if (!in_place) {
+          for (Index j = 0; j < n; ++j) {
+            cache.decode(j0 + j, t.tile.data() + j * K, t.scratch.data());
+          }
+        }
+        if (by_row) {
+          for (Index j = 0; j < n; ++j) {
+            dd::score_row<Isa>(rows[j], K, qs + h0 * k_pad, sc + j * W,
+                               rows[std::min(j + dd::kAhead, named - 1)]);
+          }
+        } else {
+          const float* q = qs + h0;
+          for (Index h = 0, hv = hw / W; h < hv;) {
+            if (hv - h >= 2) {
+              h = dd::score_heads<Isa, 2>(rows, n, K, q, h_pad, sc, h_group, h);
+            } else {
+              h = dd::score_heads<Isa, 1>(rows, n, K, q, h_pad, sc, h_group, h);
+            }
           }
         }
       }

@@ -284,22 +284,51 @@ inline void decode_span(const std::uint8_t* src, std::size_t n, float* dst, floa
 /// since FP16 has the wider exponent), the hardware widens FP16 to float, and one multiply by
 /// 2^8 * scale rounds once, as float(code) * scale does. NaN codes become the float NaN the
 /// scalar conversion gives. Only for |scale| <= 2^100, where 2^8 * scale cannot overflow.
+/// 16 codes at src times `mul` / 2^8 (mul = 2^8 * scale): the step of decode_e4m3_avx512.
+inline __m512 widen16_e4m3_avx512(const std::uint8_t* src, __m512 mul) noexcept {
+  const __m256i low7 = _mm256_set1_epi16(0x7F), high = _mm256_set1_epi16(0x80);
+  const __m256i nan = _mm256_set1_epi16(0x7F80);  // FP16 NaN with the FP8 NaN's payload
+  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  const __m256i em = _mm256_and_si256(w, low7);
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, high), 8);
+  const __m256i is_nan = _mm256_cmpeq_epi16(em, low7);
+  const __m256i h =
+      _mm256_or_si256(sign, _mm256_blendv_epi8(_mm256_slli_epi16(em, 7), nan, is_nan));
+  return _mm512_mul_ps(_mm512_cvtph_ps(h), mul);
+}
+
+#if defined(__AVX512BW__)
+/// 32 codes at src times `mul` / 2^8, as lo (codes 0..15) and hi (16..31): the same FP16 route
+/// on 32 lanes of 16 bits, with fewer operations per code. Shifted left by 7, a code has its
+/// exponent and mantissa in FP16 position and its sign at bit 14; adding bit 14 to itself
+/// carries the sign to bit 15 and clears bit 14. NaN codes (exponent and mantissa all ones)
+/// get FP16's all-ones exponent by adding bit 14 once more.
+inline void widen32_e4m3_avx512(const std::uint8_t* src, __m512 mul, __m512& lo,
+                                __m512& hi) noexcept {
+  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  const __m512i t = _mm512_slli_epi16(w, 7);
+  const __m512i bit14 = _mm512_set1_epi16(0x4000), em = _mm512_set1_epi16(0x3F80);
+  __m512i h = _mm512_add_epi16(t, _mm512_and_si512(t, bit14));
+  const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(t, em), em);
+  h = _mm512_mask_add_epi16(h, nan, h, bit14);
+  lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), mul);
+  hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), mul);
+}
+#endif
+
 inline std::size_t decode_e4m3_avx512(const std::uint8_t* src, std::size_t n, float* dst,
                                       float scale) noexcept {
   const __m512 mul = _mm512_set1_ps(scale * 256.0f);
-  const __m256i low7 = _mm256_set1_epi16(0x7F), high = _mm256_set1_epi16(0x80);
-  const __m256i nan = _mm256_set1_epi16(0x7F80);  // FP16 NaN with the FP8 NaN's payload
   std::size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256i w =
-        _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    const __m256i em = _mm256_and_si256(w, low7);
-    const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, high), 8);
-    const __m256i is_nan = _mm256_cmpeq_epi16(em, low7);
-    const __m256i h =
-        _mm256_or_si256(sign, _mm256_blendv_epi8(_mm256_slli_epi16(em, 7), nan, is_nan));
-    _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtph_ps(h), mul));
+#if defined(__AVX512BW__)
+  for (; i + 32 <= n; i += 32) {
+    __m512 lo, hi;
+    widen32_e4m3_avx512(src + i, mul, lo, hi);
+    _mm512_storeu_ps(dst + i, lo);
+    _mm512_storeu_ps(dst + i + 16, hi);
   }
+#endif
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, widen16_e4m3_avx512(src + i, mul));
   return i;
 }
 #endif

@@ -295,6 +295,8 @@ class LatentView {
   Index tokens() const { return tokens_; }
   Index block_tokens() const { return block_tokens_; }
   CacheStorage storage() const { return layout_.storage; }
+  /// Where each part of a record lies (for kernels that widen records themselves).
+  const detail::LatentLayout& layout() const { return layout_; }
   Index kv_lora_rank() const { return layout_.kv_lora_rank; }
   Index rope_dim() const { return layout_.rope_dim; }
   /// Bytes from one token's record to the next.
