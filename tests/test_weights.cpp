@@ -61,6 +61,8 @@ TEST(Weights, WrongShapesNameTheTensor) {
     std::string message;
   };
   const MlaConfig lite = MlaConfig::small_v2_lite(), v3 = MlaConfig::small_v3();
+  MlaConfig no_norm = lite;  // a latent without RMSNorm (layers converted from MHA)
+  no_norm.kv_latent_norm = false;
   auto lin = [](mla::Index r, mla::Index k) { return Linear<float>(RowMatrix<float>::Zero(r, k)); };
   const std::vector<Bad> bad = {
       {lite, [&](auto& w) { w.wq = lin(96, 63); }, "MlaWeights.wq is [96, 63], expected"},
@@ -77,6 +79,8 @@ TEST(Weights, WrongShapesNameTheTensor) {
       {v3, [&](auto& w) { w.wq_a = lin(23, 64); }, "MlaWeights.wq_a is [23, 64]"},
       {v3, [&](auto& w) { w.q_norm = mla::Vector<float>::Ones(25); }, "MlaWeights.q_norm has 25"},
       {v3, [&](auto& w) { w.wq_b = lin(96, 23); }, "MlaWeights.wq_b is [96, 23]"},
+      {no_norm, [&](auto& w) { w.kv_norm = mla::Vector<float>::Ones(32); },
+       "MlaWeights.kv_norm must be empty when MlaConfig.kv_latent_norm is false, but it has 32"},
   };
   for (const Bad& b : bad) {
     MlaWeights<float> w = MlaWeights<float>::random(b.config, 1);

@@ -55,6 +55,10 @@ struct MlaConfig {
   /// Pairing of the rotary dimensions in the weights and in the cached k^R. Not a config.json
   /// field: DeepSeek's own checkpoints are interleaved.
   RopeLayout rope_layout = RopeLayout::kInterleaved;
+  /// RMSNorm on the KV latent before it is cached (kv_a_layernorm; MlaWeights::kv_norm). Every
+  /// DeepSeek model has it; layers converted from MHA (mla/convert.hpp) do not, since a norm is
+  /// no linear map and would make the conversion inexact.
+  bool kv_latent_norm = true;
 
   /// P + R, the per-head query/key width of the expanded path.
   Index qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }

@@ -237,7 +237,7 @@ class MlaLayer {
     // it is cached; k^R = RoPE(k_raw), one rotary key shared by all heads.
     auto kv = ws.kv.topRows(tokens);  // (T, d_c + R)
     project(weights_.wkv_a, x, kv);
-    rms_norm<T>(kv.leftCols(D), weights_.kv_norm, c.rms_norm_eps);
+    if (c.kv_latent_norm) rms_norm<T>(kv.leftCols(D), weights_.kv_norm, c.rms_norm_eps);
     T* scratch = ws.rope_scratch.data();
     for (Index t = 0; t < tokens; ++t) {
       rope_.apply<T>(kv.middleRows(t, 1), pos(t), D, 1, 0, scratch);

@@ -24,7 +24,7 @@ struct MlaWeights {
   Vector<T> q_norm;   ///< [q_lora_rank]                    (q_a_layernorm)
   Linear<T> wq_b;     ///< [H * (P + R), q_lora_rank]       (q_b_proj)
   Linear<T> wkv_a;    ///< [kv_lora_rank + R, hidden]       (kv_a_proj_with_mqa)
-  Vector<T> kv_norm;  ///< [kv_lora_rank]                   (kv_a_layernorm)
+  Vector<T> kv_norm;  ///< [kv_lora_rank], empty without kv_latent_norm (kv_a_layernorm)
   Linear<T> wkv_b;    ///< [H * (P + V), kv_lora_rank]      (kv_b_proj)
   Linear<T> wo;       ///< [hidden, H * V]                  (o_proj)
 
@@ -138,7 +138,12 @@ void MlaWeights<T>::check(const MlaConfig& c) const {
   }
   detail::check_linear(wkv_a, c.latent_cache_width(), c.hidden_size, "wkv_a",
                        "[kv_lora_rank + qk_rope_head_dim, hidden_size]");
-  detail::check_vector(kv_norm, c.kv_lora_rank, "kv_norm", "kv_lora_rank");
+  if (c.kv_latent_norm) {
+    detail::check_vector(kv_norm, c.kv_lora_rank, "kv_norm", "kv_lora_rank");
+  } else {
+    detail::require(kv_norm.size() == 0, "MlaWeights.kv_norm must be empty when ",
+                    "MlaConfig.kv_latent_norm is false, but it has ", kv_norm.size(), " values");
+  }
   detail::check_linear(wkv_b, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, "wkv_b",
                        "[heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]");
   detail::check_linear(wo, c.hidden_size, H * c.v_head_dim, "wo",
@@ -159,7 +164,7 @@ MlaWeights<T> MlaWeights<T>::random(const MlaConfig& c, std::uint64_t seed) {
     w.wq = detail::random_linear<T>(rng, H * c.qk_head_dim(), c.hidden_size);
   }
   w.wkv_a = detail::random_linear<T>(rng, c.latent_cache_width(), c.hidden_size);
-  w.kv_norm = detail::random_norm<T>(rng, c.kv_lora_rank);
+  if (c.kv_latent_norm) w.kv_norm = detail::random_norm<T>(rng, c.kv_lora_rank);
   w.wkv_b = detail::random_linear<T>(rng, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
   w.wo = detail::random_linear<T>(rng, c.hidden_size, H * c.v_head_dim);
   return w;
