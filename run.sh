@@ -6,6 +6,8 @@
 #   ./run.sh bench [preset]   install what is missing, build, run the benchmarks (JSON to build/)
 #   ./run.sh format           check the sources with clang-format (exit 1 on any difference)
 #   ./run.sh plot             plot build/release/bench_mla.json (from ./run.sh bench) into docs/
+#   ./run.sh convert [args]   build and run examples/convert_mha (MHA -> MLA vs GQA), write
+#                             build/release/convert.json and plot it into docs/convert_error.png
 #   ./run.sh fuzz [seconds]   fuzz the safetensors, .npy and config.json parsers with libFuzzer
 #                             (clang build) for a bounded time, 60 s by default
 #
@@ -16,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -95,6 +97,14 @@ case "$command" in
   plot)
     ensure_packages python3-matplotlib
     /usr/bin/python3 scripts/plot_bench.py build/release/bench_mla.json docs
+    ;;
+  convert)
+    build_packages release
+    ensure_packages python3-matplotlib
+    cmake --preset release >/dev/null
+    cmake --build --preset release --target convert_mha
+    build/release/examples/convert_mha --json build/release/convert.json "${@:2}"
+    /usr/bin/python3 scripts/plot_convert.py build/release/convert.json docs
     ;;
   format)
     ensure_packages clang-format

@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cli.hpp"
 #include "mla/io.hpp"
 
 namespace {
@@ -33,19 +34,6 @@ struct Args {
   mla::CacheStorage cache = mla::CacheStorage::kFloat32;
 };
 
-long long parse_integer(const std::string& flag, const std::string& text) {
-  std::size_t used = 0;
-  long long v = 0;
-  try {
-    v = std::stoll(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  mla::detail::require(used == text.size() && !text.empty(), flag, " needs an integer, got '", text,
-                       "'");
-  return v;
-}
-
 Args parse_args(int argc, char** argv) {
   Args a;
   bool have_layer = false;
@@ -59,17 +47,17 @@ Args parse_args(int argc, char** argv) {
     if (flag == "--model") {
       a.model = value;
     } else if (flag == "--layer") {
-      a.layer = parse_integer(flag, value);
+      a.layer = cli::parse_integer(flag, value);
       have_layer = true;
     } else if (flag == "--input") {
       a.input = value;
     } else if (flag == "--output") {
       a.output = value;
     } else if (flag == "--start") {
-      a.start = parse_integer(flag, value);
+      a.start = cli::parse_integer(flag, value);
       mla::detail::require(a.start >= 0, "--start must be >= 0, got ", a.start);
     } else if (flag == "--prefill") {
-      a.prefill = parse_integer(flag, value);
+      a.prefill = cli::parse_integer(flag, value);
       mla::detail::require(a.prefill >= 0, "--prefill must be >= 0, got ", a.prefill);
     } else if (flag == "--cache") {
       if (value == "fp32") {
@@ -82,7 +70,7 @@ Args parse_args(int argc, char** argv) {
         mla::detail::fail("--cache must be fp32, bf16 or fp8, got '", value, "'");
       }
     } else if (flag == "--threads") {
-      a.threads = parse_integer(flag, value);
+      a.threads = cli::parse_integer(flag, value);
       mla::detail::require(a.threads >= 1 && a.threads <= 1024,
                            "--threads must be in [1, 1024], got ", a.threads);
     } else {

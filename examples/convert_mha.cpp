@@ -1,0 +1,312 @@
+// Converts an MHA (or GQA) attention layer to MLA at several latent ranks, and to GQA with
+// mean-pooled KV heads at matching cache sizes, and prints how much of the attention output
+// each loses on sample inputs.
+//
+//   convert_mha [--hidden N] [--heads H] [--kv-heads G] [--head-dim D] [--v-head-dim V]
+//               [--rope-dim R] [--decay S] [--rope-shared F] [--tokens T] [--calibration N]
+//               [--seed K]
+//               [--model DIR --layer L] [--json OUT]
+//
+// Without --model the layer is random: the stacked non-rotary key and value projections have
+// singular values S^0, S^1, S^2, ... (S = --decay, 0.98 by default; trained projections decay
+// too), queries and output projection are Gaussian, and each KV head's rotary key rows are
+// sqrt(F) times rows shared by all heads plus sqrt(1 - F) times its own (F = --rope-shared, 0 by
+// default: independent heads, the hardest case for MLA's one shared rotary key). With --model DIR
+// the layer
+// is layer L of a Llama-style checkpoint (config.json and model.safetensors with
+// model.layers.L.self_attn.{q,k,v,o}_proj.weight; RoPE on the whole head, half-split).
+//
+// Inputs are T Gaussian tokens (64 by default) at positions 0 .. T-1; --calibration N fits the
+// factorisation to the covariance of N further samples (0, the default: unweighted). The error
+// is |y - y_MHA| / |y_MHA| over all tokens, y_MHA the source layer's output. Cache bytes are
+// per token and layer in FP32: G (D + V) * 4 for GQA with G groups, (r + R) * 4 for MLA.
+//
+// --json OUT writes the rows as a JSON list of objects with keys method ("mla" or "gqa"),
+// rank (null for gqa), groups (null for mla), cache_bytes_per_token and rel_error. On an error
+// the program prints `error: ...`, leaves OUT as it was and exits 1.
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cli.hpp"
+#include "mla/convert.hpp"
+#include "mla/io.hpp"
+#include "mla/mla.hpp"
+
+namespace {
+
+using mla::Index;
+using mla::RowMatrix;
+
+constexpr const char* kUsage =
+    "usage: convert_mha [--hidden N] [--heads H] [--kv-heads G] [--head-dim D] [--v-head-dim V] "
+    "[--rope-dim R] [--decay S] [--rope-shared F] [--tokens T] [--calibration N] [--seed K] "
+    "[--model DIR --layer L] [--json OUT]";
+
+struct Args {
+  mla::MhaConfig mha;
+  double decay = 0.98, rope_shared = 0.0;
+  long long tokens = 64, calibration = 0, seed = 1, layer = -1;
+  std::string model, json;
+};
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  a.mha.hidden_size = 512;
+  a.mha.num_heads = 8;
+  a.mha.num_kv_heads = 8;
+  a.mha.head_dim = 64;
+  a.mha.v_head_dim = 64;
+  a.mha.rope_dim = 16;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    mla::detail::require(
+        i + 1 < argc,
+        flag.rfind("--", 0) == 0 ? flag + " needs a value" : "unexpected argument '" + flag + "'",
+        "\n", kUsage);
+    const std::string value = argv[++i];
+    const auto count = [&](long long lo, long long hi) {
+      const long long v = cli::parse_integer(flag, value);
+      mla::detail::require(v >= lo && v <= hi, flag, " must be in [", lo, ", ", hi, "], got ", v);
+      return v;
+    };
+    if (flag == "--hidden") {
+      a.mha.hidden_size = count(1, 1 << 14);
+    } else if (flag == "--heads") {
+      a.mha.num_heads = count(1, 1024);
+    } else if (flag == "--kv-heads") {
+      a.mha.num_kv_heads = count(1, 1024);
+    } else if (flag == "--head-dim") {
+      a.mha.head_dim = count(1, 1024);
+    } else if (flag == "--v-head-dim") {
+      a.mha.v_head_dim = count(1, 1024);
+    } else if (flag == "--rope-dim") {
+      a.mha.rope_dim = count(0, 1024);
+    } else if (flag == "--decay") {
+      a.decay = cli::parse_number(flag, value);
+      mla::detail::require(a.decay > 0 && a.decay <= 1, "--decay must be in (0, 1], got ", value);
+    } else if (flag == "--rope-shared") {
+      a.rope_shared = cli::parse_number(flag, value);
+      mla::detail::require(a.rope_shared >= 0 && a.rope_shared <= 1,
+                           "--rope-shared must be in [0, 1], got ", value);
+    } else if (flag == "--tokens") {
+      a.tokens = count(1, 1 << 16);
+    } else if (flag == "--calibration") {
+      a.calibration = count(0, 1 << 20);
+    } else if (flag == "--seed") {
+      a.seed = count(0, (1LL << 62));
+    } else if (flag == "--model") {
+      a.model = value;
+    } else if (flag == "--layer") {
+      a.layer = count(0, 1 << 20);
+    } else if (flag == "--json") {
+      a.json = value;
+    } else {
+      mla::detail::fail("unknown option '", flag, "'\n", kUsage);
+    }
+  }
+  mla::detail::require(a.model.empty() == (a.layer < 0), "--model and --layer go together\n",
+                       kUsage);
+  return a;
+}
+
+RowMatrix<double> gaussian(Index rows, Index cols, std::mt19937_64& rng, double sd) {
+  std::normal_distribution<double> nd(0.0, sd);
+  RowMatrix<double> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = nd(rng);
+  return m;
+}
+
+/// A random layer whose stacked non-rotary key and value rows have singular values decay^k
+/// (scaled so that the stack has the Frobenius norm of a Gaussian one with variance 1/hidden).
+mla::MhaWeights<double> random_layer(const mla::MhaConfig& c, double decay, double rope_shared,
+                                     std::mt19937_64& rng) {
+  const Index hid = c.hidden_size, G = c.num_kv_heads, dk = c.head_dim, dv = c.v_head_dim,
+              P = dk - c.rope_dim, width = G * (P + dv), n = std::min(width, hid);
+  const double sd = 1.0 / std::sqrt(static_cast<double>(hid));
+  mla::MhaWeights<double> w{
+      gaussian(c.num_heads * dk, hid, rng, sd), gaussian(G * dk, hid, rng, sd),
+      RowMatrix<double>(G * dv, hid),
+      gaussian(hid, c.num_heads * dv, rng, 1.0 / std::sqrt(static_cast<double>(c.num_heads * dv)))};
+  // M = U diag(s) V^T with orthonormal U [width, n], V [hid, n].
+  const Eigen::MatrixXd u =
+      Eigen::HouseholderQR<Eigen::MatrixXd>(gaussian(width, n, rng, 1.0)).householderQ() *
+      Eigen::MatrixXd::Identity(width, n);
+  const Eigen::MatrixXd v =
+      Eigen::HouseholderQR<Eigen::MatrixXd>(gaussian(hid, n, rng, 1.0)).householderQ() *
+      Eigen::MatrixXd::Identity(hid, n);
+  Eigen::VectorXd s(n);
+  for (Index k = 0; k < n; ++k) s(k) = std::pow(decay, static_cast<double>(k));
+  s *= std::sqrt(static_cast<double>(width) * static_cast<double>(hid) * sd * sd) / s.norm();
+  const Eigen::MatrixXd m = u * s.asDiagonal() * v.transpose();
+  const RowMatrix<double> shared = gaussian(c.rope_dim, hid, rng, sd);
+  for (Index g = 0; g < G; ++g) {
+    w.wk.middleRows(g * dk, P) = m.middleRows(g * (P + dv), P);
+    w.wv.middleRows(g * dv, dv) = m.middleRows(g * (P + dv) + P, dv);
+    w.wk.middleRows(g * dk + P, c.rope_dim) =
+        std::sqrt(rope_shared) * shared +
+        std::sqrt(1 - rope_shared) * w.wk.middleRows(g * dk + P, c.rope_dim);
+  }
+  return w;
+}
+
+/// Layer `layer` of a Llama-style checkpoint: config.json and q/k/v/o_proj weights.
+mla::MhaWeights<double> load_llama(const std::string& dir, Index layer, mla::MhaConfig& c) {
+  const std::string path = dir + "/config.json";
+  nlohmann::json j;
+  try {
+    std::ifstream f(path);
+    mla::detail::require(static_cast<bool>(f), path, ": cannot open");
+    j = nlohmann::json::parse(f);
+  } catch (const nlohmann::json::exception& e) {
+    mla::detail::fail(path, ": malformed JSON: ", e.what());
+  }
+  const auto field = [&](const char* name, long long fallback) -> long long {
+    if (!j.contains(name) || j[name].is_null()) {
+      mla::detail::require(fallback >= 0, path, ": field '", name, "' is missing");
+      return fallback;
+    }
+    mla::detail::require(j[name].is_number_integer(), path, ": field '", name,
+                         "' must be an integer");
+    return j[name].get<long long>();
+  };
+  c.hidden_size = field("hidden_size", -1);
+  c.num_heads = field("num_attention_heads", -1);
+  c.num_kv_heads = field("num_key_value_heads", c.num_heads);
+  c.head_dim = field("head_dim", c.num_heads > 0 ? c.hidden_size / c.num_heads : -1);
+  c.v_head_dim = c.head_dim;
+  c.rope_dim = c.head_dim;  // Llama rotates the whole head, halves against halves
+  c.rope_layout = mla::RopeLayout::kHalfSplit;
+  c.rope_theta = j.contains("rope_theta") && j["rope_theta"].is_number()
+                     ? j["rope_theta"].get<double>()
+                     : 10000.0;
+  c.validate();
+  mla::detail::require(layer < field("num_hidden_layers", layer + 1), path, ": layer ", layer,
+                       " is out of range");
+  const mla::io::Checkpoint ckpt = mla::io::Checkpoint::open(dir);
+  const std::string p = "model.layers." + std::to_string(layer) + ".self_attn.";
+  const auto load = [&](const char* name, Index rows, Index cols) {
+    return mla::io::to_matrix<double>(
+        ckpt.tensor(p + name), rows, cols,
+        std::string("[") + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+  };
+  const Index H = c.num_heads, G = c.num_kv_heads, hid = c.hidden_size;
+  return {load("q_proj.weight", H * c.head_dim, hid), load("k_proj.weight", G * c.head_dim, hid),
+          load("v_proj.weight", G * c.v_head_dim, hid),
+          load("o_proj.weight", hid, H * c.v_head_dim)};
+}
+
+/// Output of a converted MLA layer for x (one prefill on a double cache).
+RowMatrix<double> run_mla(const mla::MlaConversion<double>& m, const RowMatrix<double>& x) {
+  const mla::MlaLayer<double> layer(m.config, m.weights);
+  mla::LatentCacheOptions o;
+  o.block_tokens = 64;
+  o.num_blocks = (x.rows() + 63) / 64;
+  o.storage = mla::CacheStorage::kFloat64;
+  mla::LatentCache cache(m.config, o);
+  const auto seq = cache.add_sequence();
+  mla::MlaWorkspace<double> ws;
+  RowMatrix<double> y(x.rows(), x.cols());
+  layer.forward(x, 0, cache, seq, y, ws);
+  return y;
+}
+
+struct Row {
+  std::string method;
+  Index rank = 0, groups = 0, bytes = 0;
+  double error = 0;
+};
+
+int run(const Args& a) {
+  std::mt19937_64 rng(static_cast<std::uint64_t>(a.seed));
+  mla::MhaConfig c = a.mha;
+  const mla::MhaWeights<double> w =
+      a.model.empty() ? (c.validate(), random_layer(c, a.decay, a.rope_shared, rng))
+                      : load_llama(a.model, a.layer, c);
+  const RowMatrix<double> x = gaussian(a.tokens, c.hidden_size, rng, 1.0);
+  const RowMatrix<double> calibration = gaussian(a.calibration, c.hidden_size, rng, 1.0);
+  const RowMatrix<double> want = mla::mha_forward<double>(c, w, x);
+  const auto error = [&](const RowMatrix<double>& y) { return (y - want).norm() / want.norm(); };
+
+  std::vector<Row> rows;
+  // GQA: every group count that divides the KV heads.
+  for (Index g = 1; g <= c.num_kv_heads; ++g) {
+    if (c.num_kv_heads % g != 0) continue;
+    mla::MhaConfig pc;
+    const auto p = mla::pool_kv_heads(c, w, g, pc);
+    rows.push_back(
+        {"gqa", 0, g, pc.cache_bytes_per_token(), error(mla::mha_forward<double>(pc, p, x))});
+  }
+  // MLA: the ranks whose cache matches each GQA row's, and powers of two, up to full rank.
+  const Index full = c.num_kv_heads * (c.head_dim - c.rope_dim + c.v_head_dim);
+  std::vector<Index> ranks;
+  for (Index r = 8; r < full; r *= 2) ranks.push_back(r);
+  for (const Row& g : rows) {
+    const Index r = g.bytes / 4 - c.rope_dim;
+    if (r >= 1 && r < full) ranks.push_back(r);
+  }
+  ranks.push_back(full);
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  double rotary = 1.0;
+  for (Index r : ranks) {
+    const auto m = mla::convert_to_mla(c, w, r, calibration);
+    rotary = m.rotary_retained;
+    rows.push_back({"mla", r, 0, (r + c.rope_dim) * 4, error(run_mla(m, x))});
+  }
+
+  std::printf(
+      "source: hidden %lld, %lld heads, %lld KV heads, head %lld (+%lld rotary of them), "
+      "v %lld; MHA cache %lld bytes/token\n",
+      static_cast<long long>(c.hidden_size), static_cast<long long>(c.num_heads),
+      static_cast<long long>(c.num_kv_heads), static_cast<long long>(c.head_dim),
+      static_cast<long long>(c.rope_dim), static_cast<long long>(c.v_head_dim),
+      static_cast<long long>(c.cache_bytes_per_token()));
+  std::printf("shared rotary key keeps %.1f%% of the rotary keys' energy\n\n", 100.0 * rotary);
+  std::printf("%-6s %6s %6s %12s %10s\n", "method", "rank", "groups", "bytes/token", "rel_error");
+  for (const Row& r : rows) {
+    const std::string rank = r.method == "mla" ? std::to_string(r.rank) : "-";
+    const std::string groups = r.method == "gqa" ? std::to_string(r.groups) : "-";
+    std::printf("%-6s %6s %6s %12lld %10.3e\n", r.method.c_str(), rank.c_str(), groups.c_str(),
+                static_cast<long long>(r.bytes), r.error);
+  }
+
+  if (!a.json.empty()) {
+    nlohmann::json out = nlohmann::json::array();
+    for (const Row& r : rows) {
+      nlohmann::json o;
+      o["method"] = r.method;
+      o["rank"] = r.method == "mla" ? nlohmann::json(r.rank) : nlohmann::json(nullptr);
+      o["groups"] = r.method == "gqa" ? nlohmann::json(r.groups) : nlohmann::json(nullptr);
+      o["cache_bytes_per_token"] = r.bytes;
+      o["rel_error"] = r.error;
+      out.push_back(o);
+    }
+    // Written to a temporary and renamed, so OUT is never left half-written.
+    const std::string tmp = a.json + ".tmp";
+    {
+      std::ofstream f(tmp);
+      f << out.dump(2) << "\n";
+      mla::detail::require(static_cast<bool>(f), tmp, ": cannot write");
+    }
+    mla::detail::require(std::rename(tmp.c_str(), a.json.c_str()) == 0, a.json,
+                         ": cannot replace with ", tmp);
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse_args(argc, argv));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+}
