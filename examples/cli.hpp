@@ -3,8 +3,11 @@
 // with errors (mla::Error) that name the flag.
 
 #include <cmath>
+#include <cstdio>
 #include <exception>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "mla/error.hpp"
 
@@ -36,6 +39,33 @@ inline double parse_number(const std::string& flag, const std::string& text) {
   mla::detail::require(used == text.size() && !text.empty() && std::isfinite(v), flag,
                        " needs a number, got '", text, "'");
   return v;
+}
+
+/// The command line as (flag, value) pairs: every option takes a value. Throws mla::Error for a
+/// flag without one or a stray argument, with the usage line.
+inline std::vector<std::pair<std::string, std::string>> options(int argc, char** argv,
+                                                                const char* usage) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    mla::detail::require(
+        i + 1 < argc,
+        flag.rfind("--", 0) == 0 ? flag + " needs a value" : "unexpected argument '" + flag + "'",
+        "\n", usage);
+    out.emplace_back(flag, argv[++i]);
+  }
+  return out;
+}
+
+/// Runs run(parse(argc, argv)); on any exception prints `error: <what>` to stderr and returns 1.
+template <class Parse, class Run>
+int main(int argc, char** argv, Parse parse, Run run) {
+  try {
+    return run(parse(argc, argv));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
 }
 
 }  // namespace cli

@@ -63,13 +63,9 @@ Args parse_args(int argc, char** argv) {
   a.mha.head_dim = 64;
   a.mha.v_head_dim = 64;
   a.mha.rope_dim = 16;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    mla::detail::require(
-        i + 1 < argc,
-        flag.rfind("--", 0) == 0 ? flag + " needs a value" : "unexpected argument '" + flag + "'",
-        "\n", kUsage);
-    const std::string value = argv[++i];
+  for (const auto& option : cli::options(argc, argv, kUsage)) {
+    const std::string& flag = option.first;
+    const std::string& value = option.second;
     const auto count = [&](long long lo, long long hi) {
       const long long v = cli::parse_integer(flag, value);
       mla::detail::require(v >= lo && v <= hi, flag, " must be in [", lo, ", ", hi, "], got ", v);
@@ -302,11 +298,4 @@ int run(const Args& a) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(parse_args(argc, argv));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return cli::main(argc, argv, parse_args, run); }

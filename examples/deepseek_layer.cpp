@@ -37,13 +37,9 @@ struct Args {
 Args parse_args(int argc, char** argv) {
   Args a;
   bool have_layer = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    mla::detail::require(
-        i + 1 < argc,
-        flag.rfind("--", 0) == 0 ? flag + " needs a value" : "unexpected argument '" + flag + "'",
-        "\n", kUsage);
-    const std::string value = argv[++i];
+  for (const auto& option : cli::options(argc, argv, kUsage)) {
+    const std::string& flag = option.first;
+    const std::string& value = option.second;
     if (flag == "--model") {
       a.model = value;
     } else if (flag == "--layer") {
@@ -123,11 +119,4 @@ int run(const Args& a) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  try {
-    return run(parse_args(argc, argv));
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
-  }
-}
+int main(int argc, char** argv) { return cli::main(argc, argv, parse_args, run); }
