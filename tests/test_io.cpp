@@ -476,16 +476,17 @@ TEST(Npy, BadArraysAreClearErrors) {
 // ---------------------------------------------------------------------------------------------
 // deepseek_layer, end to end (built with the examples)
 
-#ifdef MLA_DEEPSEEK_LAYER
+#if defined(MLA_DEEPSEEK_LAYER) || defined(MLA_CONVERT_MHA)
 
 struct CliResult {
   int status;
   std::string out, err;
 };
 
-CliResult run_cli(const TempDir& dir, const std::string& args) {
-  const std::string cmd = std::string(MLA_DEEPSEEK_LAYER) + " " + args + " > " + (dir / "out.txt") +
-                          " 2> " + (dir / "err.txt");
+/// Runs `program args` with stdout and stderr captured in files of `dir`.
+CliResult run_program(const std::string& program, const TempDir& dir, const std::string& args) {
+  const std::string cmd =
+      program + " " + args + " > " + (dir / "out.txt") + " 2> " + (dir / "err.txt");
   const int status = std::system(cmd.c_str());
   auto slurp = [](const std::string& p) {
     std::ifstream in(p);
@@ -495,6 +496,14 @@ CliResult run_cli(const TempDir& dir, const std::string& args) {
   };
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out.txt"),
           slurp(dir / "err.txt")};
+}
+
+#endif
+
+#ifdef MLA_DEEPSEEK_LAYER
+
+CliResult run_cli(const TempDir& dir, const std::string& args) {
+  return run_program(MLA_DEEPSEEK_LAYER, dir, args);
 }
 
 TEST(DeepSeekLayer, RunsACheckpointLayerLikeTheLibrary) {
@@ -577,5 +586,109 @@ TEST(DeepSeekLayer, ErrorsSayWhatAndWhereAndWriteNothing) {
 }
 
 #endif  // MLA_DEEPSEEK_LAYER
+
+// ---------------------------------------------------------------------------------------------
+// convert_mha, end to end
+
+#ifdef MLA_CONVERT_MHA
+
+nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+
+TEST(ConvertMha, WritesTheTableAsJsonWithConsistentRows) {
+  TempDir dir;
+  // No RoPE: the full-rank MLA row must be exact.
+  const CliResult r = run_program(MLA_CONVERT_MHA, dir,
+                                  "--hidden 48 --heads 4 --kv-heads 4 --head-dim 8 --v-head-dim 6 "
+                                  "--rope-dim 0 --tokens 10 --decay 0.8 --json " +
+                                      (dir / "t.json"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const nlohmann::json rows = read_json(dir / "t.json");
+  ASSERT_TRUE(rows.is_array());
+  int gqa = 0, mla = 0;
+  double previous = INFINITY;
+  for (const auto& row : rows) {
+    ASSERT_EQ(row.size(), 5u) << row.dump();
+    const std::string method = row.at("method").get<std::string>();
+    const auto bytes = row.at("cache_bytes_per_token").get<long long>();
+    const double error = row.at("rel_error").get<double>();
+    EXPECT_GE(error, 0.0);
+    if (method == "gqa") {
+      ++gqa;
+      EXPECT_TRUE(row.at("rank").is_null());
+      const auto g = row.at("groups").get<long long>();
+      EXPECT_EQ(4 % g, 0);
+      EXPECT_EQ(bytes, g * (8 + 6) * 4);
+      if (g == 4) {
+        EXPECT_LE(error, 1e-12);  // GQA with every head is the MHA itself
+      }
+    } else {
+      ASSERT_EQ(method, "mla");
+      ++mla;
+      EXPECT_TRUE(row.at("groups").is_null());
+      const auto rank = row.at("rank").get<long long>();
+      EXPECT_EQ(bytes, rank * 4);
+      EXPECT_LE(error, previous * (1 + 1e-9)) << "rank " << rank;  // ranks ascend
+      previous = error;
+      if (rank == 4 * (8 + 6)) {
+        EXPECT_LE(error, 1e-9);
+      }
+    }
+  }
+  EXPECT_EQ(gqa, 3);  // 1, 2, 4 groups
+  EXPECT_GE(mla, 4);
+  EXPECT_NE(r.out.find("method"), std::string::npos);
+}
+
+TEST(ConvertMha, ReadsALlamaStyleCheckpoint) {
+  // Multi-query (one KV head) with RoPE on whole heads: the shared rotary key is exact, so the
+  // full-rank conversion of the stored layer must be too.
+  TempDir dir;
+  const Index hidden = 32, heads = 4, dk = 8;
+  std::vector<Tensor> tensors;
+  const auto add = [&](const std::string& name, Index rows, Index cols, unsigned seed) {
+    tensors.push_back(fixture::store("model.layers.0.self_attn." + name,
+                                     test::random_input<float>(rows, cols, seed), Storage::kF32,
+                                     128)
+                          .weight);
+  };
+  add("q_proj.weight", heads * dk, hidden, 1);
+  add("k_proj.weight", dk, hidden, 2);
+  add("v_proj.weight", dk, hidden, 3);
+  add("o_proj.weight", hidden, heads * dk, 4);
+  fixture::write_bytes(dir / "model.safetensors", fixture::safetensors_bytes(tensors));
+  fixture::write_text(dir / "config.json",
+                      R"({"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 1,
+                          "num_hidden_layers": 1, "rope_theta": 500000.0})");
+  const CliResult r =
+      run_program(MLA_CONVERT_MHA, dir,
+                  "--model " + dir.path() + " --layer 0 --tokens 6 --json " + (dir / "t.json"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  double full = INFINITY;
+  for (const auto& row : read_json(dir / "t.json")) {
+    if (row.at("method") == "mla" && row.at("rank") == 8) full = row.at("rel_error").get<double>();
+  }
+  EXPECT_LE(full, 1e-9);
+  // A layer the checkpoint does not have, and a missing tensor, are named; OUT stays as it was.
+  const CliResult bad = run_program(
+      MLA_CONVERT_MHA, dir, "--model " + dir.path() + " --layer 3 --json " + (dir / "t.json"));
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("layer 3 is out of range"), std::string::npos) << bad.err;
+  tensors.pop_back();
+  fixture::write_bytes(dir / "model.safetensors", fixture::safetensors_bytes(tensors));
+  const std::string before = read_json(dir / "t.json").dump();
+  const CliResult missing = run_program(
+      MLA_CONVERT_MHA, dir, "--model " + dir.path() + " --layer 0 --json " + (dir / "t.json"));
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.err.find("o_proj.weight"), std::string::npos) << missing.err;
+  EXPECT_EQ(read_json(dir / "t.json").dump(), before);
+  const CliResult flag = run_program(MLA_CONVERT_MHA, dir, "--rope-dim 3");
+  EXPECT_EQ(flag.status, 1);
+  EXPECT_NE(flag.err.find("rope_dim must be even"), std::string::npos) << flag.err;
+}
+
+#endif  // MLA_CONVERT_MHA
 
 }  // namespace
