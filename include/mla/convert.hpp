@@ -246,8 +246,7 @@ MlaConversion<T> convert_to_mla(
   CMat factor(G, std::max<Index>(R / 2, 1));  // a_gi
   double rot_total = 0.0, rot_kept = 0.0;
   for (Index i = 0; i < R / 2; ++i) {
-    const Index a = c.rope_layout == RopeLayout::kInterleaved ? 2 * i : i;
-    const Index b = c.rope_layout == RopeLayout::kInterleaved ? 2 * i + 1 : i + R / 2;
+    const auto [a, b] = rope_pair(c.rope_layout, R, i);
     CMat ki(G, hid);
     for (Index g = 0; g < G; ++g) {
       for (Index j = 0; j < hid; ++j) {
@@ -275,8 +274,7 @@ MlaConversion<T> convert_to_mla(
     const Index g = h / (H / G);
     wq.middleRows(h * dk, P) = w.wq.middleRows(h * dk, P);
     for (Index i = 0; i < R / 2; ++i) {
-      const Index a = c.rope_layout == RopeLayout::kInterleaved ? 2 * i : i;
-      const Index b = c.rope_layout == RopeLayout::kInterleaved ? 2 * i + 1 : i + R / 2;
+      const auto [a, b] = rope_pair(c.rope_layout, R, i);
       const std::complex<double> f = std::conj(factor(g, i));
       for (Index j = 0; j < hid; ++j) {
         const std::complex<double> qv(w.wq(h * dk + P + a, j), w.wq(h * dk + P + b, j));

@@ -233,7 +233,7 @@ inline bool score_record_avx512(const detail::LatentLayout& l, const unsigned ch
     const Index tiles = detail::LatentLayout::fp8_tiles(D);
     std::memcpy(scales, rec + l.scales_offset, sizeof(float) * static_cast<std::size_t>(tiles));
     for (Index t = 0; t < tiles; ++t) {
-      if (!(std::fabs(scales[t]) <= 0x1p100f)) return false;
+      if (!fp16_route_covers(scales[t])) return false;
       scales[t] *= 256.0f;  // the FP16 route yields value / 2^8
     }
   }

@@ -284,6 +284,10 @@ inline void decode_span(const std::uint8_t* src, std::size_t n, float* dst, floa
 /// since FP16 has the wider exponent), the hardware widens FP16 to float, and one multiply by
 /// 2^8 * scale rounds once, as float(code) * scale does. NaN codes become the float NaN the
 /// scalar conversion gives. Only for |scale| <= 2^100, where 2^8 * scale cannot overflow.
+/// Whether the FP16 route below decodes codes times `scale` exactly: |scale| <= 2^100, where
+/// the multiplier 2^8 * scale cannot overflow (false for NaN).
+inline bool fp16_route_covers(float scale) noexcept { return std::fabs(scale) <= 0x1p100f; }
+
 /// 16 codes at src times `mul` / 2^8 (mul = 2^8 * scale): the step of decode_e4m3_avx512.
 inline __m512 widen16_e4m3_avx512(const std::uint8_t* src, __m512 mul) noexcept {
   const __m256i low7 = _mm256_set1_epi16(0x7F), high = _mm256_set1_epi16(0x80);
@@ -365,7 +369,7 @@ inline std::enable_if_t<is_float8_v<F8>> from_fp8(const F8* src, std::size_t n, 
   const auto* in = reinterpret_cast<const std::uint8_t*>(src);
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<Format, detail::E4M3FNFormat>) {
-    if (std::fabs(scale) <= 0x1p100f) {
+    if (detail::fp16_route_covers(scale)) {
       const std::size_t done = detail::decode_e4m3_avx512(in, n, dst, scale);
       in += done;
       dst += done;

@@ -69,6 +69,16 @@ inline YarnRange yarn_correction_range(const MlaConfig& c) {
 /// by the angle p * theta'_i; cos and sin are multiplied by HF's magnitude factor
 /// yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim) (1 for every
 /// published DeepSeek config).
+/// The two dimensions RoPE turns together as pair i (i < dim / 2) of a dim-wide slice:
+/// (2i, 2i + 1) interleaved, (i, i + dim / 2) half-split. The pair turns by theta_i like the
+/// complex number x[first] + i x[second].
+struct RopePair {
+  Index first, second;
+};
+inline RopePair rope_pair(RopeLayout layout, Index dim, Index i) {
+  return layout == RopeLayout::kInterleaved ? RopePair{2 * i, 2 * i + 1} : RopePair{i, i + dim / 2};
+}
+
 class Rope {
  public:
   explicit Rope(const MlaConfig& config)
@@ -120,12 +130,10 @@ class Rope {
   template <class T>
   void rotate(T* x, const T* cos, const T* sin) const {
     const Index pairs = dim_ / 2;
-    // Pair i is (x[2i], x[2i+1]) interleaved, or (x[i], x[i + R/2]) half-split.
-    const Index step = layout_ == RopeLayout::kInterleaved ? 2 : 1;
-    const Index partner = layout_ == RopeLayout::kInterleaved ? 1 : pairs;
     for (Index i = 0; i < pairs; ++i) {
-      T& a = x[i * step];
-      T& b = x[i * step + partner];
+      const RopePair p = rope_pair(layout_, dim_, i);
+      T& a = x[p.first];
+      T& b = x[p.second];
       const T a0 = a;
       a = a0 * cos[i] - b * sin[i];
       b = a0 * sin[i] + b * cos[i];
