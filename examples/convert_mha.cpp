@@ -178,9 +178,11 @@ mla::MhaWeights<double> load_llama(const std::string& dir, Index layer, mla::Mha
   c.v_head_dim = c.head_dim;
   c.rope_dim = c.head_dim;  // Llama rotates the whole head, halves against halves
   c.rope_layout = mla::RopeLayout::kHalfSplit;
-  c.rope_theta = j.contains("rope_theta") && j["rope_theta"].is_number()
-                     ? j["rope_theta"].get<double>()
-                     : 10000.0;
+  if (j.contains("rope_theta") && !j["rope_theta"].is_null()) {
+    mla::detail::require(j["rope_theta"].is_number(), path,
+                         ": field 'rope_theta' must be a number");
+    c.rope_theta = j["rope_theta"].get<double>();
+  }
   c.validate();
   mla::detail::require(layer < field("num_hidden_layers", layer + 1), path, ": layer ", layer,
                        " is out of range");
