@@ -151,54 +151,6 @@ mla::MhaWeights<double> random_layer(const mla::MhaConfig& c, double decay, doub
   return w;
 }
 
-/// Layer `layer` of a Llama-style checkpoint: config.json and q/k/v/o_proj weights.
-mla::MhaWeights<double> load_llama(const std::string& dir, Index layer, mla::MhaConfig& c) {
-  const std::string path = dir + "/config.json";
-  nlohmann::json j;
-  try {
-    std::ifstream f(path);
-    mla::detail::require(static_cast<bool>(f), path, ": cannot open");
-    j = nlohmann::json::parse(f);
-  } catch (const nlohmann::json::exception& e) {
-    mla::detail::fail(path, ": malformed JSON: ", e.what());
-  }
-  const auto field = [&](const char* name, long long fallback) -> long long {
-    if (!j.contains(name) || j[name].is_null()) {
-      mla::detail::require(fallback >= 0, path, ": field '", name, "' is missing");
-      return fallback;
-    }
-    mla::detail::require(j[name].is_number_integer(), path, ": field '", name,
-                         "' must be an integer");
-    return j[name].get<long long>();
-  };
-  c.hidden_size = field("hidden_size", -1);
-  c.num_heads = field("num_attention_heads", -1);
-  c.num_kv_heads = field("num_key_value_heads", c.num_heads);
-  c.head_dim = field("head_dim", c.num_heads > 0 ? c.hidden_size / c.num_heads : -1);
-  c.v_head_dim = c.head_dim;
-  c.rope_dim = c.head_dim;  // Llama rotates the whole head, halves against halves
-  c.rope_layout = mla::RopeLayout::kHalfSplit;
-  if (j.contains("rope_theta") && !j["rope_theta"].is_null()) {
-    mla::detail::require(j["rope_theta"].is_number(), path,
-                         ": field 'rope_theta' must be a number");
-    c.rope_theta = j["rope_theta"].get<double>();
-  }
-  c.validate();
-  mla::detail::require(layer < field("num_hidden_layers", layer + 1), path, ": layer ", layer,
-                       " is out of range");
-  const mla::io::Checkpoint ckpt = mla::io::Checkpoint::open(dir);
-  const std::string p = "model.layers." + std::to_string(layer) + ".self_attn.";
-  const auto load = [&](const char* name, Index rows, Index cols) {
-    return mla::io::to_matrix<double>(
-        ckpt.tensor(p + name), rows, cols,
-        std::string("[") + std::to_string(rows) + ", " + std::to_string(cols) + "]");
-  };
-  const Index H = c.num_heads, G = c.num_kv_heads, hid = c.hidden_size;
-  return {load("q_proj.weight", H * c.head_dim, hid), load("k_proj.weight", G * c.head_dim, hid),
-          load("v_proj.weight", G * c.v_head_dim, hid),
-          load("o_proj.weight", hid, H * c.v_head_dim)};
-}
-
 /// Output of a converted MLA layer for x (one prefill on a double cache).
 RowMatrix<double> run_mla(const mla::MlaConversion<double>& m, const RowMatrix<double>& x) {
   const mla::MlaLayer<double> layer(m.config, m.weights);
@@ -223,9 +175,15 @@ struct Row {
 int run(const Args& a) {
   std::mt19937_64 rng(static_cast<std::uint64_t>(a.seed));
   mla::MhaConfig c = a.mha;
-  const mla::MhaWeights<double> w =
-      a.model.empty() ? (c.validate(), random_layer(c, a.decay, a.rope_shared, rng))
-                      : load_llama(a.model, a.layer, c);
+  mla::MhaWeights<double> w;
+  if (a.model.empty()) {
+    c.validate();
+    w = random_layer(c, a.decay, a.rope_shared, rng);
+  } else {
+    const mla::io::LlamaConfig cfg = mla::io::read_llama_config(a.model + "/config.json");
+    w = mla::io::load_llama_attention<double>(mla::io::Checkpoint::open(a.model), cfg, a.layer);
+    c = cfg.attention;
+  }
   const RowMatrix<double> x = gaussian(a.tokens, c.hidden_size, rng, 1.0);
   const RowMatrix<double> calibration = gaussian(a.calibration, c.hidden_size, rng, 1.0);
   const RowMatrix<double> want = mla::mha_forward<double>(c, w, x);

@@ -588,6 +588,46 @@ TEST(DeepSeekLayer, ErrorsSayWhatAndWhereAndWriteNothing) {
 #endif  // MLA_DEEPSEEK_LAYER
 
 // ---------------------------------------------------------------------------------------------
+// Llama-style config.json
+
+TEST(LlamaConfig, ReadsFieldsAndDefaultsAndNamesBadOnes) {
+  const mla::io::LlamaConfig a = mla::io::parse_llama_config(
+      R"({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 3})");
+  EXPECT_EQ(a.attention.num_kv_heads, 4);  // MHA when num_key_value_heads is absent
+  EXPECT_EQ(a.attention.head_dim, 16);     // hidden_size / heads
+  EXPECT_EQ(a.attention.rope_dim, 16);     // RoPE on whole heads
+  EXPECT_EQ(a.attention.rope_layout, mla::RopeLayout::kHalfSplit);
+  EXPECT_EQ(a.attention.rope_theta, 10000.0);
+  EXPECT_EQ(a.num_hidden_layers, 3);
+  const mla::io::LlamaConfig b = mla::io::parse_llama_config(
+      R"({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+          "num_key_value_heads": 2, "head_dim": 8, "rope_theta": 500000.0})");
+  EXPECT_EQ(b.attention.num_kv_heads, 2);
+  EXPECT_EQ(b.attention.head_dim, 8);
+  EXPECT_EQ(b.attention.rope_theta, 500000.0);
+  const auto error = [](const std::string& text) {
+    return test::throws_error_containing([&] { mla::io::parse_llama_config(text, "c.json"); },
+                                         "c.json");
+  };
+  EXPECT_TRUE(test::throws_error_containing(
+      [] { mla::io::parse_llama_config(R"({"hidden_size": 64, "num_hidden_layers": 1})"); },
+      "missing field 'num_attention_heads'"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [] {
+        mla::io::parse_llama_config(R"({"hidden_size": 64, "num_attention_heads": 4,
+                                        "num_hidden_layers": 1, "rope_theta": "x"})");
+      },
+      "field 'rope_theta' must be a number"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [] {
+        mla::io::parse_llama_config(R"({"hidden_size": 64, "num_attention_heads": 4,
+                                        "num_hidden_layers": 1, "num_key_value_heads": 3})");
+      },
+      "num_kv_heads (3) must divide num_heads (4)"));
+  EXPECT_TRUE(error("{not json"));
+}
+
+// ---------------------------------------------------------------------------------------------
 // convert_mha, end to end
 
 #ifdef MLA_CONVERT_MHA
@@ -675,7 +715,8 @@ TEST(ConvertMha, ReadsALlamaStyleCheckpoint) {
   const CliResult bad = run_program(
       MLA_CONVERT_MHA, dir, "--model " + dir.path() + " --layer 3 --json " + (dir / "t.json"));
   EXPECT_EQ(bad.status, 1);
-  EXPECT_NE(bad.err.find("layer 3 is out of range"), std::string::npos) << bad.err;
+  EXPECT_NE(bad.err.find("layer 3 out of range: the model has 1 layers"), std::string::npos)
+      << bad.err;
   tensors.pop_back();
   fixture::write_bytes(dir / "model.safetensors", fixture::safetensors_bytes(tensors));
   const std::string before = read_json(dir / "t.json").dump();

@@ -76,13 +76,8 @@ class ConfigReader {
   std::string source_;
 };
 
-}  // namespace detail
-
-/// Parses config.json text. `source` names it in messages. Throws mla::Error for malformed
-/// JSON, a missing or mistyped field, an unsupported rope_scaling or quantisation, or values
-/// MlaConfig::validate() rejects.
-inline CheckpointConfig parse_config(const std::string& text,
-                                     const std::string& source = "config.json") {
+/// `text` parsed as a JSON object; throws mla::Error naming `source` otherwise.
+inline nlohmann::json parse_json_object(const std::string& text, const std::string& source) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(text);
@@ -90,6 +85,17 @@ inline CheckpointConfig parse_config(const std::string& text,
     mla::detail::fail(source, ": malformed JSON: ", e.what());
   }
   mla::detail::require(j.is_object(), source, ": must be a JSON object");
+  return j;
+}
+
+}  // namespace detail
+
+/// Parses config.json text. `source` names it in messages. Throws mla::Error for malformed
+/// JSON, a missing or mistyped field, an unsupported rope_scaling or quantisation, or values
+/// MlaConfig::validate() rejects.
+inline CheckpointConfig parse_config(const std::string& text,
+                                     const std::string& source = "config.json") {
+  const nlohmann::json j = detail::parse_json_object(text, source);
   const detail::ConfigReader r(j, source);
   CheckpointConfig out;
   MlaConfig& c = out.mla;
