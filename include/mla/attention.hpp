@@ -190,27 +190,45 @@ void attention_expanded(const MlaConfig& c, const LatentView& cache,
     // Rebuild [k^nope ; v] of every head for this tile: [n, H * (P + V)].
     auto kv = ws.kv_tile.topRows(n);
     project(wkv_b, c_tile, kv);
-    // Queries t < t0 end before this tile starts (causal), so they skip it.
+    // Queries t < t0 end before this tile starts (causal), so they skip it. Of the others,
+    // the first `partial` see only the first past + t + 1 - j0 keys of the tile (the tile holds
+    // their future); the rest see all n keys.
     const Index t0 = std::max<Index>(0, j0 - past);
     const Index rows = tokens - t0;
+    const Index partial = std::clamp<Index>(j0 + n - 1 - past - t0, 0, rows);
     auto s = ws.scores.topLeftCorner(rows, n);
     auto corr = ws.correction.head(rows);
     for (Index h = 0; h < H; ++h) {
+      const auto k_nope = kv.middleCols(h * KV, P);
+      const auto v = kv.middleCols(h * KV + P, V);
       // Scores: <q^nope, W_UK c> + <q^pe, k^R>, the shared rotary key serving every head.
-      s.setZero();
-      if (P > 0) s.noalias() += q.block(t0, h * QK, rows, P) * kv.middleCols(h * KV, P).transpose();
-      if (R > 0) s.noalias() += q.block(t0, h * QK + P, rows, R) * kpe.transpose();
-      s *= sigma;
+      // Future keys are never multiplied (not even by a zero weight: 0 x NaN is NaN), so a
+      // non-finite token cannot reach the answers before it.
+      const auto score = [&](Index i0, Index ni, Index keys) {
+        auto si = s.block(i0, 0, ni, keys);
+        si.setZero();
+        if (P > 0)
+          si.noalias() += q.block(t0 + i0, h * QK, ni, P) * k_nope.topRows(keys).transpose();
+        if (R > 0)
+          si.noalias() += q.block(t0 + i0, h * QK + P, ni, R) * kpe.topRows(keys).transpose();
+        si *= sigma;
+      };
+      for (Index i = 0; i < partial; ++i) score(i, 1, past + t0 + i + 1 - j0);
+      if (partial < rows) score(partial, rows - partial, n);
       for (Index i = 0; i < rows; ++i) {
         const Index t = t0 + i;
         const Index visible = std::min(n, past + t + 1 - j0);  // >= 1 since t >= t0
-        T* row = s.row(i).data();
-        corr(i) = detail::online_softmax_step(row, visible, m(t * H + h), l(t * H + h));
-        std::fill(row + visible, row + n, T(0));  // masked keys get weight 0
+        corr(i) = detail::online_softmax_step(s.row(i).data(), visible, m(t * H + h), l(t * H + h));
       }
       auto o = out.block(t0, h * V, rows, V);
       o = corr.asDiagonal() * o;
-      o.noalias() += s * kv.middleCols(h * KV + P, V);
+      for (Index i = 0; i < partial; ++i) {
+        const Index visible = past + t0 + i + 1 - j0;
+        o.row(i).noalias() += s.row(i).head(visible) * v.topRows(visible);
+      }
+      if (partial < rows) {
+        o.bottomRows(rows - partial).noalias() += s.bottomRows(rows - partial) * v;
+      }
     }
   });
   detail::finish_softmax(ws, H, lse, [&](Index t, Index h) { return out.block(t, h * V, 1, V); });
