@@ -528,6 +528,36 @@ class LatentCache {
     return s.lengths[static_cast<std::size_t>(layer)];
   }
 
+  /// Position of the sequence's first cached token (the same for every layer), or -1 while the
+  /// sequence holds no token in any layer. Throws for an unknown id.
+  std::int64_t first_position(SequenceId id) const {
+    const Sequence& s = find(id, "first_position");
+    return holds_tokens(s) ? s.first_position : -1;
+  }
+
+  /// The position the next token of (id, layer) must have: first_position + length(id, layer),
+  /// or -1 (any position >= 0) while the sequence holds no token in any layer.
+  std::int64_t next_position(SequenceId id, Index layer) const {
+    const Sequence& s = find(id, "next_position");
+    check_layer(layer, "next_position");
+    return holds_tokens(s) ? s.first_position + s.lengths[static_cast<std::size_t>(layer)] : -1;
+  }
+
+  /// Throws mla::Error unless `pos` may be the position of the next token of (id, layer):
+  /// positions of a sequence are contiguous, so pos must equal next_position(id, layer); the
+  /// first token of a sequence that holds nothing may be at any position >= 0.
+  void require_position(SequenceId id, Index layer, std::int64_t pos) const {
+    const std::int64_t next = next_position(id, layer);
+    detail::require(pos >= 0, "LatentCache: sequence ", id, " layer ", layer,
+                    ": positions must be >= 0, got ", pos);
+    if (next < 0 || pos == next) return;
+    const Sequence& s = find(id, "append");
+    detail::fail("LatentCache: sequence ", id, " layer ", layer, " holds ",
+                 s.lengths[static_cast<std::size_t>(layer)], " tokens from position ",
+                 s.first_position, ", so its next token is at position ", next, ", got ", pos,
+                 " (positions of a sequence are contiguous)");
+  }
+
   /// Throws mla::Error unless `count` more tokens fit for (id, layer), counting free blocks.
   void require_room(SequenceId id, Index layer, Index count) const {
     require_room(&id, 1, layer, count);
@@ -559,12 +589,14 @@ class LatentCache {
                  " blocks are free");
   }
 
-  /// Appends tokens to (id, layer): c_kv [n, d_c] and k_pe [n, R], converted to the storage
-  /// format once, here. Atomic: when the pool cannot hold them (or an argument is wrong) it
-  /// throws mla::Error and leaves every sequence as it was.
+  /// Appends tokens to (id, layer) at positions start_pos, start_pos + 1, ...: c_kv [n, d_c]
+  /// and k_pe [n, R] (RoPE applied at those positions), converted to the storage format once,
+  /// here. start_pos must continue the sequence (see require_position). Atomic: when the pool
+  /// cannot hold the tokens, the position does not follow, or an argument is wrong, it throws
+  /// mla::Error and leaves every sequence as it was.
   template <class T>
   void append(SequenceId id, Index layer, ConstMatrixRef<detail::identity_t<T>> c_kv,
-              ConstMatrixRef<detail::identity_t<T>> k_pe) {
+              ConstMatrixRef<detail::identity_t<T>> k_pe, std::int64_t start_pos) {
     detail::require(
         c_kv.cols() == kv_lora_rank() && k_pe.cols() == rope_dim() && c_kv.rows() == k_pe.rows(),
         "LatentCache::append: c_kv is [", c_kv.rows(), ", ", c_kv.cols(), "] and k_pe is [",
@@ -572,8 +604,10 @@ class LatentCache {
         rope_dim(), "]");
     const Index count = c_kv.rows();
     require_room(id, layer, count);
+    require_position(id, layer, start_pos);
     // Everything that can fail has been checked; from here on nothing throws.
     Sequence& s = find(id, "append");
+    if (count > 0 && !holds_tokens(s)) s.first_position = start_pos;
     const Index needed = blocks_needed(s, layer, count);
     for (Index b = 0; b < needed; ++b) {
       s.blocks.push_back(free_blocks_.back());  // capacity reserved: no allocation
@@ -594,6 +628,14 @@ class LatentCache {
     cached += count;
   }
 
+  /// Appends tokens at the sequence's next position (position 0 for a sequence that holds
+  /// nothing); otherwise as the append above.
+  template <class T>
+  void append(SequenceId id, Index layer, ConstMatrixRef<detail::identity_t<T>> c_kv,
+              ConstMatrixRef<detail::identity_t<T>> k_pe) {
+    append<T>(id, layer, c_kv, k_pe, std::max<std::int64_t>(0, next_position(id, layer)));
+  }
+
   /// The cached tokens of (id, layer) for reading. Throws for an unknown id or layer.
   LatentView view(SequenceId id, Index layer) const {
     const Sequence& s = find(id, "view");
@@ -612,7 +654,12 @@ class LatentCache {
   struct Sequence {
     std::vector<std::int32_t> blocks;  // block table, shared by all layers
     std::vector<Index> lengths;        // tokens cached per layer
+    std::int64_t first_position = 0;   // position of token 0 (meaningful while holds_tokens)
   };
+
+  static bool holds_tokens(const Sequence& s) {
+    return std::any_of(s.lengths.begin(), s.lengths.end(), [](Index n) { return n > 0; });
+  }
   struct CloneTag {};
 
   LatentCache(const LatentCache& other, CloneTag)

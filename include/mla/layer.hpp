@@ -139,12 +139,16 @@ class MlaLayer {
   /// Runs the layer on `x` [tokens, hidden_size], the next tokens of sequence `seq`, at
   /// positions start_pos, start_pos + 1, ...: appends their c^KV and k^R to `cache` (layer
   /// layer_index()) and writes the attention output u = W_o [o_1 .. o_H] to `y`
-  /// [tokens, hidden_size]. Each token attends to everything cached before it and to itself.
-  /// `y` may alias `x`.
+  /// [tokens, hidden_size]. Each token attends to everything cached before it and to itself,
+  /// never to a later token. `y` may alias `x`.
+  ///
+  /// Positions are contiguous: the first call on a sequence that holds nothing may start at any
+  /// position p0 >= 0; after that start_pos must be p0 + length(seq, layer_index())
+  /// (LatentCache::next_position).
   ///
   /// Throws mla::Error for wrong shapes, an unknown sequence, a layer index the cache does not
-  /// have, a cache of other dimensions, or a pool too full for the tokens; the cache is then
-  /// left as it was.
+  /// have, a cache of other dimensions, a start_pos that does not continue the sequence, or a
+  /// pool too full for the tokens; the cache is then left as it was.
   void forward(ConstMatrixRef<T> x, std::int64_t start_pos, LatentCache& cache, SequenceId seq,
                MatrixRef<T> y, MlaWorkspace<T>& ws,
                AttentionPath path = AttentionPath::kAuto) const {
@@ -153,13 +157,15 @@ class MlaLayer {
     detail::require(start_pos >= 0 && start_pos <= kMaxPosition - tokens,
                     "MlaLayer::forward: start_pos must be in [0, 2^52 - tokens], got ", start_pos);
     if (tokens == 0) return;
-    cache.require_room(seq, layer_index_, tokens);  // before anything changes
+    // Before anything changes: room for the tokens, and positions that continue the sequence.
+    cache.require_room(seq, layer_index_, tokens);
+    cache.require_position(seq, layer_index_, start_pos);
     if (path == AttentionPath::kAuto) {
       path = choose_path(tokens, cache.length(seq, layer_index_));
     }
     ws.reserve(config_, tokens, path);
     project_queries_and_latents(x, ws, [&](Index t) { return start_pos + t; });
-    append_latents(cache, seq, 0, tokens, ws);
+    append_latents(cache, seq, 0, tokens, start_pos, ws);
     if (path == AttentionPath::kAbsorbed) absorb_queries(tokens, ws);
     attend(cache.view(seq, layer_index_), 0, tokens, path, ws);
     finish(y, tokens, path, ws);
@@ -168,9 +174,10 @@ class MlaLayer {
   /// One decode step for several sequences at once: row b of `x` [batch, hidden_size] is the
   /// next token of `seqs[b]`, at position `positions[b]`, and row b of `y` receives its output.
   /// The sequences must be distinct and may have any lengths; each attends only to its own
-  /// cached tokens. The projections run once for the whole batch, the attention per sequence
-  /// (absorbed unless `path` says kExpanded). Atomic like forward(): room for every sequence is
-  /// checked before anything changes.
+  /// cached tokens, and each position must continue its sequence (as for forward()). The
+  /// projections run once for the whole batch, the attention per sequence (absorbed unless `path`
+  /// says kExpanded). Atomic like forward(): room for every sequence is checked before anything
+  /// changes.
   void forward_batch(ConstMatrixRef<T> x, const std::vector<std::int64_t>& positions,
                      LatentCache& cache, const std::vector<SequenceId>& seqs, MatrixRef<T> y,
                      MlaWorkspace<T>& ws, AttentionPath path = AttentionPath::kAuto) const {
@@ -185,13 +192,20 @@ class MlaLayer {
                       "MlaLayer::forward_batch: positions must be in [0, 2^52), got ", p);
     }
     if (batch == 0) return;
-    cache.require_room(seqs.data(), batch, layer_index_, 1);  // all of them, before any change
+    // All of them, before any change: room, and each position continuing its sequence.
+    cache.require_room(seqs.data(), batch, layer_index_, 1);
+    for (Index b = 0; b < batch; ++b) {
+      cache.require_position(seqs[static_cast<std::size_t>(b)], layer_index_,
+                             positions[static_cast<std::size_t>(b)]);
+    }
     if (path == AttentionPath::kAuto) path = AttentionPath::kAbsorbed;
     ws.reserve(config_, batch, path);
     project_queries_and_latents(x, ws,
                                 [&](Index b) { return positions[static_cast<std::size_t>(b)]; });
-    for (Index b = 0; b < batch; ++b)
-      append_latents(cache, seqs[static_cast<std::size_t>(b)], b, 1, ws);
+    for (Index b = 0; b < batch; ++b) {
+      const auto i = static_cast<std::size_t>(b);
+      append_latents(cache, seqs[i], b, 1, positions[i], ws);
+    }
     if (path == AttentionPath::kAbsorbed) absorb_queries(batch, ws);
     for (Index b = 0; b < batch; ++b) {
       attend(cache.view(seqs[static_cast<std::size_t>(b)], layer_index_), b, 1, path, ws);
@@ -245,11 +259,12 @@ class MlaLayer {
     }
   }
 
-  /// Appends rows [row0, row0 + n) of the latents to the cache (room was checked).
-  void append_latents(LatentCache& cache, SequenceId seq, Index row0, Index n,
+  /// Appends rows [row0, row0 + n) of the latents to the cache at positions pos, pos + 1, ...
+  /// (room and position were checked).
+  void append_latents(LatentCache& cache, SequenceId seq, Index row0, Index n, std::int64_t pos,
                       MlaWorkspace<T>& ws) const {
     const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim;
-    cache.append<T>(seq, layer_index_, ws.kv.block(row0, 0, n, D), ws.kv.block(row0, D, n, R));
+    cache.append<T>(seq, layer_index_, ws.kv.block(row0, 0, n, D), ws.kv.block(row0, D, n, R), pos);
   }
 
   /// q~_h = W_UK^(h)^T q_h^nope and q^pe for every row: q_latent [tokens * H, d_c + R].
