@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "mla/latent_cache.hpp"
@@ -127,6 +128,76 @@ TEST(LatentCache, FailedAppendLeavesEverythingAsItWas) {
   cache.append<float>(a, 1, x.topRows(8).leftCols(32), x.topRows(8).rightCols(8));
   EXPECT_EQ(cache.length(a, 0), 8);
   EXPECT_EQ(cache.length(a, 1), 8);
+}
+
+TEST(LatentCache, AnAppendNeedingMoreBlocksThanAreFreeTakesNone) {
+  // Some blocks are free, but fewer than the append needs: it must not take the free ones.
+  const MlaConfig c = MlaConfig::small_v3();
+  LatentCache cache(c, options(2, 4, 4, CacheStorage::kFloat32));
+  const SequenceId a = cache.add_sequence(), b = cache.add_sequence();
+  const RowMatrix<float> x = test::random_input<float>(12, 40, 9);
+  cache.append<float>(a, 0, x.topRows(9).leftCols(32), x.topRows(9).rightCols(8));  // 3 blocks
+  const RowMatrix<double> a0 = contents(cache, a, 0);
+  ASSERT_EQ(cache.free_blocks(), 1);
+  // b needs 2 blocks for 5 tokens; a needs 2 more for 8 (3 in its last block, then 5).
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { cache.append<float>(b, 0, x.topRows(5).leftCols(32), x.topRows(5).rightCols(8)); },
+      "needs 2 more blocks of 4 tokens for 5 tokens, but only 1 of the pool's 4 blocks"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { cache.append<float>(a, 0, x.topRows(8).leftCols(32), x.topRows(8).rightCols(8)); },
+      "needs 2 more blocks"));
+  EXPECT_EQ(cache.free_blocks(), 1);
+  EXPECT_EQ(cache.blocks_in_use(), 3);
+  EXPECT_EQ(cache.bytes_in_use(), 3u * 4u * 40u * 4u * 2u);
+  EXPECT_EQ(cache.bytes_of_tokens(), 9u * 40u * 4u);
+  EXPECT_EQ(cache.length(a, 0), 9);
+  EXPECT_EQ(cache.length(a, 1), 0);
+  EXPECT_EQ(cache.length(b, 0), 0);
+  EXPECT_EQ(contents(cache, a, 0), a0);
+  // The free block still serves an append that fits in it.
+  cache.append<float>(b, 0, x.topRows(4).leftCols(32), x.topRows(4).rightCols(8));
+  EXPECT_EQ(cache.free_blocks(), 0);
+  EXPECT_EQ(contents(cache, b, 0), x.topRows(4).cast<double>());
+}
+
+TEST(LatentCache, PositionsOfASequenceAreContiguous) {
+  const MlaConfig c = MlaConfig::small_v3();
+  LatentCache cache(c, options(2, 4, 8, CacheStorage::kFloat32));
+  const SequenceId s = cache.add_sequence();
+  const RowMatrix<float> x = test::random_input<float>(6, 40, 3);
+  const auto append = [&](Index layer, Index n, std::int64_t pos) {
+    cache.append<float>(s, layer, x.topRows(n).leftCols(32), x.topRows(n).rightCols(8), pos);
+  };
+  EXPECT_EQ(cache.first_position(s), -1);
+  EXPECT_EQ(cache.next_position(s, 0), -1);  // anything goes while the sequence is empty
+  append(0, 3, 160000);                      // a first chunk far into the context
+  EXPECT_EQ(cache.first_position(s), 160000);
+  EXPECT_EQ(cache.next_position(s, 0), 160003);
+  EXPECT_EQ(cache.next_position(s, 1), 160000);  // layer 1 starts where the sequence starts
+  const RowMatrix<double> before = contents(cache, s, 0);
+  // Gaps, repeats and going backwards, in both layers: errors naming both numbers.
+  for (std::int64_t bad :
+       {std::int64_t{160004}, std::int64_t{160002}, std::int64_t{160000}, std::int64_t{0}}) {
+    EXPECT_TRUE(test::throws_error_containing(
+        [&] { append(0, 2, bad); },
+        "next token is at position 160003, got " + std::to_string(bad)));
+  }
+  EXPECT_TRUE(test::throws_error_containing([&] { append(1, 1, 160001); },
+                                            "next token is at position 160000, got 160001"));
+  EXPECT_TRUE(test::throws_error_containing([&] { append(0, 1, -5); }, "must be >= 0, got -5"));
+  EXPECT_EQ(cache.length(s, 0), 3);
+  EXPECT_EQ(cache.length(s, 1), 0);
+  EXPECT_EQ(contents(cache, s, 0), before);
+  // The position-less append continues where the layer is.
+  cache.append<float>(s, 0, x.topRows(1).leftCols(32), x.topRows(1).rightCols(8));
+  EXPECT_EQ(cache.next_position(s, 0), 160004);
+  append(1, 2, 160000);
+  EXPECT_EQ(cache.next_position(s, 1), 160002);
+  // A new sequence starts wherever it likes; a position-less first append starts at 0.
+  const SequenceId t = cache.add_sequence();
+  cache.append<float>(t, 1, x.topRows(2).leftCols(32), x.topRows(2).rightCols(8));
+  EXPECT_EQ(cache.first_position(t), 0);
+  EXPECT_EQ(cache.next_position(t, 0), 0);
 }
 
 TEST(LatentCache, RemovingASequenceReturnsItsBlocksForReuse) {
@@ -316,7 +387,15 @@ TEST(LatentCacheStorage, Fp8RecordIsFlashMlaLayoutByteForByte) {
 
 TEST(LatentCacheStorage, WriteThenReadWithinEachFormatsBound) {
   const MlaConfig c = MlaConfig::deepseek_v3();
-  const RowMatrix<float> x = test::random_input<float>(20, 576, 3) * 2.5f;
+  RowMatrix<float> x = test::random_input<float>(20, 576, 3) * 2.5f;
+  // The four latent tiles of a token have amaxes that differ by powers of ten (in an order
+  // that changes from token to token), so a scale taken from the wrong tile saturates or
+  // flushes values far beyond the bound.
+  for (Index t = 0; t < 20; ++t) {
+    for (Index tile = 0; tile < 4; ++tile) {
+      x.row(t).segment(tile * 128, 128) *= std::pow(10.0f, static_cast<float>((tile + t) % 4) - 2);
+    }
+  }
   for (CacheStorage storage : {CacheStorage::kFloat32, CacheStorage::kBFloat16,
                                CacheStorage::kFp8E4M3, CacheStorage::kFloat64}) {
     SCOPED_TRACE(to_string(storage));
@@ -325,7 +404,6 @@ TEST(LatentCacheStorage, WriteThenReadWithinEachFormatsBound) {
     cache.append<float>(s, 0, x.leftCols(512), x.rightCols(64));
     const RowMatrix<double> back = contents(cache, s, 0);
     for (Index t = 0; t < 20; ++t) {
-      const double amax_tile0 = x.row(t).head(128).cwiseAbs().maxCoeff();
       for (Index i = 0; i < 576; ++i) {
         const double v = x(t, i), r = back(t, i);
         double bound = 0.0;  // fp32 and fp64 are exact
@@ -336,7 +414,6 @@ TEST(LatentCacheStorage, WriteThenReadWithinEachFormatsBound) {
           // subnormal step 2^-9 * scale, halved.
           const double scale = x.row(t).segment(i / 128 * 128, 128).cwiseAbs().maxCoeff() / 448.0;
           bound = std::max(std::ldexp(std::fabs(v), -4), std::ldexp(scale, -10));
-          (void)amax_tile0;
         }
         ASSERT_LE(std::fabs(r - v), bound) << "token " << t << " value " << i;
       }

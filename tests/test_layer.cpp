@@ -3,8 +3,11 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "mla/layer.hpp"
@@ -605,6 +608,209 @@ TYPED_TEST(LayerTest, AbsorbedEqualsExpandedWithFp8Weights) {
   std::printf("    [measured] W8A8 wkv_b absorbed vs expanded: %.2e\n", diff);
   EXPECT_LE(diff, 1e-1);
   EXPECT_GT(diff, test::layer_tolerance<T>());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Causality with non-finite tokens, contiguous positions, split-KV merges inside the layer
+
+namespace {
+
+/// Runs a prefill of x (one call, on `path`) on a fresh cache of `storage` and returns y. With
+/// `pool`, float layers decode on it with `splits` key-range parts.
+template <class T>
+RowMatrix<T> prefill_on(const MlaLayer<T>& layer, const RowMatrix<T>& x, CacheStorage storage,
+                        AttentionPath path, mla::ThreadPool* pool = nullptr, Index splits = 0) {
+  const MlaConfig& c = layer.config();
+  mla::LatentCacheOptions o;
+  o.block_tokens = 16;
+  o.num_blocks = 8;
+  o.storage = storage;
+  LatentCache cache(c, o);
+  const auto seq = cache.add_sequence();
+  MlaWorkspace<T> ws;
+  ws.set_thread_pool(pool);
+  mla::DecodeOptions d;
+  d.splits = splits;
+  d.tile_tokens = 16;
+  ws.set_decode_options(d);
+  RowMatrix<T> y(x.rows(), c.hidden_size);
+  layer.forward(x, 0, cache, seq, y, ws, path);
+  return y;
+}
+
+TYPED_TEST(LayerTest, ANonFiniteTokenAffectsOnlyItselfAndLaterTokens) {
+  // Causal attention never reads the future: a NaN or Inf in token k leaves the outputs of
+  // tokens 0 .. k-1 finite and equal to a prefill of those k tokens alone, on every path and
+  // storage (the expanded path used to multiply masked keys by a zero weight: 0 x NaN = NaN).
+  using T = TypeParam;
+  mla::ThreadPool pool(2);
+  for (const MlaConfig& c : {MlaConfig::small_v2_lite(), MlaConfig::small_v3()}) {
+    const MlaLayer<T> layer(c, MlaWeights<T>::random(c, 23));
+    const Index n = 70;  // beyond one attention tile (64) and several 16-token blocks
+    const RowMatrix<T> clean = test::random_input<T>(n, c.hidden_size, 24);
+    for (CacheStorage storage :
+         {test::exact_storage<T>(), CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
+      for (AttentionPath path : {AttentionPath::kExpanded, AttentionPath::kAbsorbed}) {
+        for (bool threaded : {false, true}) {
+          if (threaded && (!std::is_same_v<T, float> || path != AttentionPath::kAbsorbed)) continue;
+          for (T bad : {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity()}) {
+            for (Index k : {1, 17, 63, 64, 69}) {
+              SCOPED_TRACE(std::string(mla::to_string(storage)) +
+                           (path == AttentionPath::kAbsorbed ? " absorbed" : " expanded") +
+                           (threaded ? " pool" : "") + (std::isnan(bad) ? " NaN" : " Inf") +
+                           " at token " + std::to_string(k));
+              RowMatrix<T> x = clean;
+              x(k, 3) = bad;
+              mla::ThreadPool* p = threaded ? &pool : nullptr;
+              const RowMatrix<T> y = prefill_on(layer, x, storage, path, p, 3);
+              const RowMatrix<T> first = x.topRows(k);
+              const RowMatrix<T> y_first = prefill_on(layer, first, storage, path, p, 3);
+              ASSERT_TRUE(y.topRows(k).allFinite());
+              EXPECT_LE(test::rel_error(test::to_vec(y.topRows(k)), test::to_vec(y_first)),
+                        test::layer_tolerance<T>());
+              EXPECT_FALSE(y.row(k).allFinite()) << "the bad token itself is not finite";
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TYPED_TEST(LayerTest, ANonFiniteTokenInABatchAffectsOnlyItsSequence) {
+  using T = TypeParam;
+  const MlaConfig c = MlaConfig::small_v3();
+  const MlaLayer<T> layer(c, MlaWeights<T>::random(c, 25));
+  mla::LatentCacheOptions o;
+  o.block_tokens = 16;
+  o.num_blocks = 12;
+  o.storage = CacheStorage::kFp8E4M3;
+  const RowMatrix<T> prompt = test::random_input<T>(20, c.hidden_size, 26);
+  RowMatrix<T> step = test::random_input<T>(3, c.hidden_size, 27);
+  std::vector<RowMatrix<T>> outputs;
+  for (bool poisoned : {false, true}) {
+    LatentCache cache(c, o);
+    MlaWorkspace<T> ws;
+    std::vector<mla::SequenceId> seqs;
+    for (Index b = 0; b < 3; ++b) {
+      seqs.push_back(cache.add_sequence());
+      RowMatrix<T> y(20 - 5 * b, c.hidden_size);
+      layer.forward(prompt.topRows(20 - 5 * b), 0, cache, seqs.back(), y, ws);
+    }
+    RowMatrix<T> x = step;
+    if (poisoned) x(1, 0) = std::numeric_limits<T>::quiet_NaN();
+    RowMatrix<T> y(3, c.hidden_size);
+    layer.forward_batch(x, {20, 15, 10}, cache, seqs, y, ws);
+    outputs.push_back(y);
+  }
+  EXPECT_FALSE(outputs[1].row(1).allFinite());
+  for (Index b : {0, 2}) {
+    ASSERT_TRUE(outputs[1].row(b).allFinite()) << "sequence " << b;
+    EXPECT_LE(test::rel_error(test::to_vec(outputs[1].row(b)), test::to_vec(outputs[0].row(b))),
+              test::layer_tolerance<T>());
+  }
+}
+
+TEST(LayerPositions, AFirstChunkMayStartAnywhereThenPositionsMustContinue) {
+  const MlaConfig c = MlaConfig::small_v3();
+  const MlaWeights<double> w = MlaWeights<double>::random(c, 29);
+  const MlaLayer<double> layer(c, w);
+  LatentCache cache = make_cache<double>(c);
+  const auto seq = cache.add_sequence();
+  MlaWorkspace<double> ws;
+  const Index n = 12;
+  const RowMatrix<double> x = test::random_input<double>(n, c.hidden_size, 30);
+  RowMatrix<double> y(n, c.hidden_size);
+  // A first chunk at position 160000 of an empty sequence, then one decode step: the same as
+  // the reference of all 12 tokens from 160000 (none of the earlier positions is cached).
+  layer.forward(x.topRows(n - 1), 160000, cache, seq, y.topRows(n - 1), ws);
+  layer.forward(x.bottomRows(1), 160000 + n - 1, cache, seq, y.bottomRows(1), ws);
+  const std::vector<double> want = ref::mla_forward(test::to_ref(c), test::to_ref(w),
+                                                    test::to_vec(x), static_cast<int>(n), 160000);
+  EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-12);
+
+  // Gaps, repeats and going backwards: mla::Error naming both positions, nothing changed.
+  const RowMatrix<double> before = test::cache_contents(cache, seq, 0);
+  const Index free_before = cache.free_blocks();
+  RowMatrix<double> y2(2, c.hidden_size);
+  const RowMatrix<double> x2 = x.topRows(2);
+  for (std::int64_t bad :
+       {std::int64_t{160013}, std::int64_t{160011}, std::int64_t{160000}, std::int64_t{3}}) {
+    for (AttentionPath path : {AttentionPath::kAuto, AttentionPath::kExpanded}) {
+      EXPECT_TRUE(test::throws_error_containing(
+          [&] { layer.forward(x2, bad, cache, seq, y2, ws, path); },
+          "next token is at position 160012, got " + std::to_string(bad)));
+    }
+    EXPECT_TRUE(test::throws_error_containing(
+        [&] { layer.forward_batch(x.topRows(1), {bad}, cache, {seq}, y2.topRows(1), ws); },
+        "next token is at position 160012, got " + std::to_string(bad)));
+  }
+  EXPECT_EQ(cache.length(seq, 0), n);
+  EXPECT_EQ(cache.free_blocks(), free_before);
+  EXPECT_EQ(test::cache_contents(cache, seq, 0), before);
+  EXPECT_NO_THROW(layer.forward(x2, 160012, cache, seq, y2, ws));
+}
+
+TEST(LayerPositions, ABatchWithOneWrongPositionChangesNoSequence) {
+  const MlaConfig c = MlaConfig::small_v3();
+  const MlaLayer<float> layer(c, MlaWeights<float>::random(c, 31));
+  LatentCache cache = make_cache<float>(c);
+  MlaWorkspace<float> ws;
+  const RowMatrix<float> x = test::random_input<float>(8, c.hidden_size, 32);
+  RowMatrix<float> y(8, c.hidden_size);
+  const auto a = cache.add_sequence(), b = cache.add_sequence(), e = cache.add_sequence();
+  layer.forward(x.topRows(5), 0, cache, a, y.topRows(5), ws);   // next: 5
+  layer.forward(x.topRows(3), 70, cache, b, y.topRows(3), ws);  // next: 73
+  RowMatrix<float> y3(3, c.hidden_size);
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward_batch(x.topRows(3), {5, 72, 9}, cache, {a, b, e}, y3, ws);
+      },
+      "sequence " + std::to_string(b) +
+          " layer 0 holds 3 tokens from position 70, so its next "
+          "token is at position 73, got 72"));
+  EXPECT_EQ(cache.length(a, 0), 5);
+  EXPECT_EQ(cache.length(b, 0), 3);
+  EXPECT_EQ(cache.length(e, 0), 0);
+  // e is empty, so any start is fine for it.
+  layer.forward_batch(x.topRows(3), {5, 73, 9}, cache, {a, b, e}, y3, ws);
+  EXPECT_EQ(cache.next_position(e, 0), 10);
+}
+
+TEST(LayerSplits, AFloatLayerOnAPoolWithSeveralNonEmptySplitsMatchesTheReference) {
+  // Every decode step of this test splits its keys into 3 non-empty parts (tiles of 16) that
+  // the pool's 2 threads compute and the layer merges by log-sum-exp.
+  const MlaConfig c = MlaConfig::small_v2_lite();
+  const MlaWeights<float> w = MlaWeights<float>::random(c, 33);
+  const MlaLayer<float> layer(c, w);
+  LatentCache cache = make_cache<float>(c);
+  const auto seq = cache.add_sequence();
+  MlaWorkspace<float> ws;
+  mla::ThreadPool pool(2);
+  ws.set_thread_pool(&pool);
+  mla::DecodeOptions d;
+  d.splits = 3;
+  d.tile_tokens = 16;
+  ws.set_decode_options(d);
+  const Index prompt = 65, n = 96;
+  const RowMatrix<float> x = test::random_input<float>(n, c.hidden_size, 34);
+  RowMatrix<float> y(n, c.hidden_size);
+  layer.forward(x.topRows(prompt), 0, cache, seq, y.topRows(prompt), ws);
+  for (Index t = prompt; t < n; ++t) {
+    const Index keys = t + 1;
+    const Index split_keys = ((keys + 2) / 3 + 15) / 16 * 16;
+    ASSERT_LT(2 * split_keys, keys) << "the last split of step " << t << " would be empty";
+    layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+  }
+  const std::vector<double> want =
+      ref::mla_forward(test::to_ref(c), test::to_ref(w), test::to_vec(x), static_cast<int>(n), 0);
+  const std::vector<double> got = test::to_vec(y);
+  const std::size_t from = static_cast<std::size_t>(prompt * c.hidden_size);
+  EXPECT_LE(test::rel_error(std::vector<double>(got.begin() + from, got.end()),
+                            std::vector<double>(want.begin() + from, want.end())),
+            1e-5);
 }
 
 }  // namespace
