@@ -2,12 +2,14 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <functional>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "mla/config.hpp"
+#include "mla/rope.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -81,22 +83,82 @@ TEST(Config, ValidateNamesTheBadField) {
       {[](MlaConfig& c) { c.rope_scaling.factor = -2.0; }, "MlaConfig.rope_scaling.factor"},
       {[](MlaConfig& c) { c.rope_scaling.original_max_position_embeddings = 0; },
        "MlaConfig.rope_scaling.original_max_position_embeddings"},
-      {[](MlaConfig& c) { c.rope_scaling.beta_fast = 0.5; }, "MlaConfig.rope_scaling.beta_fast"},
+      {[](MlaConfig& c) { c.rope_scaling.beta_fast = 0.0; }, "MlaConfig.rope_scaling.beta_fast"},
       {[](MlaConfig& c) { c.rope_scaling.beta_slow = 0.0; }, "MlaConfig.rope_scaling.beta_slow"},
+      {[nan](MlaConfig& c) { c.rope_scaling.beta_slow = nan; }, "MlaConfig.rope_scaling.beta_slow"},
       {[nan](MlaConfig& c) { c.rope_scaling.mscale = nan; }, "MlaConfig.rope_scaling.mscale"},
-      {[](MlaConfig& c) { c.rope_scaling.mscale_all_dim = -1.0; },
+      {[](MlaConfig& c) {
+         c.rope_scaling.mscale_all_dim = std::numeric_limits<double>::infinity();
+       },
        "MlaConfig.rope_scaling.mscale_all_dim"},
+      {[](MlaConfig& c) { c.rope_theta = 0.0; }, "MlaConfig.rope_theta"},
   };
   for (const Bad& b : bad) {
     MlaConfig c = MlaConfig::deepseek_v3();
     b.mutate(c);
     EXPECT_TRUE(test::throws_error_containing([&] { c.validate(); }, b.field));
   }
+  // RoPE's magnitude divides by yarn_get_mscale(factor, mscale_all_dim): a zero is refused.
+  MlaConfig zero = MlaConfig::deepseek_v3();
+  zero.rope_scaling.factor = std::exp(1.0);
+  zero.rope_scaling.mscale_all_dim = -10.0;
+  ASSERT_EQ(mla::yarn_get_mscale(zero.rope_scaling.factor, -10.0), 0.0);
+  EXPECT_TRUE(test::throws_error_containing([&] { zero.validate(); },
+                                            "0.1 * mscale_all_dim * ln(factor) + 1 is 0"));
   // YaRN fields are not checked when YaRN is off.
   MlaConfig c = MlaConfig::deepseek_v3();
   c.rope_scaling.type = mla::RopeScaling::Type::kNone;
   c.rope_scaling.factor = -2.0;
   EXPECT_NO_THROW(c.validate());
+}
+
+TEST(Config, AcceptsEveryYarnSettingTheReferenceMathAccepts) {
+  // Published DeepSeek-V3-based models use beta_fast == beta_slow (Kimi K2: both 1, factor 32);
+  // the reference ramp then meets low == high and adds 0.001 to high. Also beta_fast below
+  // beta_slow (low > high), a factor below 1, a negative mscale_all_dim and a rotary width whose
+  // correction range clamps to both ends: each is accepted and rotates like the reference.
+  struct Edge {
+    const char* name;
+    double factor, beta_fast, beta_slow, mscale, mscale_all_dim;
+    std::int64_t rope_dim;
+  };
+  const Edge edges[] = {
+      {"betas equal (1, 1)", 32.0, 1.0, 1.0, 1.0, 1.0, 64},
+      {"betas equal (4, 4)", 40.0, 4.0, 4.0, 0.707, 0.707, 64},
+      {"beta_fast < beta_slow", 40.0, 1.0, 32.0, 1.0, 1.0, 64},
+      {"factor below 1", 0.5, 32.0, 1.0, 1.0, 1.0, 64},
+      {"negative mscale_all_dim", 40.0, 32.0, 1.0, 1.0, -0.5, 64},
+      {"narrow rotary width", 40.0, 32.0, 1.0, 1.0, 1.0, 4},
+  };
+  for (const Edge& e : edges) {
+    SCOPED_TRACE(e.name);
+    MlaConfig c = MlaConfig::deepseek_v3();
+    c.rope_scaling.factor = e.factor;
+    c.rope_scaling.beta_fast = e.beta_fast;
+    c.rope_scaling.beta_slow = e.beta_slow;
+    c.rope_scaling.mscale = e.mscale;
+    c.rope_scaling.mscale_all_dim = e.mscale_all_dim;
+    c.qk_rope_head_dim = e.rope_dim;
+    ASSERT_NO_THROW(c.validate());
+    const mla::Rope rope(c);
+    const ref::RopeSpec r = test::to_ref_rope(c);
+    const ref::Vec want = ref::rope_frequencies(r);
+    for (std::size_t i = 0; i < want.size(); ++i) {
+      ASSERT_TRUE(std::isfinite(rope.inv_freq()[i]));
+      EXPECT_NEAR(rope.inv_freq()[i], want[i], 1e-15 * want[i]) << "pair " << i;
+    }
+    EXPECT_NEAR(rope.magnitude(), ref::rope_magnitude(r), 1e-15);
+    EXPECT_NEAR(mla::softmax_scale(c), ref::mla_softmax_scale(test::to_ref(c)), 1e-15);
+    // And a rotated vector at a long position matches the reference rotation.
+    std::vector<double> x(static_cast<std::size_t>(e.rope_dim)), y(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = y[i] = std::sin(1.0 + static_cast<double>(i));
+    std::vector<double> scratch(x.size());
+    rope.apply<double>(Eigen::Map<mla::RowMatrix<double>>(x.data(), 1, e.rope_dim), 150000, 0, 1, 0,
+                       scratch.data());
+    ref::rope_rotate(y.data(), r, 150000);
+    // Angles near 1.5e5 rad carry an absolute double rounding of ~1.5e5 * 2^-52 = 3e-11.
+    EXPECT_LE(test::rel_error(x, y), 1e-9);
+  }
 }
 
 }  // namespace

@@ -84,6 +84,12 @@ struct MlaConfig {
   static MlaConfig small_v3();
 };
 
+/// YaRN's magnitude correction (DeepSeek/HF `yarn_get_mscale`): 0.1 * mscale * ln(factor) + 1
+/// for factor > 1, else 1.
+inline double yarn_get_mscale(double factor, double mscale) {
+  return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0;
+}
+
 namespace detail {
 
 inline void require_dim(std::int64_t value, std::int64_t min, const char* field) {
@@ -127,22 +133,33 @@ inline void MlaConfig::validate() const {
   require(qk_nope_head_dim + qk_rope_head_dim > 0,
           "MlaConfig.qk_nope_head_dim + qk_rope_head_dim must be > 0, got 0");
   detail::require_finite(rms_norm_eps, 0.0, "rms_norm_eps");
-  detail::require_finite(rope_theta, 1.0, "rope_theta");
+  detail::require_finite(rope_theta, 0.0, "rope_theta");
   detail::require_dim(max_position_embeddings, 1, "max_position_embeddings");
   detail::require_dim(num_hidden_layers, 1, "num_hidden_layers");
   if (rope_scaling.type == RopeScaling::Type::kYarn) {
+    // What DeepSeek's and HF's YaRN accept: every logarithm and quotient in the frequency ramp
+    // and the mscale factors defined. No order between beta_fast and beta_slow is required
+    // (equal betas, as some DeepSeek-V3-based models publish, make low == high, which the ramp
+    // handles by adding 0.001 to high).
+    require(rope_theta != 1.0,
+            "MlaConfig.rope_theta must not be 1 under YaRN (its correction range divides by "
+            "log(rope_theta))");
     detail::require_finite(rope_scaling.factor, 0.0, "rope_scaling.factor");
     require(rope_scaling.original_max_position_embeddings > 0,
             "MlaConfig.rope_scaling.original_max_position_embeddings must be > 0, got ",
             rope_scaling.original_max_position_embeddings);
+    detail::require_finite(rope_scaling.beta_fast, 0.0, "rope_scaling.beta_fast");
     detail::require_finite(rope_scaling.beta_slow, 0.0, "rope_scaling.beta_slow");
-    detail::require_finite(rope_scaling.beta_fast, rope_scaling.beta_slow,
-                           "rope_scaling.beta_fast (which must exceed beta_slow)");
     require(std::isfinite(rope_scaling.mscale),
             "MlaConfig.rope_scaling.mscale must be finite, got ", rope_scaling.mscale);
-    require(std::isfinite(rope_scaling.mscale_all_dim) && rope_scaling.mscale_all_dim >= 0.0,
-            "MlaConfig.rope_scaling.mscale_all_dim must be finite and >= 0, got ",
+    require(std::isfinite(rope_scaling.mscale_all_dim),
+            "MlaConfig.rope_scaling.mscale_all_dim must be finite, got ",
             rope_scaling.mscale_all_dim);
+    // RoPE's magnitude divides by 0.1 * mscale_all_dim * ln(factor) + 1 (for factor > 1).
+    require(yarn_get_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim) != 0.0,
+            "MlaConfig.rope_scaling: 0.1 * mscale_all_dim * ln(factor) + 1 is 0 (mscale_all_dim ",
+            rope_scaling.mscale_all_dim, ", factor ", rope_scaling.factor,
+            "), and RoPE's cos/sin magnitude divides by it");
   }
 }
 

@@ -15,12 +15,6 @@
 
 namespace mla {
 
-/// YaRN's magnitude correction (DeepSeek/HF `yarn_get_mscale`): 0.1 * mscale * ln(factor) + 1
-/// for factor > 1, else 1.
-inline double yarn_get_mscale(double factor, double mscale) {
-  return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0;
-}
-
 /// The softmax scale sigma = (P + R)^-1/2, times mscale^2 under YaRN with a nonzero
 /// mscale_all_dim (mscale = yarn_get_mscale(factor, mscale_all_dim)). Note the width is P + R
 /// (192 for DeepSeek), not the absorbed path's d_c + R.
