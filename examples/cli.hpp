@@ -57,9 +57,23 @@ inline std::vector<std::pair<std::string, std::string>> options(int argc, char**
   return out;
 }
 
-/// Runs run(parse(argc, argv)); on any exception prints `error: <what>` to stderr and returns 1.
+/// True when the command line asks for help (--help or -h anywhere).
+inline bool wants_help(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-h") return true;
+  }
+  return false;
+}
+
+/// Prints `help` to stdout and returns 0 when the command line asks for it; otherwise runs
+/// run(parse(argc, argv)) and on any exception prints `error: <what>` to stderr and returns 1.
 template <class Parse, class Run>
-int main(int argc, char** argv, Parse parse, Run run) {
+int main(int argc, char** argv, const char* help, Parse parse, Run run) {
+  if (wants_help(argc, argv)) {
+    std::fputs(help, stdout);
+    return 0;
+  }
   try {
     return run(parse(argc, argv));
   } catch (const std::exception& e) {

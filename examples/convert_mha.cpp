@@ -48,6 +48,30 @@ constexpr const char* kUsage =
     "[--rope-dim R] [--decay S] [--rope-shared F] [--tokens T] [--calibration N] [--seed K] "
     "[--model DIR --layer L] [--json OUT]";
 
+constexpr const char* kHelp =
+    "usage: convert_mha [--hidden N] [--heads H] [--kv-heads G] [--head-dim D] [--v-head-dim V]\n"
+    "                   [--rope-dim R] [--decay S] [--rope-shared F] [--tokens T]\n"
+    "                   [--calibration N] [--seed K] [--model DIR --layer L] [--json OUT]\n"
+    "\n"
+    "Converts an MHA/GQA attention layer to MLA at several latent ranks, and to GQA with\n"
+    "mean-pooled KV heads at matching cache sizes, and prints each one's relative error of the\n"
+    "attention output against the source layer.\n"
+    "\n"
+    "  --hidden N        model width of the random layer (default 512)\n"
+    "  --heads H         query heads (default 8)\n"
+    "  --kv-heads G      KV heads (default 8: MHA; fewer: GQA)\n"
+    "  --head-dim D      key width per head (default 64)\n"
+    "  --v-head-dim V    value width per head (default 64)\n"
+    "  --rope-dim R      rotary dimensions at the end of every key (default 16)\n"
+    "  --decay S         singular-value decay of the random K/V projections (default 0.98)\n"
+    "  --rope-shared F   share of the rotary keys common to all heads, in [0, 1] (default 0)\n"
+    "  --tokens T        sample tokens at positions 0 .. T-1 (default 64)\n"
+    "  --calibration N   fit the factorisation to N further samples (default 0: unweighted)\n"
+    "  --seed K          random seed (default 1)\n"
+    "  --model DIR       a Llama-style checkpoint instead of the random layer, with --layer L\n"
+    "  --json OUT        also write the rows as JSON\n"
+    "  --help            this text\n";
+
 struct Args {
   mla::MhaConfig mha;
   double decay = 0.98, rope_shared = 0.0;
@@ -258,4 +282,4 @@ int run(const Args& a) {
 
 }  // namespace
 
-int main(int argc, char** argv) { return cli::main(argc, argv, parse_args, run); }
+int main(int argc, char** argv) { return cli::main(argc, argv, kHelp, parse_args, run); }

@@ -2,14 +2,16 @@
 // states from a .npy file and writes the layer's attention output as .npy.
 //
 //   deepseek_layer --model DIR --layer N --input X.npy --output Y.npy [--start POS]
-//                  [--prefill K] [--cache fp32|bf16|fp8] [--threads T]
+//                  [--prefill K] [--cache fp32|bf16|fp8] [--fp8 w8a32|w8a8] [--threads T]
 //
 // DIR holds config.json and model.safetensors (or model.safetensors.index.json and its shards).
 // The rows of X ([tokens, hidden_size], float32) are consecutive tokens of one sequence at
 // positions POS, POS + 1, ... (default 0). The first K tokens (default: all) run as one prefill,
 // every remaining token as one decode step through the latent cache. FP8 checkpoints run W8A32
-// (activations stay FP32). --threads sets the threads of the projections' GEMMs (OpenMP) and
-// of the decode steps' attention over the latent cache (a thread pool).
+// (activations stay FP32) or, with --fp8 w8a8, W8A8 as DeepSeek's fp8_gemm (power-of-two
+// activation scales when config.json's quantization_config.scale_fmt is "ue8m0"). --threads sets
+// the threads of the projections' GEMMs (OpenMP) and of the decode steps' attention over the latent
+// cache (a thread pool).
 //
 // On success the output ([tokens, hidden_size], float32) is written to Y and the line
 // `cache_bytes_per_token_per_layer: <n>` is printed. On any error the program prints
@@ -26,12 +28,34 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: deepseek_layer --model DIR --layer N --input X.npy --output Y.npy [--start POS] "
-    "[--prefill K] [--cache fp32|bf16|fp8] [--threads T]";
+    "[--prefill K] [--cache fp32|bf16|fp8] [--fp8 w8a32|w8a8] [--threads T]";
+
+constexpr const char* kHelp =
+    "usage: deepseek_layer --model DIR --layer N --input X.npy --output Y.npy [--start POS]\n"
+    "                      [--prefill K] [--cache fp32|bf16|fp8] [--fp8 w8a32|w8a8] [--threads T]\n"
+    "\n"
+    "Runs the attention of layer N of a DeepSeek checkpoint (Hugging Face format) on the hidden\n"
+    "states in X.npy ([tokens, hidden_size], float32) through the latent KV cache and writes the\n"
+    "attention output to Y.npy.\n"
+    "\n"
+    "  --model DIR     config.json and model.safetensors (or an index and its shards)\n"
+    "  --layer N       the layer, 0 <= N < num_hidden_layers\n"
+    "  --input X.npy   consecutive tokens of one sequence\n"
+    "  --output Y.npy  written only when everything succeeded\n"
+    "  --start POS     position of the first token (default 0)\n"
+    "  --prefill K     the first K tokens run as one prefill, the rest as decode steps\n"
+    "                  (default: all tokens in one prefill)\n"
+    "  --cache S       latent cache storage: fp32 (default), bf16 or fp8\n"
+    "  --fp8 M         FP8 checkpoints: w8a32 (default; activations stay FP32) or w8a8\n"
+    "                  (activations quantised per 1x128 tile; config.json's scale_fmt applies)\n"
+    "  --threads T     threads of the projections and of the decode attention (default 1)\n"
+    "  --help          this text\n";
 
 struct Args {
   std::string model, input, output;
   long long layer = -1, start = 0, prefill = -1, threads = 1;
   mla::CacheStorage cache = mla::CacheStorage::kFloat32;
+  mla::Fp8Matmul fp8 = mla::Fp8Matmul::kW8A32;
 };
 
 Args parse_args(int argc, char** argv) {
@@ -65,6 +89,14 @@ Args parse_args(int argc, char** argv) {
       } else {
         mla::detail::fail("--cache must be fp32, bf16 or fp8, got '", value, "'");
       }
+    } else if (flag == "--fp8") {
+      if (value == "w8a32") {
+        a.fp8 = mla::Fp8Matmul::kW8A32;
+      } else if (value == "w8a8") {
+        a.fp8 = mla::Fp8Matmul::kW8A8;
+      } else {
+        mla::detail::fail("--fp8 must be w8a32 or w8a8, got '", value, "'");
+      }
     } else if (flag == "--threads") {
       a.threads = cli::parse_integer(flag, value);
       mla::detail::require(a.threads >= 1 && a.threads <= 1024,
@@ -83,8 +115,10 @@ int run(const Args& a) {
   const mla::io::CheckpointConfig cfg = mla::io::read_config(a.model + "/config.json");
   const mla::io::Checkpoint ckpt = mla::io::Checkpoint::open(a.model);
   const mla::MlaConfig& config = cfg.mla;
-  const mla::MlaLayer<float> layer(config,
-                                   mla::io::load_attention_weights<float>(ckpt, cfg, a.layer));
+  mla::io::LoadOptions load;
+  load.fp8_matmul = a.fp8;
+  const mla::MlaLayer<float> layer(
+      config, mla::io::load_attention_weights<float>(ckpt, cfg, a.layer, load));
 
   const mla::RowMatrix<float> x = mla::io::read_npy(a.input);
   const mla::Index tokens = x.rows();
@@ -119,4 +153,4 @@ int run(const Args& a) {
 
 }  // namespace
 
-int main(int argc, char** argv) { return cli::main(argc, argv, parse_args, run); }
+int main(int argc, char** argv) { return cli::main(argc, argv, kHelp, parse_args, run); }

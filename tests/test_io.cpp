@@ -2,6 +2,7 @@
 // deepseek_layer runner, on fixtures the tests write themselves.
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 
 #include "io_fixtures.hpp"
 #include "mla/io.hpp"
+#include "reference/fp8_reference.hpp"
 #include "reference/mla_reference.hpp"
 #include "test_util.hpp"
 
@@ -204,6 +206,111 @@ TEST(Config, BadConfigsNameTheField) {
                                     "/nonexistent/config.json: cannot open"));
 }
 
+TEST(Config, ReadsWhatPublishedMlaModelsWrite) {
+  // A config written like those of models built on DeepSeek-V3's attention (Kimi K2: equal
+  // betas; V3.1: scale_fmt ue8m0), with HF's rope_interleave and fields this library does not
+  // use (mixture-of-experts settings, auto_map), which are ignored.
+  nlohmann::json j = fixture::config_json(MlaConfig::small_v3(), true, 16);
+  j["rope_scaling"]["beta_fast"] = 1.0;
+  j["rope_scaling"]["beta_slow"] = 1.0;
+  j["rope_scaling"]["factor"] = 32.0;
+  j["quantization_config"]["scale_fmt"] = "ue8m0";
+  j["rope_interleave"] = true;
+  j["n_routed_experts"] = 384;
+  j["moe_intermediate_size"] = 2048;
+  j["topk_method"] = "noaux_tc";
+  j["auto_map"] = {{"AutoConfig", "configuration_deepseek.DeepseekV3Config"}};
+  auto r = mla::io::parse_config(j.dump());
+  EXPECT_EQ(r.mla.rope_scaling.beta_fast, 1.0);
+  EXPECT_EQ(r.mla.rope_scaling.beta_slow, 1.0);
+  EXPECT_EQ(r.activation_scales, mla::ScaleFormat::kPowerOfTwo);
+  EXPECT_EQ(r.mla.rope_layout, mla::RopeLayout::kInterleaved);
+  j["rope_interleave"] = false;
+  EXPECT_EQ(mla::io::parse_config(j.dump()).mla.rope_layout, mla::RopeLayout::kHalfSplit);
+  j.erase("rope_interleave");
+  j["quantization_config"].erase("scale_fmt");
+  r = mla::io::parse_config(j.dump());
+  EXPECT_EQ(r.mla.rope_layout, mla::RopeLayout::kInterleaved);  // DeepSeek's own layout
+  EXPECT_EQ(r.activation_scales, mla::ScaleFormat::kFloat32);
+  // transformers' newer rope_parameters (theta and scaling in one object); "default" is plain.
+  nlohmann::json p = j;
+  p.erase("rope_scaling");
+  p.erase("rope_theta");
+  p["rope_parameters"] = {{"rope_type", "yarn"},
+                          {"rope_theta", 50000.0},
+                          {"factor", 8.0},
+                          {"beta_fast", 16.0},
+                          {"beta_slow", 2.0}};
+  r = mla::io::parse_config(p.dump());
+  EXPECT_EQ(r.mla.rope_theta, 50000.0);
+  EXPECT_EQ(r.mla.rope_scaling.type, mla::RopeScaling::Type::kYarn);
+  EXPECT_EQ(r.mla.rope_scaling.factor, 8.0);
+  EXPECT_EQ(r.mla.rope_scaling.beta_slow, 2.0);
+  p["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 20000.0}};
+  r = mla::io::parse_config(p.dump());
+  EXPECT_EQ(r.mla.rope_theta, 20000.0);
+  EXPECT_EQ(r.mla.rope_scaling.type, mla::RopeScaling::Type::kNone);
+}
+
+TEST(Config, IntegersBeyondInt64AndDirectoriesAreNamed) {
+  nlohmann::json j = fixture::config_json(MlaConfig::small_v3(), false, 16);
+  j["hidden_size"] = 18446744073709551615ull;
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { mla::io::parse_config(j.dump(), "c.json"); },
+      "c.json: field 'hidden_size' = 18446744073709551615 overflows a 64-bit signed integer"));
+  j["hidden_size"] = 9223372036854775808ull;  // 2^63: one past the int64 maximum
+  EXPECT_TRUE(test::throws_error_containing([&] { mla::io::parse_config(j.dump()); },
+                                            "overflows a 64-bit signed integer"));
+  // Integers beyond even uint64 reach the parser as floating-point numbers.
+  j["hidden_size"] = 64;
+  std::string text = j.dump();
+  const std::string from = "\"hidden_size\":64";
+  ASSERT_NE(text.find(from), std::string::npos);
+  text.replace(text.find(from), from.size(), "\"hidden_size\":100000000000000000000000000000");
+  EXPECT_TRUE(test::throws_error_containing([&] { mla::io::parse_config(text); },
+                                            "beyond the 64-bit signed range"));
+  // A config.json that is a directory says so.
+  TempDir dir;
+  ASSERT_EQ(::mkdir((dir / "config.json").c_str(), 0700), 0);
+  EXPECT_TRUE(test::throws_error_containing([&] { mla::io::read_config(dir / "config.json"); },
+                                            "config.json: is a directory, expected a file"));
+}
+
+TEST(Config, KnownFieldsOfTheWrongTypeAreNamed) {
+  const nlohmann::json good = fixture::config_json(MlaConfig::small_v3(), true, 16);
+  struct Bad {
+    std::function<void(nlohmann::json&)> edit;
+    std::string message;
+  };
+  const std::vector<Bad> bad = {
+      {[](auto& j) { j["rope_interleave"] = "true"; },
+       "field 'rope_interleave' must be true or false, got \"true\""},
+      {[](auto& j) { j["quantization_config"]["scale_fmt"] = "fp32"; },
+       "quantization_config.scale_fmt 'fp32' is not supported"},
+      {[](auto& j) { j["quantization_config"]["scale_fmt"] = 8; },
+       "field 'quantization_config.scale_fmt' must be a string"},
+      {[](auto& j) { j["quantization_config"]["activation_scheme"] = "static"; },
+       "quantization_config.activation_scheme 'static' is not supported"},
+      {[](auto& j) { j["rope_scaling"]["beta_fast"] = "32"; },
+       "field 'rope_scaling.beta_fast' must be a number"},
+      {[](auto& j) { j["rope_scaling"]["beta_slow"] = 0; }, "MlaConfig.rope_scaling.beta_slow"},
+      {[](auto& j) {
+         j["rope_parameters"] = {{"rope_type", "yarn"}, {"factor", "big"}};
+       },
+       "field 'rope_parameters.factor' must be a number"},
+      {[](auto& j) { j["rope_parameters"] = 3; }, "field 'rope_parameters' must be an object"},
+      {[](auto& j) { j["max_position_embeddings"] = true; },
+       "field 'max_position_embeddings' must be an integer, got true"},
+  };
+  for (const Bad& b : bad) {
+    nlohmann::json j = good;
+    b.edit(j);
+    EXPECT_TRUE(
+        test::throws_error_containing([&] { mla::io::parse_config(j.dump(), "my/config.json"); },
+                                      "my/config.json: " + b.message));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // One layer from a checkpoint, against the double reference
 
@@ -262,6 +369,118 @@ TEST(LayerFromCheckpoint, MatchesTheReferenceOnTheStoredWeights) {
     const std::vector<double> want = ref::mla_forward(
         test::to_ref(k.config), test::to_ref(stored[1]), test::to_vec(x), static_cast<int>(n), 500);
     EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-5);
+  }
+}
+
+TEST(LayerFromCheckpoint, EdgeYarnAndHalfSplitConfigsRunLikeTheReference) {
+  // The checkpoint's config.json says: equal betas, factor 32, rope_interleave false. The
+  // reference is given the same settings directly (not through the parser).
+  MlaConfig c = MlaConfig::small_v3();
+  c.rope_scaling.beta_fast = 1.0;
+  c.rope_scaling.beta_slow = 1.0;
+  c.rope_scaling.factor = 32.0;
+  c.rope_layout = mla::RopeLayout::kHalfSplit;
+  for (bool interleave : {false, true}) {
+    SCOPED_TRACE(interleave ? "rope_interleave true" : "rope_interleave false");
+    TempDir dir;
+    const std::vector<mla::MlaWeights<float>> w = {mla::MlaWeights<float>::random(c, 4)};
+    const auto stored = fixture::write_checkpoint(dir.path(), c, w, Storage::kF32, 1);
+    nlohmann::json j = fixture::config_json(c, false, 16);
+    j["rope_interleave"] = interleave;
+    fixture::write_text(dir / "config.json", j.dump());
+    const auto cfg = mla::io::read_config(dir / "config.json");
+    const auto ckpt = mla::io::Checkpoint::open(dir.path());
+    const mla::MlaLayer<double> layer(cfg.mla,
+                                      mla::io::load_attention_weights<double>(ckpt, cfg, 0));
+    const Index n = 24;
+    const RowMatrix<double> x = test::random_input<double>(n, c.hidden_size, 5);
+    mla::LatentCacheOptions o;
+    o.num_blocks = 1;
+    o.storage = mla::CacheStorage::kFloat64;
+    mla::LatentCache cache(cfg.mla, o);
+    const auto seq = cache.add_sequence();
+    mla::MlaWorkspace<double> ws;
+    RowMatrix<double> y(n, c.hidden_size);
+    layer.forward(x, 150000, cache, seq, y, ws);
+    MlaConfig expected = c;
+    expected.rope_layout = interleave ? mla::RopeLayout::kInterleaved : mla::RopeLayout::kHalfSplit;
+    const std::vector<double> want =
+        ref::mla_forward(test::to_ref(expected), test::to_ref(stored[0]), test::to_vec(x),
+                         static_cast<int>(n), 150000);
+    EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-12);
+    if (!interleave) {
+      // And the layout does matter: the other pairing gives another answer.
+      MlaConfig other = expected;
+      other.rope_layout = mla::RopeLayout::kInterleaved;
+      const std::vector<double> wrong =
+          ref::mla_forward(test::to_ref(other), test::to_ref(stored[0]), test::to_vec(x),
+                           static_cast<int>(n), 150000);
+      EXPECT_GT(test::rel_error(test::to_vec(y), wrong), 1e-3);
+    }
+  }
+}
+
+/// DeepSeek's fp8_gemm W8A8 for one projection, in scalar loops: activations quantised per
+/// token per 128 channels with scale max(amax, 1e-4) / 448 (rounded up to a power of two for
+/// ue8m0), e4m3 rounding by the OCP reference; per K block the exact products summed, then
+/// multiplied by both scales.
+std::vector<double> w8a8_reference(const RowMatrix<float>& x, const mla::BlockFp8Matrix& w,
+                                   bool pow2) {
+  const ref::Fp8Rounder e4m3(ref::kE4M3FN);
+  const Index M = x.rows(), K = x.cols(), N = w.rows(), bk = w.block_cols();
+  std::vector<double> y(static_cast<std::size_t>(M * N), 0.0);
+  for (Index m = 0; m < M; ++m) {
+    for (Index b = 0; b * bk < K; ++b) {
+      const Index k0 = b * bk, k1 = std::min(K, k0 + bk);
+      // In float, as act_quant computes it.
+      float amax = 0.0f;
+      for (Index k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(x(m, k)));
+      float sx = std::max(amax, 1e-4f) / 448.0f;
+      if (pow2) sx = static_cast<float>(std::exp2(std::ceil(std::log2(static_cast<double>(sx)))));
+      for (Index n = 0; n < N; ++n) {
+        double p = 0.0;
+        for (Index k = k0; k < k1; ++k) {
+          const double q =
+              ref::fp8_value(ref::kE4M3FN, e4m3.round(static_cast<double>(x(m, k) / sx), true));
+          p += q * static_cast<double>(static_cast<float>(w.codes()[n * K + k]));
+        }
+        y[static_cast<std::size_t>(m * N + n)] +=
+            p * static_cast<double>(sx) * static_cast<double>(w.scale(n / w.block_rows(), b));
+      }
+    }
+  }
+  return y;
+}
+
+TEST(LayerFromCheckpoint, ScaleFmtUe8m0MakesW8A8ActivationScalesPowersOfTwo) {
+  const MlaConfig c = MlaConfig::small_v3();
+  TempDir dir;
+  fixture::write_checkpoint(dir.path(), c, {mla::MlaWeights<float>::random(c, 6)}, Storage::kFp8,
+                            1);
+  const RowMatrix<float> x = test::random_input<float>(5, c.hidden_size, 7) * 3.0f;
+  std::vector<std::vector<double>> got;
+  for (bool ue8m0 : {false, true}) {
+    SCOPED_TRACE(ue8m0 ? "ue8m0" : "fp32 scales");
+    nlohmann::json j = fixture::config_json(c, true, 16);
+    if (ue8m0) j["quantization_config"]["scale_fmt"] = "ue8m0";
+    fixture::write_text(dir / "config.json", j.dump());
+    const auto cfg = mla::io::read_config(dir / "config.json");
+    mla::io::LoadOptions load;
+    load.fp8_matmul = mla::Fp8Matmul::kW8A8;
+    const auto ckpt = mla::io::Checkpoint::open(dir.path());
+    const mla::MlaWeights<float> w = mla::io::load_attention_weights<float>(ckpt, cfg, 0, load);
+    ASSERT_TRUE(w.wq_a.is_fp8());
+    RowMatrix<float> y(5, w.wq_a.rows());
+    mla::project(w.wq_a, x, y);
+    const std::vector<double> want = w8a8_reference(x, w.wq_a.fp8(), ue8m0);
+    const std::vector<double> other = w8a8_reference(x, w.wq_a.fp8(), !ue8m0);
+    EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-6);
+    EXPECT_GT(test::rel_error(test::to_vec(y), other), 1e-4) << "the scale format matters";
+    // An explicit LoadOptions choice overrides the config.
+    load.activation_scales = ue8m0 ? mla::ScaleFormat::kFloat32 : mla::ScaleFormat::kPowerOfTwo;
+    const mla::MlaWeights<float> w2 = mla::io::load_attention_weights<float>(ckpt, cfg, 0, load);
+    mla::project(w2.wq_a, x, y);
+    EXPECT_LE(test::rel_error(test::to_vec(y), other), 1e-6);
   }
 }
 
@@ -585,6 +804,54 @@ TEST(DeepSeekLayer, ErrorsSayWhatAndWhereAndWriteNothing) {
   }
 }
 
+TEST(DeepSeekLayer, HelpPrintsUsageAndExitsZero) {
+  TempDir dir;
+  for (const char* flag : {"--help", "-h"}) {
+    const CliResult r = run_cli(dir, flag);
+    EXPECT_EQ(r.status, 0);
+    EXPECT_EQ(r.out.rfind("usage: deepseek_layer --model DIR", 0), 0u) << r.out;
+    EXPECT_NE(r.out.find("--cache S"), std::string::npos) << r.out;
+    EXPECT_TRUE(r.err.empty()) << r.err;
+  }
+}
+
+TEST(DeepSeekLayer, RunsFp8CheckpointsW8A8WithTheConfigsScaleFormat) {
+  const MlaConfig c = MlaConfig::small_v3();
+  TempDir dir;
+  fixture::write_checkpoint(dir / "", c, {mla::MlaWeights<float>::random(c, 3)}, Storage::kFp8, 1);
+  nlohmann::json j = fixture::config_json(c, true, 16);
+  j["quantization_config"]["scale_fmt"] = "ue8m0";
+  fixture::write_text(dir / "config.json", j.dump());
+  const RowMatrix<float> x = test::random_input<float>(9, c.hidden_size, 4);
+  mla::io::write_npy(dir / "x.npy", x);
+  const CliResult r =
+      run_cli(dir, "--model " + dir.path() + " --layer 0 --input " + (dir / "x.npy") +
+                       " --output " + (dir / "y.npy") + " --prefill 5 --fp8 w8a8");
+  ASSERT_EQ(r.status, 0) << r.err;
+  // The library with the same choices, in process.
+  const auto cfg = mla::io::read_config(dir / "config.json");
+  mla::io::LoadOptions load;
+  load.fp8_matmul = mla::Fp8Matmul::kW8A8;
+  const auto ckpt = mla::io::Checkpoint::open(dir.path());
+  const mla::MlaLayer<float> layer(cfg.mla,
+                                   mla::io::load_attention_weights<float>(ckpt, cfg, 0, load));
+  mla::LatentCacheOptions o;
+  o.num_blocks = 1;
+  mla::LatentCache cache(cfg.mla, o);
+  const auto seq = cache.add_sequence();
+  mla::MlaWorkspace<float> ws;
+  RowMatrix<float> want(9, c.hidden_size);
+  layer.forward(x.topRows(5), 0, cache, seq, want.topRows(5), ws);
+  for (Index t = 5; t < 9; ++t) layer.forward(x.row(t), t, cache, seq, want.row(t), ws);
+  EXPECT_LE(test::rel_error(test::to_vec(mla::io::read_npy(dir / "y.npy")), test::to_vec(want)),
+            1e-6);
+  const CliResult bad =
+      run_cli(dir, "--model " + dir.path() + " --layer 0 --input " + (dir / "x.npy") +
+                       " --output " + (dir / "z.npy") + " --fp8 w4a4");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("--fp8 must be w8a32 or w8a8, got 'w4a4'"), std::string::npos) << bad.err;
+}
+
 #endif  // MLA_DEEPSEEK_LAYER
 
 // ---------------------------------------------------------------------------------------------
@@ -728,6 +995,15 @@ TEST(ConvertMha, ReadsALlamaStyleCheckpoint) {
   const CliResult flag = run_program(MLA_CONVERT_MHA, dir, "--rope-dim 3");
   EXPECT_EQ(flag.status, 1);
   EXPECT_NE(flag.err.find("rope_dim must be even"), std::string::npos) << flag.err;
+}
+
+TEST(ConvertMha, HelpPrintsUsageAndExitsZero) {
+  TempDir dir;
+  const CliResult r = run_program(MLA_CONVERT_MHA, dir, "--hidden 64 --help");
+  EXPECT_EQ(r.status, 0);
+  EXPECT_EQ(r.out.rfind("usage: convert_mha", 0), 0u) << r.out;
+  EXPECT_NE(r.out.find("--rope-shared F"), std::string::npos) << r.out;
+  EXPECT_TRUE(r.err.empty()) << r.err;
 }
 
 #endif  // MLA_CONVERT_MHA

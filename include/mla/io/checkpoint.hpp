@@ -6,6 +6,7 @@
 
 #include <Eigen/Core>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -24,12 +25,17 @@ namespace mla::io {
 
 namespace detail {
 
-/// The whole text of a file; throws mla::Error when it cannot be read.
+/// The whole text of a file; throws mla::Error when it cannot be read (naming a directory as
+/// such: on Linux a directory opens as a stream and then reads as nothing).
 inline std::string read_text(const std::string& path) {
+  std::error_code ec;
+  mla::detail::require(!std::filesystem::is_directory(path, ec), path,
+                       ": is a directory, expected a file");
   std::ifstream in(path, std::ios::binary);
   mla::detail::require(in.good(), path, ": cannot open");
   std::ostringstream s;
   s << in.rdbuf();
+  mla::detail::require(!in.bad(), path, ": read error");
   return s.str();
 }
 

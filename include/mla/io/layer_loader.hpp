@@ -4,6 +4,7 @@
 /// `model.layers.{i}.self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa,
 /// kv_a_layernorm, kv_b_proj, o_proj}.weight` (+ `.weight_scale_inv` for FP8 weights).
 
+#include <optional>
 #include <string>
 
 #include "mla/error.hpp"
@@ -17,7 +18,9 @@ namespace mla::io {
 /// How FP8 projections of a checkpoint are multiplied.
 struct LoadOptions {
   Fp8Matmul fp8_matmul = Fp8Matmul::kW8A32;
-  ScaleFormat activation_scales = ScaleFormat::kFloat32;  ///< W8A8 only
+  /// W8A8 only: the activation scales' format; unset, what config.json's
+  /// quantization_config.scale_fmt says (CheckpointConfig::activation_scales).
+  std::optional<ScaleFormat> activation_scales;
 };
 
 namespace detail {
@@ -34,7 +37,7 @@ Linear<T> load_projection(const Checkpoint& ckpt, const CheckpointConfig& cfg,
     const TensorView& s = ckpt.tensor(name + ".weight_scale_inv");
     return Linear<T>(
         to_block_fp8(w, s, rows, cols, cfg.weight_block_rows, cfg.weight_block_cols, expected),
-        options.fp8_matmul, options.activation_scales);
+        options.fp8_matmul, options.activation_scales.value_or(cfg.activation_scales));
   }
   return Linear<T>(to_matrix<T>(w, rows, cols, expected));
 }
