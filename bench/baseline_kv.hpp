@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "mla/detail/bfloat16.hpp"
+#include "mla/detail/isa/dispatch.hpp"
 #include "mla/matrix.hpp"
 #include "mla/thread_pool.hpp"
 

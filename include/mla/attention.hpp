@@ -18,6 +18,7 @@
 #include <limits>
 
 #include "mla/config.hpp"
+#include "mla/detail/isa/dispatch.hpp"
 #include "mla/error.hpp"
 #include "mla/latent_cache.hpp"
 #include "mla/matrix.hpp"
@@ -71,6 +72,7 @@ struct AttentionWorkspace {
   /// Makes room for chunks of up to `tokens` new tokens (grows, never shrinks), for `path`
   /// (kAuto reserves for both).
   void reserve(const MlaConfig& c, Index tokens, AttentionPath path = AttentionPath::kAuto) {
+    using detail::grow;
     const Index heads = c.num_attention_heads;
     grow(c_tile, kTileTokens, c.kv_lora_rank);
     grow(kpe_tile, kTileTokens, c.qk_rope_head_dim);
@@ -81,36 +83,20 @@ struct AttentionWorkspace {
     grow(running_max, tokens * heads);
     grow(running_sum, tokens * heads);
     grow(correction, tokens);
-    if (convert_scratch.size() < c.kv_lora_rank) convert_scratch.resize(c.kv_lora_rank);
-  }
-
- private:
-  static void grow(RowMatrix<T>& m, Index rows, Index cols) {
-    if (m.rows() < rows || m.cols() != cols) m.resize(std::max(rows, m.rows()), cols);
-  }
-  static void grow(Vector<T>& v, Index n) {
-    if (v.size() < n) v.resize(n);
+    grow(convert_scratch, c.kv_lora_rank);
   }
 };
 
 namespace detail {
 
-/// One step of the online softmax for a row of n scores (already scaled). On return s holds
-/// exp(s - m_new), (m, l) are the running maximum and sum over everything seen so far, and
-/// the result is the factor exp(m_old - m_new) by which the row's accumulator must be scaled.
+/// One step of the online softmax for a row of n scores (already scaled), the same step the
+/// decode kernels take (detail/isa/kernels.inl, for one softmax row): on return s holds
+/// exp(s - m_new), (m, l) are the running maximum and sum over everything seen so far, and the
+/// result is the factor exp(m_old - m_new) by which the row's accumulator must be scaled.
 template <class T>
 T online_softmax_step(T* s, Index n, T& m, T& l) {
-  T m_new = m;
-  for (Index k = 0; k < n; ++k) m_new = std::max(m_new, s[k]);
-  // exp(-inf - finite) = 0 clears the empty initial state.
-  const T correction = std::exp(m - m_new);
-  T sum = 0;
-  for (Index k = 0; k < n; ++k) {
-    s[k] = std::exp(s[k] - m_new);
-    sum += s[k];
-  }
-  l = l * correction + sum;
-  m = m_new;
+  T correction;
+  isa::portable::online_softmax_step(s, n, 1, 1, &m, &l, &correction);
   return correction;
 }
 

@@ -23,11 +23,9 @@
 #include <ostream>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "mla/detail/bit_cast.hpp"
+#include "mla/detail/fp8_codec.hpp"
+#include "mla/detail/isa/dispatch.hpp"
 
 namespace mla {
 
@@ -39,136 +37,6 @@ enum class Fp8Overflow : std::uint8_t {
 };
 
 namespace detail {
-
-/// OCP E4M3FN: 1 sign, 4 exponent (bias 7), 3 mantissa bits. S.1111.111 is NaN; no Inf.
-struct E4M3FNFormat {
-  static constexpr int kExponentBits = 4;
-  static constexpr int kMantissaBits = 3;
-  static constexpr int kBias = 7;
-  static constexpr std::uint32_t kMaxFinite = 0x7E;     ///< 448 = 1.75 * 2^8
-  static constexpr std::uint32_t kFirstSpecial = 0x7F;  ///< magnitude codes >= this are NaN
-  static constexpr bool kHasInfinity = false;
-  static constexpr std::uint32_t kQuietNaN = 0x7F;
-  static constexpr int kMaxDigits10 = 3;  ///< ceil(1 + 4 log10 2)
-};
-
-/// OCP E5M2: 1 sign, 5 exponent (bias 15), 2 mantissa bits. IEEE-style: S.11111.00 is Inf,
-/// S.11111.{01,10,11} are NaN.
-struct E5M2Format {
-  static constexpr int kExponentBits = 5;
-  static constexpr int kMantissaBits = 2;
-  static constexpr int kBias = 15;
-  static constexpr std::uint32_t kMaxFinite = 0x7B;     ///< 57344 = 1.75 * 2^15
-  static constexpr std::uint32_t kFirstSpecial = 0x7C;  ///< 0x7C is Inf, 0x7D..0x7F NaN
-  static constexpr bool kHasInfinity = true;
-  static constexpr std::uint32_t kQuietNaN = 0x7E;
-  static constexpr int kMaxDigits10 = 2;  ///< ceil(1 + 3 log10 2)
-};
-
-/// Bit layout of the IEEE binary source types a conversion starts from.
-template <class Src>
-struct IeeeBinary;
-template <>
-struct IeeeBinary<float> {
-  using Bits = std::uint32_t;
-  using SignedBits = std::int32_t;
-  static constexpr int kExponentBits = 8;
-  static constexpr int kMantissaBits = 23;
-  static constexpr int kBias = 127;
-};
-template <>
-struct IeeeBinary<double> {
-  using Bits = std::uint64_t;
-  using SignedBits = std::int64_t;
-  static constexpr int kExponentBits = 11;
-  static constexpr int kMantissaBits = 52;
-  static constexpr int kBias = 1023;
-};
-
-/// Encodes `x` as an FP8 code of `Format`, rounding once to nearest-even, then applying the
-/// overflow rule. Branch-free (selects only), so loops over it vectorise.
-template <class Format, bool kSaturate, class Src>
-inline std::uint8_t encode_fp8(Src x) noexcept {
-  using B = IeeeBinary<Src>;
-  using Bits = typename B::Bits;
-  using SignedBits = typename B::SignedBits;
-  constexpr int kSrcBits = static_cast<int>(sizeof(Bits) * 8);
-  constexpr int kM = Format::kMantissaBits;
-  // Source mantissa bits that rounding removes.
-  constexpr int kDrop = B::kMantissaBits - kM;
-  constexpr Bits kAbsMask = ~Bits{0} >> 1;
-  constexpr Bits kInfBits = ((Bits{1} << B::kExponentBits) - 1) << B::kMantissaBits;
-  constexpr Bits kImplicitOne = Bits{1} << B::kMantissaBits;
-  // Biased source exponent of the smallest normal FP8 value 2^(1 - bias).
-  constexpr SignedBits kMinNormalExp = B::kBias + 1 - Format::kBias;
-  constexpr Bits kMinNormalBits = Bits(kMinNormalExp) << B::kMantissaBits;
-  constexpr Bits kOverflowCode = kSaturate              ? Format::kMaxFinite
-                                 : Format::kHasInfinity ? Format::kFirstSpecial  // Inf
-                                                        : Format::kQuietNaN;
-
-  const Bits u = bit_cast<Bits>(x);
-  const Bits a = u & kAbsMask;  // |x|
-  const auto sign = static_cast<std::uint32_t>(u >> (kSrcBits - 8)) & 0x80u;
-
-  // Normal FP8 result: rebias the exponent, then round the mantissa to nearest even by adding
-  // just under half an FP8 ulp plus the lowest kept bit. A carry out of the mantissa bumps the
-  // exponent, which is exactly the right result (1.111|1 -> 10.000).
-  const Bits kept_lsb = (a >> kDrop) & 1u;
-  const Bits normal = (a - (Bits(B::kBias - Format::kBias) << B::kMantissaBits) +
-                       ((Bits{1} << (kDrop - 1)) - 1) + kept_lsb) >>
-                      kDrop;
-
-  // Subnormal FP8 result: |x| / 2^(1 - bias - mbits) rounded to nearest even, i.e. the
-  // significand shifted right by a per-value amount. Shifts beyond mbits + 2 all give 0
-  // (|x| < half the smallest subnormal), so the amount is clamped, which also keeps every
-  // shift defined when this lane is not selected. A round-up to 2^mbits lands on the smallest
-  // normal code, which is again the right result.
-  const auto exponent = static_cast<SignedBits>(a >> B::kMantissaBits);
-  SignedBits shift = SignedBits{kDrop} + kMinNormalExp - exponent;
-  shift = shift < 1 ? 1 : shift;
-  shift = shift > B::kMantissaBits + 2 ? B::kMantissaBits + 2 : shift;
-  // Same round-to-nearest-even trick as above: add half - 1 plus the lowest kept bit.
-  const Bits significand = (a & (kImplicitOne - 1)) | kImplicitOne;
-  const Bits sub_lsb = (significand >> shift) & 1u;
-  const Bits subnormal = (significand + (Bits{1} << (shift - 1)) - 1 + sub_lsb) >> shift;
-
-  Bits code = a < kMinNormalBits ? subnormal : normal;
-  // Overflow is decided after rounding: E4M3 464 is a tie that rounds to 448 and stays finite.
-  code = code > Format::kMaxFinite ? kOverflowCode : code;
-  // NaN keeps its sign and as much payload as fits; a payload that truncates to zero becomes
-  // the quiet NaN instead of turning into E5M2 infinity.
-  const Bits payload = (a >> kDrop) & ((Bits{1} << kM) - 1);
-  const Bits nan_code = Format::kHasInfinity && payload == 0 ? Bits{Format::kQuietNaN}
-                                                             : (Format::kFirstSpecial | payload);
-  code = a > kInfBits ? nan_code : code;
-  return static_cast<std::uint8_t>(code | sign);
-}
-
-/// Decodes an FP8 code of `Format` to the float of the same value (exact). NaN codes keep
-/// their sign and payload. Every lane does the same operations (no branch-only float op),
-/// so loops over it vectorise.
-template <class Format>
-inline float decode_fp8(std::uint8_t code) noexcept {
-  constexpr int kM = Format::kMantissaBits;
-  constexpr std::uint32_t kRebias = std::uint32_t{127 - Format::kBias} << 23;
-  constexpr std::uint32_t kMinNormalBits = std::uint32_t{128 - Format::kBias} << 23;  // 2^(1-bias)
-  const std::uint32_t sign = static_cast<std::uint32_t>(code & 0x80u) << 24;
-  const std::uint32_t em = code & 0x7Fu;  // exponent and mantissa fields
-  // A normal code's value is its fields moved into float position with the exponent rebiased.
-  // A subnormal code m (exponent field 0) is worth 2^(1-bias) * m/2^M: read it as if its
-  // exponent field were 1, which gives 2^(1-bias) * (1 + m/2^M), and subtract 2^(1-bias)
-  // (exact). Normal codes subtract +0, so every lane does the same float subtraction.
-  const bool is_subnormal = em < (1u << kM);
-  const std::uint32_t fields = is_subnormal ? em | (1u << kM) : em;
-  const float minuend = bit_cast<float>((fields << (23 - kM)) + kRebias);
-  const float subtrahend = bit_cast<float>(is_subnormal ? kMinNormalBits : 0u);
-  const std::uint32_t finite = bit_cast<std::uint32_t>(minuend - subtrahend);
-  // Inf/NaN: exponent all ones, FP8 mantissa as the leading payload bits. E4M3FN's NaN (m = 7)
-  // becomes a quiet float NaN; E5M2 0x7C becomes +-Inf.
-  const std::uint32_t special = 0x7F800000u | ((em & ((1u << kM) - 1)) << (23 - kM));
-  const std::uint32_t magnitude = em >= Format::kFirstSpecial ? special : finite;
-  return bit_cast<float>(sign | magnitude);
-}
 
 /// The shared implementation of the FP8 types: one byte holding a `Format` code. `Derived` is
 /// the public type (CRTP), so that `from_bits` and the conversions return it.
@@ -252,135 +120,38 @@ std::ostream& operator<<(std::ostream& os, const detail::Float8Base<Derived, For
   return os << static_cast<float>(x);
 }
 
-namespace detail {
-// GCC 12 reports -Wstringop-overflow for the vector body of these loops when they are inlined
-// at a call site whose buffer is shorter than one vector; that path never runs for such n.
-// The pragma keeps users' -Werror builds clean; it covers these two loops only.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wstringop-overflow"
-#endif
-template <class Format, bool kSaturate, bool kScaled>
-inline void encode_span(const float* src, std::size_t n, std::uint8_t* dst, float scale) noexcept {
-  for (std::size_t i = 0; i < n; ++i) {
-    const float x = kScaled ? src[i] / scale : src[i];
-    dst[i] = encode_fp8<Format, kSaturate>(x);
-  }
-}
-template <class Format, bool kScaled>
-inline void decode_span(const std::uint8_t* src, std::size_t n, float* dst, float scale) noexcept {
-  for (std::size_t i = 0; i < n; ++i) {
-    const float x = decode_fp8<Format>(src[i]);
-    dst[i] = kScaled ? x * scale : x;
-  }
-}
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
-
-#if defined(__AVX512F__)
-/// E4M3FN widening, 16 codes per step, through FP16: a code's exponent and mantissa fields
-/// shifted into FP16 position give its value / 2^8 exactly (normal and subnormal codes alike,
-/// since FP16 has the wider exponent), the hardware widens FP16 to float, and one multiply by
-/// 2^8 * scale rounds once, as float(code) * scale does. NaN codes become the float NaN the
-/// scalar conversion gives. Only for |scale| <= 2^100, where 2^8 * scale cannot overflow.
-/// Whether the FP16 route below decodes codes times `scale` exactly: |scale| <= 2^100, where
-/// the multiplier 2^8 * scale cannot overflow (false for NaN).
-inline bool fp16_route_covers(float scale) noexcept { return std::fabs(scale) <= 0x1p100f; }
-
-/// 16 codes at src times `mul` / 2^8 (mul = 2^8 * scale): the step of decode_e4m3_avx512.
-inline __m512 widen16_e4m3_avx512(const std::uint8_t* src, __m512 mul) noexcept {
-  const __m256i low7 = _mm256_set1_epi16(0x7F), high = _mm256_set1_epi16(0x80);
-  const __m256i nan = _mm256_set1_epi16(0x7F80);  // FP16 NaN with the FP8 NaN's payload
-  const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  const __m256i em = _mm256_and_si256(w, low7);
-  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(w, high), 8);
-  const __m256i is_nan = _mm256_cmpeq_epi16(em, low7);
-  const __m256i h =
-      _mm256_or_si256(sign, _mm256_blendv_epi8(_mm256_slli_epi16(em, 7), nan, is_nan));
-  return _mm512_mul_ps(_mm512_cvtph_ps(h), mul);
-}
-
-#if defined(__AVX512BW__)
-/// 32 codes at src times `mul` / 2^8, as lo (codes 0..15) and hi (16..31): the same FP16 route
-/// on 32 lanes of 16 bits, with fewer operations per code. Shifted left by 7, a code has its
-/// exponent and mantissa in FP16 position and its sign at bit 14; adding bit 14 to itself
-/// carries the sign to bit 15 and clears bit 14. NaN codes (exponent and mantissa all ones)
-/// get FP16's all-ones exponent by adding bit 14 once more.
-inline void widen32_e4m3_avx512(const std::uint8_t* src, __m512 mul, __m512& lo,
-                                __m512& hi) noexcept {
-  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
-  const __m512i t = _mm512_slli_epi16(w, 7);
-  const __m512i bit14 = _mm512_set1_epi16(0x4000), em = _mm512_set1_epi16(0x3F80);
-  __m512i h = _mm512_add_epi16(t, _mm512_and_si512(t, bit14));
-  const __mmask32 nan = _mm512_cmpeq_epi16_mask(_mm512_and_si512(t, em), em);
-  h = _mm512_mask_add_epi16(h, nan, h, bit14);
-  lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), mul);
-  hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), mul);
-}
-#endif
-
-inline std::size_t decode_e4m3_avx512(const std::uint8_t* src, std::size_t n, float* dst,
-                                      float scale) noexcept {
-  const __m512 mul = _mm512_set1_ps(scale * 256.0f);
-  std::size_t i = 0;
-#if defined(__AVX512BW__)
-  for (; i + 32 <= n; i += 32) {
-    __m512 lo, hi;
-    widen32_e4m3_avx512(src + i, mul, lo, hi);
-    _mm512_storeu_ps(dst + i, lo);
-    _mm512_storeu_ps(dst + i + 16, hi);
-  }
-#endif
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, widen16_e4m3_avx512(src + i, mul));
-  return i;
-}
-#endif
-}  // namespace detail
-
 /// Bulk narrowing: `dst[i] = F8(src[i] / scale, mode)` for i < n, where `scale` is the
 /// dequantisation multiplier (the stored values times `scale` approximate `src`). With
 /// scale == 1 no division happens, so the result is exactly the scalar conversion; otherwise
 /// `src[i] / scale` is first rounded to float, as DeepSeek's act_quant does. The ranges must
-/// not overlap. Vectorised by the compiler (branch-free body).
+/// not overlap. Runs on the active instruction set (mla/isa.hpp); element by element it equals
+/// the scalar conversion on every one.
 template <class F8>
-inline std::enable_if_t<is_float8_v<F8>> to_fp8(
-    const float* src, std::size_t n, F8* dst, float scale = 1.0f,
-    Fp8Overflow mode = Fp8Overflow::kSaturate) noexcept {
-  using Format = typename F8::format;
+inline std::enable_if_t<is_float8_v<F8>> to_fp8(const float* src, std::size_t n, F8* dst,
+                                                float scale = 1.0f,
+                                                Fp8Overflow mode = Fp8Overflow::kSaturate) {
   // An FP8 object is one byte with no padding; its object representation is its code.
   auto* out = reinterpret_cast<std::uint8_t*>(dst);
+  const detail::isa::Kernels& k = detail::isa::kernels();
   const bool saturate = mode == Fp8Overflow::kSaturate;
-  if (scale == 1.0f) {
-    saturate ? detail::encode_span<Format, true, false>(src, n, out, scale)
-             : detail::encode_span<Format, false, false>(src, n, out, scale);
+  if constexpr (std::is_same_v<F8, float8_e4m3fn>) {
+    k.encode_e4m3(src, n, out, scale, saturate);
   } else {
-    saturate ? detail::encode_span<Format, true, true>(src, n, out, scale)
-             : detail::encode_span<Format, false, true>(src, n, out, scale);
+    k.encode_e5m2(src, n, out, scale, saturate);
   }
 }
 
-/// Bulk widening: `dst[i] = float(src[i]) * scale` for i < n (exact when scale == 1). The
-/// ranges must not overlap. Vectorised by the compiler (branch-free body).
+/// Bulk widening: `dst[i] = float(src[i]) * scale` for i < n (exact when scale == 1; otherwise
+/// the product rounds once). The ranges must not overlap. Runs on the active instruction set.
 template <class F8>
 inline std::enable_if_t<is_float8_v<F8>> from_fp8(const F8* src, std::size_t n, float* dst,
-                                                  float scale = 1.0f) noexcept {
-  using Format = typename F8::format;
+                                                  float scale = 1.0f) {
   const auto* in = reinterpret_cast<const std::uint8_t*>(src);
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<Format, detail::E4M3FNFormat>) {
-    if (detail::fp16_route_covers(scale)) {
-      const std::size_t done = detail::decode_e4m3_avx512(in, n, dst, scale);
-      in += done;
-      dst += done;
-      n -= done;
-    }
-  }
-#endif
-  if (scale == 1.0f) {
-    detail::decode_span<Format, false>(in, n, dst, scale);
+  const detail::isa::Kernels& k = detail::isa::kernels();
+  if constexpr (std::is_same_v<F8, float8_e4m3fn>) {
+    k.decode_e4m3(in, n, dst, scale);
   } else {
-    detail::decode_span<Format, true>(in, n, dst, scale);
+    k.decode_e5m2(in, n, dst, scale);
   }
 }
 

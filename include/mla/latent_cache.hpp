@@ -22,39 +22,15 @@
 
 #include "mla/config.hpp"
 #include "mla/detail/bfloat16.hpp"
+#include "mla/detail/isa/dispatch.hpp"
+#include "mla/detail/latent_blocks.hpp"
+#include "mla/detail/record_layout.hpp"
 #include "mla/error.hpp"
 #include "mla/fp8.hpp"
 #include "mla/matrix.hpp"
 #include "mla/quant.hpp"
 
 namespace mla {
-
-/// Element format of the cached latent and rotary key. Bytes per token and layer at DeepSeek
-/// sizes (d_c 512, R 64) in brackets.
-enum class CacheStorage : std::uint8_t {
-  kFloat32,   ///< (d_c + R) * 4 bytes   [2304]
-  kBFloat16,  ///< (d_c + R) * 2 bytes   [1152]
-  /// FlashMLA's "fp8 with scale" record: d_c e4m3 latent bytes at offset 0, then one FP32 scale
-  /// per 128 latent values (tile amax / 448) at offset d_c, then k^R in BF16 (never quantised:
-  /// RoPE phases do not survive 3 mantissa bits) at offset d_c + 4 * ceil(d_c / 128).  [656]
-  kFp8E4M3,
-  kFloat64,  ///< (d_c + R) * 8 bytes, for verification against double references  [4608]
-};
-
-/// Printable name of a storage choice.
-inline const char* to_string(CacheStorage s) {
-  switch (s) {
-    case CacheStorage::kFloat32:
-      return "fp32";
-    case CacheStorage::kBFloat16:
-      return "bf16";
-    case CacheStorage::kFp8E4M3:
-      return "fp8";
-    case CacheStorage::kFloat64:
-      return "fp64";
-  }
-  return "unknown";
-}
 
 /// Construction parameters of a LatentCache.
 struct LatentCacheOptions {
@@ -71,186 +47,107 @@ using SequenceId = std::int64_t;
 
 namespace detail {
 
-/// Where each part of one token's record lives, and how to convert it.
-struct LatentLayout {
-  /// Latent values per FP8 scale (FlashMLA's tile).
-  static constexpr Index kFp8Tile = 128;
-
-  CacheStorage storage = CacheStorage::kFloat32;
-  ScaleFormat fp8_scales = ScaleFormat::kFloat32;
-  Index kv_lora_rank = 0;  // d_c
-  Index rope_dim = 0;      // R
-  std::size_t token_bytes = 0;
-  std::size_t scales_offset = 0;  // FP8 only
-  std::size_t kpe_offset = 0;     // byte offset of k^R in the record
-
-  static LatentLayout make(Index d_c, Index r, CacheStorage storage, ScaleFormat fp8_scales) {
-    LatentLayout l;
-    l.storage = storage;
-    l.fp8_scales = fp8_scales;
-    l.kv_lora_rank = d_c;
-    l.rope_dim = r;
-    const auto dc = static_cast<std::size_t>(d_c), rr = static_cast<std::size_t>(r);
-    switch (storage) {
-      case CacheStorage::kFp8E4M3:
-        l.scales_offset = dc;
-        l.kpe_offset = dc + sizeof(float) * static_cast<std::size_t>(fp8_tiles(d_c));
-        l.token_bytes = l.kpe_offset + sizeof(Eigen::bfloat16) * rr;
-        break;
-      default: {
-        const std::size_t e = element_bytes(storage);
-        l.kpe_offset = dc * e;
-        l.token_bytes = (dc + rr) * e;
-      }
-    }
-    return l;
-  }
-
-  static Index fp8_tiles(Index d_c) { return (d_c + kFp8Tile - 1) / kFp8Tile; }
-
-  static std::size_t element_bytes(CacheStorage s) {
-    switch (s) {
-      case CacheStorage::kFloat64:
-        return 8;
-      case CacheStorage::kBFloat16:
-        return 2;
-      case CacheStorage::kFp8E4M3:
-        return 1;
-      case CacheStorage::kFloat32:
-        break;
-    }
-    return 4;
-  }
-
-  /// True when records hold T itself, so kernels can read them in place.
-  template <class T>
-  bool holds() const {
-    return (std::is_same_v<T, float> && storage == CacheStorage::kFloat32) ||
-           (std::is_same_v<T, double> && storage == CacheStorage::kFloat64);
-  }
-
-  /// Encodes one token: c [d_c] and k [R] of T into the record. Quantisation happens here.
-  template <class T>
-  void write(const T* c, const T* k, unsigned char* rec, float* scratch) const {
-    const Index D = kv_lora_rank, R = rope_dim;
-    switch (storage) {
-      case CacheStorage::kFloat32:
-        store_as<float>(c, k, rec);
-        break;
-      case CacheStorage::kFloat64:
-        store_as<double>(c, k, rec);
-        break;
-      case CacheStorage::kBFloat16:
-        store_as<Eigen::bfloat16>(c, k, rec);
-        break;
-      case CacheStorage::kFp8E4M3: {
-        // The latent is quantised from its float value, in 128-value tiles.
-        const float* cf = as_float(c, D, scratch);
-        float scales[64];  // one per tile; d_c <= 8192 is checked at construction
-        quantize_e4m3_tiles(cf, D, kFp8Tile, 0.0f, fp8_scales,
-                            reinterpret_cast<float8_e4m3fn*>(rec), scales);
-        std::memcpy(rec + scales_offset, scales,
-                    sizeof(float) * static_cast<std::size_t>(fp8_tiles(D)));
-        for (Index i = 0; i < R; ++i) {
-          const Eigen::bfloat16 b = to_bfloat16(k[i]);
-          std::memcpy(rec + kpe_offset + sizeof(b) * static_cast<std::size_t>(i), &b, sizeof(b));
-        }
-        break;
-      }
-    }
-  }
-
-  /// Decodes one token's record into c [d_c] and k [R] of T (exact: every storage format widens
-  /// to float without rounding).
-  template <class T>
-  void read(const unsigned char* rec, T* c, T* k, float* scratch) const {
-    const Index D = kv_lora_rank, R = rope_dim;
-    switch (storage) {
-      case CacheStorage::kFloat32:
-        load_as<float>(rec, c, k);
-        break;
-      case CacheStorage::kFloat64:
-        load_as<double>(rec, c, k);
-        break;
-      case CacheStorage::kBFloat16:
-        if constexpr (std::is_same_v<T, float>) {
-          bfloat16_to_float(rec, static_cast<std::size_t>(D), c);
-          bfloat16_to_float(rec + kpe_offset, static_cast<std::size_t>(R), k);
-        } else {
-          load_as<Eigen::bfloat16>(rec, c, k);
-        }
-        break;
-      case CacheStorage::kFp8E4M3: {
-        float scales[64];
-        std::memcpy(scales, rec + scales_offset,
-                    sizeof(float) * static_cast<std::size_t>(fp8_tiles(D)));
-        const auto* q = reinterpret_cast<const float8_e4m3fn*>(rec);
-        if constexpr (std::is_same_v<T, float>) {
-          (void)scratch;
-          dequantize_e4m3_tiles(q, scales, D, kFp8Tile, c);
-        } else {
-          dequantize_e4m3_tiles(q, scales, D, kFp8Tile, scratch);
-          for (Index i = 0; i < D; ++i) c[i] = static_cast<T>(scratch[i]);
-        }
-        if constexpr (std::is_same_v<T, float>) {
-          bfloat16_to_float(rec + kpe_offset, static_cast<std::size_t>(R), k);
-        } else {
-          for (Index i = 0; i < R; ++i) {
-            Eigen::bfloat16 b;
-            std::memcpy(&b, rec + kpe_offset + sizeof(b) * static_cast<std::size_t>(i), sizeof(b));
-            k[i] = static_cast<T>(static_cast<float>(b));
-          }
-        }
-        break;
-      }
-    }
-  }
-
- private:
-  template <class T>
-  static const float* as_float(const T* x, Index n, float* scratch) {
-    if constexpr (std::is_same_v<T, float>) {
-      (void)n;
-      (void)scratch;
-      return x;
-    } else {
-      for (Index i = 0; i < n; ++i) scratch[i] = static_cast<float>(x[i]);
-      return scratch;
-    }
-  }
-
-  template <class S, class T>
-  static S narrow(T x) {
-    if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
-      return to_bfloat16(x);
-    } else {
-      return static_cast<S>(x);
-    }
-  }
-
-  template <class S, class T>
-  void store_as(const T* c, const T* k, unsigned char* rec) const {
+/// The record codec: encodes one token, c [d_c] and k [R] of T, into its record. Quantisation
+/// (FP8) and rounding (BF16) happen here, once.
+template <class T>
+void write_record(const LatentLayout& l, const T* c, const T* k, unsigned char* rec,
+                  float* scratch) {
+  const Index D = l.kv_lora_rank, R = l.rope_dim;
+  const auto store_as = [&](auto zero) {
+    using S = decltype(zero);
     S* out = reinterpret_cast<S*>(rec);  // records of S are aligned for S (pool is 64-aligned)
-    for (Index i = 0; i < kv_lora_rank; ++i) out[i] = narrow<S>(c[i]);
-    for (Index i = 0; i < rope_dim; ++i) out[kv_lora_rank + i] = narrow<S>(k[i]);
-  }
-
-  template <class T, class S>
-  static T widen(S x) {
-    if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
-      return static_cast<T>(static_cast<float>(x));  // exact
-    } else {
-      return static_cast<T>(x);
+    const auto narrow = [](T x) {
+      if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+        return to_bfloat16(x);
+      } else {
+        return static_cast<S>(x);
+      }
+    };
+    for (Index i = 0; i < D; ++i) out[i] = narrow(c[i]);
+    for (Index i = 0; i < R; ++i) out[D + i] = narrow(k[i]);
+  };
+  switch (l.storage) {
+    case CacheStorage::kFloat32:
+      store_as(float{});
+      break;
+    case CacheStorage::kFloat64:
+      store_as(double{});
+      break;
+    case CacheStorage::kBFloat16:
+      store_as(Eigen::bfloat16{});
+      break;
+    case CacheStorage::kFp8E4M3: {
+      // The latent is quantised from its float value, in 128-value tiles.
+      const float* cf = nullptr;
+      if constexpr (std::is_same_v<T, float>) {
+        cf = c;
+      } else {
+        for (Index i = 0; i < D; ++i) scratch[i] = static_cast<float>(c[i]);
+        cf = scratch;
+      }
+      float scales[64];  // one per tile; d_c <= 8192 is checked at construction
+      quantize_e4m3_tiles(cf, D, LatentLayout::kFp8Tile, 0.0f, l.fp8_scales,
+                          reinterpret_cast<float8_e4m3fn*>(rec), scales);
+      std::memcpy(rec + l.scales_offset, scales,
+                  sizeof(float) * static_cast<std::size_t>(LatentLayout::fp8_tiles(D)));
+      // k^R stays BF16: RoPE phases do not survive 3 mantissa bits.
+      for (Index i = 0; i < R; ++i) {
+        const Eigen::bfloat16 b = to_bfloat16(k[i]);
+        std::memcpy(rec + l.kpe_offset + sizeof(b) * static_cast<std::size_t>(i), &b, sizeof(b));
+      }
+      break;
     }
   }
+}
 
-  template <class S, class T>
-  void load_as(const unsigned char* rec, T* c, T* k) const {
-    const S* in = reinterpret_cast<const S*>(rec);
-    for (Index i = 0; i < kv_lora_rank; ++i) c[i] = widen<T>(in[i]);
-    for (Index i = 0; i < rope_dim; ++i) k[i] = widen<T>(in[kv_lora_rank + i]);
+/// The record codec: decodes one token's record into c [d_c] and k [R] of T (exact for float
+/// and double: every storage format widens to float without rounding). `scratch` holds d_c
+/// floats (used when T is not float).
+template <class T>
+void read_record(const LatentLayout& l, const unsigned char* rec, T* c, T* k, float* scratch) {
+  const Index D = l.kv_lora_rank, R = l.rope_dim;
+  const auto widen = [&](const float* src, Index n, T* dst) {
+    for (Index i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  };
+  switch (l.storage) {
+    case CacheStorage::kFloat32:
+    case CacheStorage::kFloat64: {
+      const auto load_as = [&](auto zero) {
+        using S = decltype(zero);
+        const S* in = reinterpret_cast<const S*>(rec);
+        for (Index i = 0; i < D; ++i) c[i] = static_cast<T>(in[i]);
+        for (Index i = 0; i < R; ++i) k[i] = static_cast<T>(in[D + i]);
+      };
+      l.storage == CacheStorage::kFloat32 ? load_as(float{}) : load_as(double{});
+      break;
+    }
+    case CacheStorage::kBFloat16:
+    case CacheStorage::kFp8E4M3: {
+      // The latent: BF16 values, or FP8 codes times their tile's scale.
+      float* cf = std::is_same_v<T, float> ? reinterpret_cast<float*>(c) : scratch;
+      if (l.storage == CacheStorage::kBFloat16) {
+        bfloat16_to_float(rec, static_cast<std::size_t>(D), cf);
+      } else {
+        float scales[64];
+        std::memcpy(scales, rec + l.scales_offset,
+                    sizeof(float) * static_cast<std::size_t>(LatentLayout::fp8_tiles(D)));
+        dequantize_e4m3_tiles(reinterpret_cast<const float8_e4m3fn*>(rec), scales, D,
+                              LatentLayout::kFp8Tile, cf);
+      }
+      if constexpr (!std::is_same_v<T, float>) widen(cf, D, c);
+      // k^R: BF16 in both formats.
+      if constexpr (std::is_same_v<T, float>) {
+        bfloat16_to_float(rec + l.kpe_offset, static_cast<std::size_t>(R), k);
+      } else {
+        for (Index i = 0; i < R; ++i) {
+          k[i] = static_cast<T>(
+              bfloat16_bits_to_float(rec + l.kpe_offset + 2 * static_cast<std::size_t>(i)));
+        }
+      }
+      break;
+    }
   }
-};
+}
 
 /// 64-byte aligned, uninitialised byte buffer. Buffers of 2 MiB or more are aligned to 2 MiB
 /// and, on Linux, offered to the kernel for transparent huge pages: a decode step streams the
@@ -292,37 +189,33 @@ class LatentView {
   using Tile = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
 
   /// Tokens cached for this layer.
-  Index tokens() const { return tokens_; }
-  Index block_tokens() const { return block_tokens_; }
-  CacheStorage storage() const { return layout_.storage; }
+  Index tokens() const { return b_.tokens; }
+  Index block_tokens() const { return b_.block_tokens; }
+  CacheStorage storage() const { return b_.layout.storage; }
   /// Where each part of a record lies (for kernels that widen records themselves).
-  const detail::LatentLayout& layout() const { return layout_; }
-  Index kv_lora_rank() const { return layout_.kv_lora_rank; }
-  Index rope_dim() const { return layout_.rope_dim; }
+  const detail::LatentLayout& layout() const { return b_.layout; }
+  Index kv_lora_rank() const { return b_.layout.kv_lora_rank; }
+  Index rope_dim() const { return b_.layout.rope_dim; }
   /// Bytes from one token's record to the next.
-  std::size_t token_bytes() const { return layout_.token_bytes; }
+  std::size_t token_bytes() const { return b_.layout.token_bytes; }
 
   /// Start of the records of the b-th block of the sequence (b < ceil(tokens / block_tokens)).
-  const unsigned char* block(Index b) const {
-    MLA_ASSERT(b >= 0 && b * block_tokens_ < tokens_);
-    return layer_base_ + static_cast<std::size_t>(block_table_[b]) * block_bytes_;
-  }
+  const unsigned char* block(Index b) const { return b_.block(b); }
   /// The record of one token.
-  const unsigned char* record(Index token) const {
-    return block(token / block_tokens_) +
-           static_cast<std::size_t>(token % block_tokens_) * layout_.token_bytes;
-  }
+  const unsigned char* record(Index token) const { return b_.record(token); }
+  /// Where the records are (for the kernels).
+  const detail::LatentBlocks& blocks() const { return b_; }
 
   /// The tokens [first, first + count) as a view of their own, for splitting attention over key
   /// ranges (each part's result merges by its log-sum-exp). `first` must start a block.
   LatentView subview(Index first, Index count) const {
     detail::require(
-        first >= 0 && count >= 0 && first + count <= tokens_ && first % block_tokens_ == 0,
-        "LatentView::subview: tokens [", first, ", ", first + count, ") must lie in [0, ", tokens_,
-        ") and start a block of ", block_tokens_);
+        first >= 0 && count >= 0 && first + count <= b_.tokens && first % b_.block_tokens == 0,
+        "LatentView::subview: tokens [", first, ", ", first + count, ") must lie in [0, ",
+        b_.tokens, ") and start a block of ", b_.block_tokens);
     LatentView v = *this;
-    v.block_table_ += first / block_tokens_;
-    v.tokens_ = count;
+    v.b_.block_table += first / b_.block_tokens;
+    v.b_.tokens = count;
     return v;
   }
 
@@ -330,13 +223,13 @@ class LatentView {
   /// d_c + R contiguous T at record(token).
   template <class T>
   bool holds() const {
-    return layout_.holds<T>();
+    return b_.layout.holds<T>();
   }
 
   /// Decodes one token's record into out[0, d_c + R) as float: c, then k^R (exact for FP32,
   /// BF16 and FP8 records). `scratch` holds d_c floats (unused for float output of FP8).
   void decode(Index token, float* out, float* scratch) const {
-    layout_.read(record(token), out, out + layout_.kv_lora_rank, scratch);
+    detail::read_record(b_.layout, record(token), out, out + b_.layout.kv_lora_rank, scratch);
   }
 
   /// Calls f(first, n, c, k_pe) for consecutive tiles of at most `max_tile` tokens, in order,
@@ -347,19 +240,19 @@ class LatentView {
   void for_each_tile(Index max_tile, RowMatrix<T>& c_buf, RowMatrix<T>& k_buf, float* scratch,
                      F&& f) const {
     MLA_ASSERT(max_tile > 0 && c_buf.rows() >= max_tile && k_buf.rows() >= max_tile);
-    const Index D = layout_.kv_lora_rank, R = layout_.rope_dim;
-    for (Index first = 0; first < tokens_;) {
-      const Index in_block = first % block_tokens_;
-      const Index n = std::min({max_tile, block_tokens_ - in_block, tokens_ - first});
+    const Index D = b_.layout.kv_lora_rank, R = b_.layout.rope_dim;
+    for (Index first = 0; first < b_.tokens;) {
+      const Index in_block = first % b_.block_tokens;
+      const Index n = std::min({max_tile, b_.block_tokens - in_block, b_.tokens - first});
       const unsigned char* rec = record(first);
-      if (layout_.holds<T>()) {
+      if (b_.layout.holds<T>()) {
         const auto* p = reinterpret_cast<const T*>(rec);
-        const Eigen::OuterStride<> stride(static_cast<Index>(layout_.token_bytes / sizeof(T)));
+        const Eigen::OuterStride<> stride(static_cast<Index>(b_.layout.token_bytes / sizeof(T)));
         f(first, n, Tile<T>(p, n, D, stride), Tile<T>(p + D, n, R, stride));
       } else {
         for (Index i = 0; i < n; ++i) {
-          layout_.read(rec + static_cast<std::size_t>(i) * layout_.token_bytes, c_buf.row(i).data(),
-                       k_buf.row(i).data(), scratch);
+          detail::read_record(b_.layout, rec + static_cast<std::size_t>(i) * b_.layout.token_bytes,
+                              c_buf.row(i).data(), k_buf.row(i).data(), scratch);
         }
         f(first, n, Tile<T>(c_buf.data(), n, D, Eigen::OuterStride<>(c_buf.cols())),
           Tile<T>(k_buf.data(), n, R, Eigen::OuterStride<>(k_buf.cols())));
@@ -374,27 +267,23 @@ class LatentView {
   template <class T>
   void read(Index first, Index count, MatrixRef<detail::identity_t<T>> c_kv,
             MatrixRef<detail::identity_t<T>> k_pe) const {
-    detail::require(first >= 0 && count >= 0 && first + count <= tokens_,
+    detail::require(first >= 0 && count >= 0 && first + count <= b_.tokens,
                     "LatentView::read: tokens [", first, ", ", first + count, ") out of [0, ",
-                    tokens_, ")");
-    detail::require(c_kv.rows() >= count && c_kv.cols() == layout_.kv_lora_rank &&
-                        k_pe.rows() >= count && k_pe.cols() == layout_.rope_dim,
-                    "LatentView::read: outputs must be [", count, ", ", layout_.kv_lora_rank,
-                    "] and [", count, ", ", layout_.rope_dim, "]");
-    std::vector<float> scratch(static_cast<std::size_t>(layout_.kv_lora_rank));
+                    b_.tokens, ")");
+    detail::require(c_kv.rows() >= count && c_kv.cols() == b_.layout.kv_lora_rank &&
+                        k_pe.rows() >= count && k_pe.cols() == b_.layout.rope_dim,
+                    "LatentView::read: outputs must be [", count, ", ", b_.layout.kv_lora_rank,
+                    "] and [", count, ", ", b_.layout.rope_dim, "]");
+    std::vector<float> scratch(static_cast<std::size_t>(b_.layout.kv_lora_rank));
     for (Index i = 0; i < count; ++i) {
-      layout_.read(record(first + i), c_kv.row(i).data(), k_pe.row(i).data(), scratch.data());
+      detail::read_record(b_.layout, record(first + i), c_kv.row(i).data(), k_pe.row(i).data(),
+                          scratch.data());
     }
   }
 
  private:
   friend class LatentCache;
-  const unsigned char* layer_base_ = nullptr;
-  const std::int32_t* block_table_ = nullptr;
-  std::size_t block_bytes_ = 0;
-  Index tokens_ = 0;
-  Index block_tokens_ = 0;
-  detail::LatentLayout layout_;
+  detail::LatentBlocks b_;
 };
 
 /// Paged latent KV cache for the layers of one model and any number of sequences.
@@ -623,7 +512,7 @@ class LatentCache {
               s.blocks[static_cast<std::size_t>(token / options_.block_tokens)]) *
               block_bytes_ +
           static_cast<std::size_t>(token % options_.block_tokens) * layout_.token_bytes;
-      layout_.write(c_kv.row(i).data(), k_pe.row(i).data(), rec, scratch_.data());
+      detail::write_record(layout_, c_kv.row(i).data(), k_pe.row(i).data(), rec, scratch_.data());
     }
     cached += count;
   }
@@ -641,12 +530,12 @@ class LatentCache {
     const Sequence& s = find(id, "view");
     check_layer(layer, "view");
     LatentView v;
-    v.layer_base_ = pool_.data.get() + static_cast<std::size_t>(layer) * layer_bytes_;
-    v.block_table_ = s.blocks.data();
-    v.block_bytes_ = block_bytes_;
-    v.tokens_ = s.lengths[static_cast<std::size_t>(layer)];
-    v.block_tokens_ = options_.block_tokens;
-    v.layout_ = layout_;
+    v.b_.layer_base = pool_.data.get() + static_cast<std::size_t>(layer) * layer_bytes_;
+    v.b_.block_table = s.blocks.data();
+    v.b_.block_bytes = block_bytes_;
+    v.b_.tokens = s.lengths[static_cast<std::size_t>(layer)];
+    v.b_.block_tokens = options_.block_tokens;
+    v.b_.layout = layout_;
     return v;
   }
 

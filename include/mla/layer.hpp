@@ -35,6 +35,7 @@ class MlaWorkspace {
   /// Makes room for chunks of up to `tokens` tokens of `config` on `path` (kAuto: both).
   void reserve(const MlaConfig& c, Index tokens, AttentionPath path = AttentionPath::kAuto) {
     const Index H = c.num_attention_heads;
+    using detail::grow;
     grow(cq, tokens, c.q_lora_rank);
     grow(q, tokens, H * c.qk_head_dim());
     grow(kv, tokens, c.latent_cache_width());
@@ -48,7 +49,7 @@ class MlaWorkspace {
     attention.reserve(c, tokens, path);
     if constexpr (std::is_same_v<T, float>) {
       if (path != AttentionPath::kExpanded) {
-        decode.reserve(c, decode_options_, pool_ ? pool_->size() : 1, simd::Native::kWidth);
+        decode.reserve(c, decode_options_, pool_ ? pool_->size() : 1);
       }
     }
   }
@@ -67,9 +68,6 @@ class MlaWorkspace {
 
  private:
   friend class MlaLayer<T>;
-  static void grow(RowMatrix<T>& m, Index rows, Index cols) {
-    if (m.rows() < rows || m.cols() != cols) m.resize(std::max(rows, m.rows()), cols);
-  }
 
   RowMatrix<T> cq;        // [tokens, q_lora_rank]       c^Q
   RowMatrix<T> q;         // [tokens, H * (P + R)]        q

@@ -10,6 +10,7 @@
 #include "mla/decode.hpp"
 #include "mla/error.hpp"
 #include "mla/fp8.hpp"
+#include "mla/isa.hpp"
 #include "mla/latent_cache.hpp"
 #include "mla/layer.hpp"
 #include "mla/matrix.hpp"

@@ -12,17 +12,12 @@
 #include <utility>
 #include <vector>
 
+#include "mla/detail/record_layout.hpp"
 #include "mla/error.hpp"
 #include "mla/fp8.hpp"
 #include "mla/matrix.hpp"
 
 namespace mla {
-
-/// How a scale is stored.
-enum class ScaleFormat : std::uint8_t {
-  kFloat32,     ///< any FP32 value: max(amax, floor) / 448
-  kPowerOfTwo,  ///< rounded up to a power of two (DeepSeek-V3.1's "ue8m0" scales)
-};
 
 /// Largest finite e4m3 value, the target of a tile's absolute maximum.
 inline constexpr float kE4M3Max = 448.0f;

@@ -28,16 +28,13 @@ inline Eigen::bfloat16 to_bfloat16(double x) {
   return Eigen::bfloat16(f);
 }
 
-/// dst[i] = float(src[i]) for n bfloat16 values given as their bits, read from possibly
-/// unaligned memory: the bits moved to the high half of a float (exact). Vectorised by the
-/// compiler.
-inline void bfloat16_to_float(const unsigned char* src, std::size_t n, float* dst) noexcept {
-  for (std::size_t i = 0; i < n; ++i) {
-    std::uint16_t b;
-    std::memcpy(&b, src + 2 * i, sizeof(b));
-    const std::uint32_t w = static_cast<std::uint32_t>(b) << 16;
-    std::memcpy(dst + i, &w, sizeof(w));
-  }
+/// The float value of the bfloat16 whose bits are at `p` (possibly unaligned): the bits moved
+/// to the high half of a float (exact). The one BF16 widening; the bulk kernels of detail/isa/
+/// do the same per vector.
+inline float bfloat16_bits_to_float(const unsigned char* p) noexcept {
+  std::uint16_t b;
+  std::memcpy(&b, p, sizeof(b));
+  return bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
 }
 
 }  // namespace mla::detail

@@ -6,12 +6,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #include <type_traits>
 #include <vector>
 
+#include "mla/detail/isa/dispatch.hpp"
 #include "mla/fp8.hpp"
 #include "mla/matrix.hpp"
 #include "mla/quant.hpp"
@@ -35,14 +33,14 @@ struct Fp8GemmScratch {
   }
   template <class V>
   static auto* grow(std::vector<V>& v, Index n) {
-    if (static_cast<Index>(v.size()) < n) v.resize(static_cast<std::size_t>(n));
+    mla::detail::grow(v, n);
     return v.data();
   }
 };
 
 /// Up to this many tokens the matmul streams the weights row by row (GEMV-like); above, it
 /// multiplies panels with GEMMs.
-inline constexpr Index kFp8GemvTokens = 8;
+inline constexpr Index kFp8GemvTokens = isa::kFp8RowsMaxTokens;
 
 /// Decodes n codes (unscaled) into T.
 template <class T>
@@ -55,122 +53,6 @@ void decode_codes(const float8_e4m3fn* q, Index n, T* out, float* row) {
     for (Index i = 0; i < n; ++i) out[i] = static_cast<T>(row[i]);
   }
 }
-
-#if defined(__GNUC__) || defined(__clang__)
-#define MLA_DETAIL_HAVE_VECTOR_EXTENSIONS 1
-
-/// 16 lanes (one AVX-512 register of floats; split into narrower registers on other targets).
-using F32x16 = float __attribute__((vector_size(64)));
-using U32x16 = std::uint32_t __attribute__((vector_size(64)));
-
-/// Zero-extends 16 bytes to 16 32-bit lanes. (GCC 12 lowers __builtin_convertvector for this
-/// byte by byte, so the x86 widening instructions are named where the target has them.)
-inline void widen16(const std::uint8_t* q, U32x16& out) {
-#if defined(__AVX512F__)
-  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-  std::memcpy(&out, &v, sizeof out);
-#elif defined(__AVX2__)
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-  const __m256i lo = _mm256_cvtepu8_epi32(b);
-  const __m256i hi = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
-  std::memcpy(&out, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<unsigned char*>(&out) + sizeof lo, &hi, sizeof hi);
-#else
-  std::uint32_t lanes[16];
-  for (int j = 0; j < 16; ++j) lanes[j] = q[j];
-  std::memcpy(&out, lanes, sizeof out);
-#endif
-}
-
-/// Decodes 16 E4M3FN codes to floats in registers: the same branch-free arithmetic as
-/// decode_fp8, on 16 lanes (a subnormal code reads as exponent 1 minus 2^-6; 0x7F is NaN).
-inline void decode16_e4m3(const std::uint8_t* q, F32x16& out) {
-  U32x16 c;
-  widen16(q, c);
-  const U32x16 sign = (c & 0x80u) << 24;
-  const U32x16 em = c & 0x7Fu;
-  const auto subnormal = reinterpret_cast<U32x16>(em < 8u);  // all ones where exponent is 0
-  const U32x16 fields = em | (subnormal & 8u);
-  const auto minuend = reinterpret_cast<F32x16>((fields << 20) + (120u << 23));
-  const auto subtrahend = reinterpret_cast<F32x16>(subnormal & (121u << 23));  // 2^-6
-  U32x16 magnitude = reinterpret_cast<U32x16>(minuend - subtrahend);
-  const auto nan = reinterpret_cast<U32x16>(em == 0x7Fu);
-  magnitude = (nan & 0x7FF00000u) | (~nan & magnitude);
-  out = reinterpret_cast<F32x16>(magnitude | sign);
-}
-
-/// The decode path for a few float tokens: each weight code is decoded once, in registers, and
-/// multiplied into kTokens accumulators; the weights stream through memory once, in order.
-/// Per K block every lane's partial sum is scaled (s_w, times s_x for W8A8) and added to the
-/// lane's total, so the scales still apply after each block's products (FP32 promotion per
-/// block, split over 16 lanes); the lanes are summed at the end of the row in a fixed order.
-template <int kTokens>
-void fp8_rows_float(const BlockFp8Matrix& w, const float* x, Index x_stride, const float* x_scales,
-                    float* y, Index y_stride) {
-  constexpr int L = 16;
-  constexpr int kRows = 2;  // weight rows per pass: two independent decode-and-FMA streams
-  const Index N = w.rows(), K = w.cols(), bn = w.block_rows(), bk = w.block_cols();
-  const Index kblocks = w.col_blocks();
-  const auto* codes = reinterpret_cast<const std::uint8_t*>(w.codes());
-  for (Index n0 = 0; n0 < N; n0 += kRows) {
-    const int rows = static_cast<int>(std::min<Index>(kRows, N - n0));
-    // A lone last row reads row n0 twice and discards the copy.
-    const std::uint8_t* q[kRows] = {codes + n0 * K, codes + (n0 + rows - 1) * K};
-    F32x16 total[kRows][kTokens] = {};
-    for (Index kb = 0; kb < kblocks; ++kb) {
-      const Index k0 = kb * bk, k1 = std::min(K, k0 + bk);
-      F32x16 part[kRows][kTokens] = {};
-      Index k = k0;
-      for (; k + L <= k1; k += L) {
-        F32x16 wv[kRows];
-        for (int r = 0; r < kRows; ++r) decode16_e4m3(q[r] + k, wv[r]);
-        for (int m = 0; m < kTokens; ++m) {
-          F32x16 xv;
-          std::memcpy(&xv, x + m * x_stride + k, sizeof xv);
-          for (int r = 0; r < kRows; ++r) part[r][m] += xv * wv[r];
-        }
-      }
-      for (; k < k1; ++k) {  // ragged end of the block
-        for (int r = 0; r < kRows; ++r) {
-          const float wv = decode_fp8<E4M3FNFormat>(q[r][k]);
-          for (int m = 0; m < kTokens; ++m) part[r][m][k % L] += x[m * x_stride + k] * wv;
-        }
-      }
-      for (int r = 0; r < kRows; ++r) {
-        const float sw = w.scale((n0 + r) / bn, kb);
-        for (int m = 0; m < kTokens; ++m) {
-          const float s = x_scales ? sw * x_scales[m * kblocks + kb] : sw;
-          total[r][m] += s * part[r][m];
-        }
-      }
-    }
-    for (int r = 0; r < rows; ++r) {
-      for (int m = 0; m < kTokens; ++m) {
-        // Pairwise sum of the lanes, always in the same order.
-        float lanes[L];
-        std::memcpy(lanes, &total[r][m], sizeof lanes);
-        for (int width = L / 2; width >= 1; width /= 2) {
-          for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-        }
-        y[m * y_stride + n0 + r] = lanes[0];
-      }
-    }
-  }
-}
-
-/// Calls fp8_rows_float<tokens> for a runtime tokens in [1, kFp8GemvTokens].
-template <int kTokens = 1>
-void fp8_rows_float_dispatch(Index tokens, const BlockFp8Matrix& w, const float* x, Index x_stride,
-                             const float* x_scales, float* y, Index y_stride) {
-  if constexpr (kTokens < kFp8GemvTokens) {
-    if (tokens != kTokens) {
-      fp8_rows_float_dispatch<kTokens + 1>(tokens, w, x, x_stride, x_scales, y, y_stride);
-      return;
-    }
-  }
-  fp8_rows_float<kTokens>(w, x, x_stride, x_scales, y, y_stride);
-}
-#endif
 
 /// y = x W^T with W [N, K] in block FP8, x [M, K], y [M, N], as DeepSeek's fp8_gemm computes
 /// it: for every 128-wide K block the products of the block are summed in the compute type
@@ -225,14 +107,25 @@ void fp8_block_gemm(ConstMatrixRef<T> x, const BlockFp8Matrix& w, bool quantize_
   // order. Each row is decoded into a per-thread buffer; every K block's dot product is then
   // scaled and added, as below.
   if (M <= kFp8GemvTokens) {
-#ifdef MLA_DETAIL_HAVE_VECTOR_EXTENSIONS
     if constexpr (std::is_same_v<T, float>) {
-      fp8_rows_float_dispatch(M, w, quantize_x ? x_src : x.data(),
-                              quantize_x ? x_stride : x.outerStride(), x_scales_ptr, y.data(),
-                              y.outerStride());
+      // Each weight code is decoded once, in registers, on the active instruction set.
+      isa::Fp8RowsArgs args;
+      args.codes = reinterpret_cast<const std::uint8_t*>(w.codes());
+      args.scales = w.scales().data();
+      args.rows = N;
+      args.cols = K;
+      args.block_rows = bn;
+      args.block_cols = bk;
+      args.col_blocks = kblocks;
+      args.tokens = M;
+      args.x = quantize_x ? x_src : x.data();
+      args.x_stride = quantize_x ? x_stride : x.outerStride();
+      args.x_scales = x_scales_ptr;
+      args.y = y.data();
+      args.y_stride = y.outerStride();
+      isa::kernels().fp8_rows(args);
       return;
     }
-#endif
     T* wrow = Fp8GemmScratch<T>::grow(s.weights, K);
     for (Index n = 0; n < N; ++n) {
       decode_codes(w.codes() + n * K, K, wrow, row);

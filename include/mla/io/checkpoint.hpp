@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "mla/detail/bfloat16.hpp"
 #include "mla/error.hpp"
 #include "mla/fp8.hpp"
 #include "mla/io/safetensors.hpp"
@@ -132,11 +133,8 @@ T element(const TensorView& t, std::size_t i) {
       std::memcpy(&b, t.data + 2 * i, 2);
       return static_cast<T>(static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(b)));
     }
-    case Dtype::kBF16: {
-      std::uint16_t b;
-      std::memcpy(&b, t.data + 2 * i, 2);
-      return static_cast<T>(static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(b)));
-    }
+    case Dtype::kBF16:
+      return static_cast<T>(mla::detail::bfloat16_bits_to_float(t.data + 2 * i));
     default:
       break;
   }

@@ -1,0 +1,106 @@
+#pragma once
+/// \file
+/// DecodeOptions and DecodeWorkspace, the options and scratch memory of decode_absorbed
+/// (mla/decode.hpp), apart from the kernels so that every target's kernels can use them.
+
+#include <algorithm>
+#include <vector>
+
+#include "mla/config.hpp"
+#include "mla/matrix.hpp"
+
+namespace mla {
+
+/// How decode_absorbed divides its work.
+struct DecodeOptions {
+  /// Parts the key range is split into (each merged by log-sum-exp); 0 means one per thread of
+  /// the pool. More parts than threads balance uneven progress; each costs d_c x H floats.
+  Index splits = 0;
+  /// Groups the heads are split into (each reads the cache on its own). 1 reads every key tile
+  /// once for all heads, which is what makes the kernel fast; more groups give threads work
+  /// when the context is too short to split.
+  Index head_groups = 1;
+  /// Keys per tile, a multiple of 16 (the softmax and the FP8/BF16 conversion work per tile).
+  Index tile_tokens = 64;
+};
+
+namespace detail::decode {
+
+/// Rows the score kernels prefetch ahead of the one they score: one stream at a time outruns
+/// the hardware prefetcher on a cache in DRAM (measured: 2 to 16 ahead alike, 1.6x over none).
+inline constexpr Index kAhead = 3;
+
+/// How the heads and keys of one call are laid out and divided, for a SIMD width.
+struct Geometry {
+  Index h_pad = 0;    // heads rounded up to the SIMD width (padding heads have zero queries)
+  Index h_group = 0;  // heads per group, a multiple of the width
+  Index groups = 0;   // head groups
+  Index splits = 0;   // key-range parts
+
+  Geometry(Index heads, const DecodeOptions& o, int threads, int width) {
+    h_pad = (heads + width - 1) / width * width;
+    const Index want = std::max<Index>(1, std::min(o.head_groups, h_pad / width));
+    h_group = ((h_pad + want - 1) / want + width - 1) / width * width;
+    groups = (h_pad + h_group - 1) / h_group;
+    splits = o.splits > 0 ? o.splits : threads;
+  }
+};
+
+/// The buffers of one decode_absorbed call.
+struct Buffers {
+  struct PerThread {
+    AlignedVector<float> scores;      // [tile][h_group]: scores, then softmax weights
+    AlignedVector<float> correction;  // [h_group]
+    AlignedVector<float> new_max;     // [h_group]
+    AlignedVector<float> tile;        // [tile][d_c + R], widened keys (BF16 / FP8 / FP64 caches)
+    std::vector<const float*> rows;
+  };
+  // sigma * queries, padded with zero heads, in the order the score kernel reads them.
+  AlignedVector<float> q;
+  AlignedVector<float> partial_o;  // per (split, group): [h_group][d_c], unnormalised
+  AlignedVector<float> partial_m;  // per (split, group): [h_group], running max
+  AlignedVector<float> partial_l;  // per (split, group): [h_group], running sum
+  std::vector<PerThread> per_thread;
+
+  /// Room for a call with these dimensions on `threads` threads at SIMD width `width`.
+  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, int width) {
+    const Index D = c.kv_lora_rank, K = c.latent_cache_width();
+    const Geometry g(c.num_attention_heads, o, threads, width);
+    const Index h_group = g.h_group, parts = g.splits * g.groups;
+    grow(q, (K + width - 1) / width * width * g.h_pad);
+    grow(partial_o, parts * D * h_group);
+    grow(partial_m, parts * h_group);
+    grow(partial_l, parts * h_group);
+    if (static_cast<Index>(per_thread.size()) < threads) {
+      per_thread.resize(static_cast<std::size_t>(threads));
+    }
+    for (PerThread& t : per_thread) {
+      grow(t.scores, o.tile_tokens * h_group);
+      grow(t.correction, h_group);
+      grow(t.new_max, h_group);
+      grow(t.tile, o.tile_tokens * K);
+      grow(t.rows, o.tile_tokens + kAhead);
+    }
+  }
+};
+
+}  // namespace detail::decode
+
+/// Scratch memory of decode_absorbed, sized on first use for a config, options, thread count
+/// and instruction set, and reused: later calls that fit allocate nothing. One workspace
+/// serves one call at a time.
+class DecodeWorkspace {
+ public:
+  /// Makes room for decode_absorbed with these dimensions on a pool of `threads` threads, for
+  /// the kernels of the active instruction set (mla/isa.hpp). Calls grow it as they need, so
+  /// this only moves the allocation out of the first call.
+  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads);
+
+  /// The buffers (internal: for the kernels).
+  detail::decode::Buffers& buffers() { return buffers_; }
+
+ private:
+  detail::decode::Buffers buffers_;
+};
+
+}  // namespace mla

@@ -1,0 +1,115 @@
+#pragma once
+/// \file
+/// The portable target: 4-float vectors as GCC/Clang vector extensions (SSE, NEON or scalar
+/// code, whatever the compiler targets), or plain arrays on other compilers. Runs anywhere;
+/// the fallback when the CPU offers nothing better. Internal.
+
+#include <cstdint>
+#include <cstring>
+
+#include "mla/detail/bfloat16.hpp"
+#include "mla/detail/fp8_codec.hpp"
+#include "mla/detail/isa/kernels.hpp"
+#include "mla/detail/isa/kernels_prelude.hpp"
+
+namespace mla::detail::isa::portable {
+
+struct Ops {
+  static constexpr int kWidth = 4;
+  static constexpr Isa kIsa = Isa::kPortable;
+#if defined(__GNUC__) || defined(__clang__)
+  typedef float V __attribute__((vector_size(16)));
+#else
+  struct V {
+    float lane[4];
+    float& operator[](int i) { return lane[i]; }
+    float operator[](int i) const { return lane[i]; }
+  };
+#endif
+
+  static V set1(float x) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = x;
+    return r;
+  }
+  static V zero() { return set1(0.0f); }
+  static V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+#if defined(__GNUC__) || defined(__clang__)
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V fmadd(V a, V b, V c) { return a * b + c; }
+#else
+  static V add(V a, V b) {
+    for (int i = 0; i < kWidth; ++i) a[i] += b[i];
+    return a;
+  }
+  static V sub(V a, V b) {
+    for (int i = 0; i < kWidth; ++i) a[i] -= b[i];
+    return a;
+  }
+  static V mul(V a, V b) {
+    for (int i = 0; i < kWidth; ++i) a[i] *= b[i];
+    return a;
+  }
+  static V fmadd(V a, V b, V c) {
+    for (int i = 0; i < kWidth; ++i) c[i] += a[i] * b[i];
+    return c;
+  }
+#endif
+  /// a > b ? a : b per lane: b when either is NaN (as x86's max).
+  static V max(V a, V b) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = a[i] > b[i] ? a[i] : b[i];
+    return r;
+  }
+  /// a < b ? x : y per lane.
+  static V select_less(V a, V b, V x, V y) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = a[i] < b[i] ? x[i] : y[i];
+    return r;
+  }
+  /// 2^n for integer-valued n in [-126, 127].
+  static V exp2_int(V n) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) {
+      const auto e = static_cast<std::uint32_t>(static_cast<std::int32_t>(n[i]) + 127);
+      r[i] = bit_cast<float>(e << 23);
+    }
+    return r;
+  }
+  /// Lane i of the result is the sum of the lanes of a[i], for kWidth vectors.
+  static V transpose_sum(const V* a) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = (a[i][0] + a[i][2]) + (a[i][1] + a[i][3]);
+    return r;
+  }
+  /// kWidth BF16 values at p (unaligned), exactly.
+  static V widen_bf16(const unsigned char* p) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = bfloat16_bits_to_float(p + 2 * i);
+    return r;
+  }
+  /// kWidth E4M3FN codes at p as their exact values (unscaled).
+  static V widen_e4m3(const unsigned char* p) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) r[i] = decode_fp8<E4M3FNFormat>(p[i]);
+    return r;
+  }
+  static void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p);
+#else
+    (void)p;
+#endif
+  }
+};
+
+#include "mla/detail/isa/kernels.inl"
+
+}  // namespace mla::detail::isa::portable
