@@ -93,9 +93,8 @@ void reference(const MlaConfig& c, const mla::LatentView& view, const RowMatrix<
   }
 }
 
-/// Runs decode_absorbed<Isa> and returns the worst of the output's relative error and the
-/// lse's absolute error against the reference.
-template <class Isa>
+/// Runs decode_absorbed (on the active instruction set) and returns the worst of the output's
+/// relative error and the lse's absolute error against the reference.
 double decode_error(const MlaConfig& c, const mla::LatentView& view, Index keys, int threads,
                     const DecodeOptions& options, double scale = 0.0) {
   const RowMatrix<float> q = random_queries(c, 7);
@@ -108,7 +107,7 @@ double decode_error(const MlaConfig& c, const mla::LatentView& view, Index keys,
   lse.setConstant(NAN);
   mla::DecodeWorkspace ws;
   mla::ThreadPool pool(threads);
-  mla::decode_absorbed<Isa>(c, view, q, scale, out, lse, ws, &pool, options, keys);
+  mla::decode_absorbed(c, view, q, scale, out, lse, ws, &pool, options, keys);
   double lse_err = 0.0;
   const std::vector<double> got_lse = test::to_vec(lse);
   for (std::size_t h = 0; h < got_lse.size(); ++h) {
@@ -118,17 +117,7 @@ double decode_error(const MlaConfig& c, const mla::LatentView& view, Index keys,
   return std::max(test::rel_error(test::to_vec(out), want_out), lse_err);
 }
 
-/// The SIMD variants this compile target can run.
-template <class F>
-void for_each_isa(F&& f) {
-#if defined(__AVX512F__)
-  f(mla::simd::Avx512{});
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-  f(mla::simd::Avx2{});
-#endif
-  f(mla::simd::Portable{});
-}
+using test::for_each_isa;
 
 // Float sums over up to 1000 keys of width up to 576, against double: the output's relative
 // error and the lse's absolute error.
@@ -148,13 +137,11 @@ TEST(DecodeAbsorbed, MatchesTheReferenceForEveryStorageLengthThreadCountAndSplit
           for (Index splits : {0, 1, 3, 7}) {
             DecodeOptions o;
             o.splits = splits;
-            for_each_isa([&](auto isa) {
-              using Isa = decltype(isa);
-              SCOPED_TRACE(std::string(Isa::kName) + " heads " +
-                           std::to_string(c.num_attention_heads) + " " + mla::to_string(storage) +
-                           " keys " + std::to_string(keys) + " threads " + std::to_string(threads) +
-                           " splits " + std::to_string(splits));
-              EXPECT_LE(decode_error<Isa>(c, view, keys, threads, o), kTolerance);
+            for_each_isa([&](mla::Isa) {
+              SCOPED_TRACE("heads " + std::to_string(c.num_attention_heads) + " " +
+                           mla::to_string(storage) + " keys " + std::to_string(keys) + " threads " +
+                           std::to_string(threads) + " splits " + std::to_string(splits));
+              EXPECT_LE(decode_error(c, view, keys, threads, o), kTolerance);
             });
           }
         }
@@ -171,12 +158,9 @@ TEST(DecodeAbsorbed, MatchesTheReferenceAtDeepSeekWidthsAndHeadCounts) {
     for (CacheStorage storage :
          {CacheStorage::kFloat32, CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
       const Filled f = fill(c, storage, 130, 3);
-      for_each_isa([&](auto isa) {
-        using Isa = decltype(isa);
-        SCOPED_TRACE(std::string(Isa::kName) + " heads " + std::to_string(heads) + " " +
-                     mla::to_string(storage));
-        EXPECT_LE(decode_error<Isa>(c, f.cache.view(f.seq, 0), 130, 2, DecodeOptions{}),
-                  kTolerance);
+      for_each_isa([&](mla::Isa) {
+        SCOPED_TRACE("heads " + std::to_string(heads) + " " + mla::to_string(storage));
+        EXPECT_LE(decode_error(c, f.cache.view(f.seq, 0), 130, 2, DecodeOptions{}), kTolerance);
       });
     }
   }
@@ -187,11 +171,8 @@ TEST(DecodeAbsorbed, Fp8TilesWithScalesBeyondTheFastWideningRangeStayExact) {
   // those records take the exact scalar route, the others the SIMD one, in the same tiles.
   const MlaConfig c = dims(16, 512, 64);
   const Filled f = fill(c, CacheStorage::kFp8E4M3, 200, 9, 1e34f);
-  for_each_isa([&](auto isa) {
-    using Isa = decltype(isa);
-    SCOPED_TRACE(Isa::kName);
-    EXPECT_LE(decode_error<Isa>(c, f.cache.view(f.seq, 0), 200, 2, DecodeOptions{}, 1e-35),
-              kTolerance);
+  for_each_isa([&](mla::Isa) {
+    EXPECT_LE(decode_error(c, f.cache.view(f.seq, 0), 200, 2, DecodeOptions{}, 1e-35), kTolerance);
   });
 }
 
@@ -207,8 +188,7 @@ TEST(DecodeAbsorbed, HeadGroupsAndTileSizesGiveTheSameAnswer) {
         o.splits = splits;
         SCOPED_TRACE("groups " + std::to_string(groups) + " tile " + std::to_string(tile) +
                      " splits " + std::to_string(splits));
-        EXPECT_LE(decode_error<mla::simd::Native>(c, f.cache.view(f.seq, 0), 300, 2, o),
-                  kTolerance);
+        EXPECT_LE(decode_error(c, f.cache.view(f.seq, 0), 300, 2, o), kTolerance);
       }
     }
   }
@@ -235,10 +215,8 @@ TEST(DecodeAbsorbed, SplitsMergeExactlyWhenScoresDifferWildly) {
   const Index split_keys = ((keys + 4) / 5 + 15) / 16 * 16;
   ASSERT_LT(4 * split_keys, keys);
   // With N(0, 1) queries and scale 0.3 the scores span tens of units.
-  for_each_isa([&](auto isa) {
-    using Isa = decltype(isa);
-    SCOPED_TRACE(Isa::kName);
-    EXPECT_LE(decode_error<Isa>(c, cache.view(seq, 0), keys, 2, opt, 0.3), kTolerance);
+  for_each_isa([&](mla::Isa) {
+    EXPECT_LE(decode_error(c, cache.view(seq, 0), keys, 2, opt, 0.3), kTolerance);
   });
 }
 

@@ -132,6 +132,21 @@ inline mla::RowMatrix<double> cache_contents(const mla::LatentCache& cache, mla:
   return cache_contents_of(cache.view(seq, layer));
 }
 
+/// The instruction sets this machine runs, each forced in turn for f(isa), then the default
+/// choice restored (also when f throws). Every kernel variant runs the test this way.
+template <class F>
+void for_each_isa(F&& f) {
+  struct Restore {
+    ~Restore() { mla::reset_isa(); }
+  } restore;
+  for (mla::Isa isa : {mla::Isa::kPortable, mla::Isa::kAvx2, mla::Isa::kAvx512, mla::Isa::kAmx}) {
+    if (!mla::isa_available(isa)) continue;
+    mla::force_isa(isa);
+    SCOPED_TRACE(std::string("isa ") + mla::to_string(isa));
+    f(isa);
+  }
+}
+
 /// Checks that running `f` throws mla::Error whose message contains `needle`.
 template <class F>
 ::testing::AssertionResult throws_error_containing(F&& f, const std::string& needle) {

@@ -1,0 +1,242 @@
+// mla/isa.hpp: the run-time choice of instruction set (forcing, errors, the environment), and
+// the kernels of every target this machine runs against scalar references: the vector exp, the
+// conversions, and (where AMX is offered) one tile product.
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "mla/mla.hpp"
+#include "reference/fp8_reference.hpp"
+#include "test_util.hpp"
+
+namespace {
+
+using mla::Isa;
+const Isa kAll[] = {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx};
+
+TEST(Isa, NamesRoundTripAndUnknownNamesAreErrors) {
+  for (Isa isa : kAll) EXPECT_EQ(mla::parse_isa(mla::to_string(isa)), isa);
+  EXPECT_TRUE(test::throws_error_containing(
+      [] { mla::parse_isa("avx9"); },
+      "unknown instruction set 'avx9': expected portable, avx2, avx512 or amx"));
+}
+
+TEST(Isa, AvailableTargetsAreNestedAndTheBestIsChosen) {
+  EXPECT_TRUE(mla::isa_available(Isa::kPortable));
+  if (mla::isa_available(Isa::kAmx)) {
+    EXPECT_TRUE(mla::isa_available(Isa::kAvx512));
+  }
+  if (mla::isa_available(Isa::kAvx512)) {
+    EXPECT_TRUE(mla::isa_available(Isa::kAvx2));
+  }
+  Isa best = Isa::kPortable;
+  for (Isa isa : kAll) {
+    if (mla::isa_available(isa)) best = isa;
+  }
+  EXPECT_EQ(mla::best_isa(), best);
+  std::printf("    [machine] best instruction set: %s\n", mla::to_string(best));
+}
+
+TEST(Isa, ForcingATargetSwitchesTheKernelsAndResetRestoresTheChoice) {
+  const Isa before = mla::active_isa();
+  for (Isa isa : kAll) {
+    if (!mla::isa_available(isa)) {
+      // A target the machine lacks: a clear error, nothing changed.
+      const Isa current = mla::active_isa();
+      EXPECT_TRUE(test::throws_error_containing([&] { mla::force_isa(isa); },
+                                                std::string("force_isa(") + mla::to_string(isa)));
+      EXPECT_EQ(mla::active_isa(), current);
+      continue;
+    }
+    mla::force_isa(isa);
+    EXPECT_EQ(mla::active_isa(), isa);
+    const mla::detail::isa::Kernels& k = mla::detail::isa::kernels();
+    EXPECT_EQ(k.isa, isa);
+    EXPECT_EQ(k.width, isa == Isa::kPortable ? 4 : isa == Isa::kAvx2 ? 8 : 16);
+  }
+  mla::reset_isa();
+  EXPECT_EQ(mla::active_isa(), before);
+}
+
+#ifdef MLA_ISA_REPORT
+struct ReportRun {
+  int status;
+  std::string out, err;
+};
+
+/// Runs isa_report with MLA_ISA set to `value` (unset when empty).
+ReportRun run_report(const std::string& value) {
+  const std::string dir = ::testing::TempDir();
+  const std::string out = dir + "/isa_out.txt", err = dir + "/isa_err.txt";
+  const std::string cmd =
+      (value.empty() ? std::string("env -u MLA_ISA ") : "env MLA_ISA=" + value + " ") +
+      MLA_ISA_REPORT + " > " + out + " 2> " + err;
+  const int status = std::system(cmd.c_str());
+  auto slurp = [](const std::string& p) {
+    std::ifstream in(p);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  };
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+}
+
+TEST(Isa, TheEnvironmentLowersTheChoiceAndBadValuesAreErrors) {
+  const ReportRun best = run_report("");
+  ASSERT_EQ(best.status, 0) << best.err;
+  EXPECT_EQ(best.out.rfind(std::string("active: ") + mla::to_string(mla::best_isa()) + "\n", 0), 0u)
+      << best.out;
+  for (Isa isa : kAll) {
+    const ReportRun r = run_report(mla::to_string(isa));
+    if (mla::isa_available(isa)) {
+      EXPECT_EQ(r.status, 0) << r.err;
+      EXPECT_EQ(r.out.rfind(std::string("active: ") + mla::to_string(isa) + "\n", 0), 0u) << r.out;
+    } else {
+      EXPECT_EQ(r.status, 1);
+      EXPECT_NE(r.err.find(std::string("MLA_ISA=") + mla::to_string(isa) + ": "), std::string::npos)
+          << r.err;
+    }
+  }
+  const ReportRun bad = run_report("avx9");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("unknown instruction set 'avx9'"), std::string::npos) << bad.err;
+}
+#endif
+
+TEST(IsaKernels, ExpIsWithinTwoUlpOnEveryTarget) {
+  std::vector<float> x;
+  for (float v = -90.0f; v <= 88.0f; v += 0.0137f) x.push_back(v);
+  for (float v :
+       {0.0f, -0.0f, 1e-8f, -1e-8f, -87.3f, 88.0f, -std::numeric_limits<float>::infinity(),
+        std::numeric_limits<float>::quiet_NaN()}) {
+    x.push_back(v);
+  }
+  test::for_each_isa([&](Isa) {
+    std::vector<float> y(x.size());
+    mla::detail::isa::kernels().exp(x.data(), x.size(), y.data());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      const double want = std::exp(static_cast<double>(x[i]));
+      if (std::isnan(x[i])) {
+        EXPECT_TRUE(std::isnan(y[i]));
+      } else if (x[i] < -87.33654475f) {
+        EXPECT_EQ(y[i], 0.0f) << x[i];  // exp(-inf) = 0 clears a softmax state
+      } else {
+        const double ulp = std::ldexp(1.0, std::ilogb(want) - 23);
+        ASSERT_LE(std::fabs(y[i] - want), 2 * ulp) << "exp(" << x[i] << ")";
+      }
+    }
+  });
+}
+
+TEST(IsaKernels, ConversionsEqualTheScalarCodecsOnEveryTarget) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-600.0f, 600.0f);
+  std::vector<float> x(1000);
+  for (float& v : x) v = u(rng);
+  x[3] = std::numeric_limits<float>::quiet_NaN();
+  x[4] = std::numeric_limits<float>::infinity();
+  x[5] = 1e-9f;
+  std::vector<std::uint8_t> all(256);
+  for (int c = 0; c < 256; ++c) all[static_cast<std::size_t>(c)] = static_cast<std::uint8_t>(c);
+  test::for_each_isa([&](Isa) {
+    const auto& k = mla::detail::isa::kernels();
+    for (float scale : {1.0f, 0.37f}) {
+      for (bool sat : {true, false}) {
+        std::vector<std::uint8_t> q(x.size()), q5(x.size());
+        k.encode_e4m3(x.data(), x.size(), q.data(), scale, sat);
+        k.encode_e5m2(x.data(), x.size(), q5.data(), scale, sat);
+        for (std::size_t i = 0; i < x.size(); ++i) {
+          const float v = scale == 1.0f ? x[i] : x[i] / scale;
+          const mla::Fp8Overflow mode =
+              sat ? mla::Fp8Overflow::kSaturate : mla::Fp8Overflow::kNoSaturate;
+          ASSERT_EQ(q[i], mla::float8_e4m3fn(v, mode).bits()) << i;
+          ASSERT_EQ(q5[i], mla::float8_e5m2(v, mode).bits()) << i;
+        }
+      }
+      // Every code, odd lengths so that the vector loops leave tails.
+      for (std::size_t n : {std::size_t{256}, std::size_t{255}, std::size_t{17}}) {
+        std::vector<float> d(n), d5(n);
+        k.decode_e4m3(all.data(), n, d.data(), scale);
+        k.decode_e5m2(all.data(), n, d5.data(), scale);
+        for (std::size_t c = 0; c < n; ++c) {
+          const double want = ref::fp8_value(ref::kE4M3FN, static_cast<unsigned>(c));
+          const double want5 = ref::fp8_value(ref::kE5M2, static_cast<unsigned>(c));
+          if (std::isnan(want)) {
+            EXPECT_TRUE(std::isnan(d[c]));
+          } else {
+            ASSERT_EQ(d[c], static_cast<float>(want) * scale) << c;
+          }
+          if (std::isnan(want5)) {
+            EXPECT_TRUE(std::isnan(d5[c]));
+          } else {
+            ASSERT_EQ(d5[c], static_cast<float>(want5) * scale) << c;
+          }
+        }
+      }
+    }
+    // BF16: every pattern's high half.
+    std::vector<std::uint16_t> b(65536);
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = static_cast<std::uint16_t>(i);
+    std::vector<float> f(b.size() - 3);
+    k.widen_bf16(reinterpret_cast<const unsigned char*>(b.data()) + 2, f.size(), f.data());
+    for (std::size_t i = 0; i < f.size(); ++i) {
+      std::uint32_t bits;
+      std::memcpy(&bits, &f[i], 4);
+      ASSERT_EQ(bits, static_cast<std::uint32_t>(b[i + 1]) << 16) << i;
+    }
+  });
+}
+
+TEST(IsaKernels, AnAmxTileProductMatchesScalarSums) {
+#if MLA_ISA_X86
+  if (!mla::isa_available(Isa::kAmx)) {
+    GTEST_SKIP() << "this machine does not offer AMX (" << mla::to_string(mla::best_isa())
+                 << " is its best target)";
+  }
+  // C [16][16] = A [16][64] B [64][16] in two k blocks, BF16 inputs (small integers: exact).
+  std::vector<std::uint16_t> a(16 * 64), b(2 * 512);
+  std::vector<double> A(16 * 64), B(64 * 16);
+  auto bf16 = [](float v) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    return static_cast<std::uint16_t>(bits >> 16);
+  };
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 64; ++k) {
+      const float v = static_cast<float>((i * 7 + k * 3) % 11 - 5);
+      a[static_cast<std::size_t>(i * 64 + k)] = bf16(v);
+      A[static_cast<std::size_t>(i * 64 + k)] = v;
+    }
+  for (int k = 0; k < 64; ++k)
+    for (int n = 0; n < 16; ++n) {
+      const float v = static_cast<float>((k * 5 + n) % 7 - 3);
+      B[static_cast<std::size_t>(k * 16 + n)] = v;
+      // Pair layout: block k / 32, pair row (k % 32) / 2, column n, element k % 2.
+      b[static_cast<std::size_t>((k / 32) * 512 + ((k % 32) / 2) * 32 + n * 2 + k % 2)] = bf16(v);
+    }
+  std::vector<float> c(16 * 16);
+  mla::detail::isa::amx::tile_dot_bf16(a.data(), 128, b.data(), 2, c.data(), 16);
+  for (int i = 0; i < 16; ++i)
+    for (int n = 0; n < 16; ++n) {
+      double want = 0;
+      for (int k = 0; k < 64; ++k)
+        want += A[static_cast<std::size_t>(i * 64 + k)] * B[static_cast<std::size_t>(k * 16 + n)];
+      EXPECT_EQ(c[static_cast<std::size_t>(i * 16 + n)], want) << i << ", " << n;
+    }
+#else
+  GTEST_SKIP() << "this build has only the portable kernels";
+#endif
+}
+
+}  // namespace
