@@ -358,7 +358,9 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("fma_peak_gflops", std::to_string(g_limits.fma_gflops));
   benchmark::AddCustomContext("read_gbs", std::to_string(g_limits.read_gbs));
   benchmark::AddCustomContext("threads", std::to_string(kThreads));
-  benchmark::AddCustomContext("simd", mla::simd::Native::kName);
+  benchmark::AddCustomContext("bf16_peak_gflops", std::to_string(g_limits.bf16_gflops));
+  benchmark::AddCustomContext("amx_peak_gflops", std::to_string(g_limits.amx_gflops));
+  benchmark::AddCustomContext("active_isa", mla::to_string(mla::active_isa()));
   register_all();
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
