@@ -3,6 +3,8 @@
 #
 #   ./run.sh demo  [preset]   install what is missing, build, run examples/quickstart
 #   ./run.sh test  [preset]   install what is missing, build, run the whole test suite (ctest)
+#   ./run.sh test-isa [preset] build, then run the suite once per instruction set this machine
+#                             offers (MLA_ISA forced), so that every kernel variant runs it all
 #   ./run.sh bench [preset]   install what is missing, build, run the benchmarks (JSON to build/)
 #   ./run.sh format           check the sources with clang-format (exit 1 on any difference)
 #   ./run.sh plot             plot build/release/bench_mla.json (from ./run.sh bench) into docs/
@@ -18,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -71,6 +73,17 @@ case "$command" in
     # configure + build + ctest; ctest's summary line is the last thing printed.
     cmake --workflow --preset "$preset"
     ;;
+  test-isa)
+    build_packages "$preset"
+    cmake --preset "$preset" >/dev/null
+    cmake --build --preset "$preset"
+    for isa in $("build/$preset/examples/isa_report" --available); do
+      echo "== the suite on MLA_ISA=$isa"
+      # Packaging and fuzzing do not run kernels; everything else does.
+      MLA_ISA=$isa ctest --test-dir "build/$preset" -j2 --output-on-failure --no-tests=error \
+        -E '^(package|fuzz)\.'
+    done
+    ;;
   bench)
     build_packages "$preset"
     cmake --preset "$preset" >/dev/null
@@ -108,7 +121,7 @@ case "$command" in
     ;;
   format)
     ensure_packages clang-format
-    find include tests bench examples \( -name '*.hpp' -o -name '*.cpp' \) -print0 |
+    find include tests bench examples \( -name '*.hpp' -o -name '*.cpp' -o -name '*.inl' \) -print0 |
       xargs -0 clang-format --dry-run --Werror
     echo "clang-format: all sources formatted"
     ;;
