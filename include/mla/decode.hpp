@@ -20,22 +20,33 @@
 
 namespace mla {
 
-inline void DecodeWorkspace::reserve(const MlaConfig& c, const DecodeOptions& o, int threads) {
-  buffers_.reserve(c, o, threads, detail::isa::kernels().width);
+inline void DecodeWorkspace::reserve(const MlaConfig& c, const DecodeOptions& o, int threads,
+                                     Index tokens) {
+  buffers_.reserve(c, o, threads, detail::isa::kernels().width, tokens);
 }
 
-/// Absorbed attention of one query token over the first `keys` tokens of `cache` (all of them
-/// when keys < 0), the decode step's attention. FP32 throughout; the cache may be FP32 (read in
-/// place), BF16 or FP8 (widened as read), or FP64 (rounded to float).
+/// Most query tokens one decode_absorbed call takes (speculative decoding and multi-token
+/// prediction verify 2 to 8 at once; MlaLayer passes chunks of up to 8).
+inline constexpr Index kMaxDecodeTokens = 64;
+
+/// Absorbed attention of T consecutive query tokens over the latent cache in one pass: the
+/// decode step's attention (T = 1), or the verification of T draft tokens. The last query token
+/// sees the first `keys` tokens of `cache` (all of them when keys < 0), token t of the T the
+/// first keys - (T - 1 - t): causal among the newest keys, each cache tile read once for all
+/// tokens and heads. The cache may be FP32 (read in place), BF16 or FP8 (widened as read), or
+/// FP64 (rounded to float).
 ///
-/// - q_latent: [H, d_c + R], row h = [q~_h ; q^pe_h] with q~_h = W_UK^(h)^T q_h^nope and RoPE
-///   applied to q^pe_h (as for attention_absorbed);
-/// - out_latent: [H, d_c], o~_h = sum_j p_hj c_j;
-/// - lse: [1, H], log sum_j exp(scale * (<q~_h, c_j> + <q^pe_h, k^R_j>)).
+/// - q_latent: [T * H, d_c + R], row t * H + h = [q~_h ; q^pe_h] of token t, with
+///   q~_h = W_UK^(h)^T q_h^nope and RoPE applied to q^pe_h (as for attention_absorbed);
+/// - out_latent: [T * H, d_c], o~_h = sum_j p_hj c_j;
+/// - lse: [T, H], log sum_j exp(scale * (<q~_h, c_j> + <q^pe_h, k^R_j>)).
 ///
-/// Runs on `pool` when given (its threads take the (split, head group) parts), otherwise on the
-/// calling thread. After the first call with given dimensions, options, pool size and
-/// instruction set it allocates nothing. Throws mla::Error for shapes that do not match.
+/// options.precision chooses the arithmetic: kFp32 (the default; within 1e-5 relative of a
+/// double reference on the cache's values) or kBf16 (queries and softmax weights rounded to
+/// BF16; see DecodePrecision). Runs on `pool` when given (its threads take the (split, head
+/// group) parts), otherwise on the calling thread. After the first call with given dimensions,
+/// options, token count, pool size and instruction set it allocates nothing. Throws mla::Error
+/// for shapes that do not match.
 inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
                             ConstMatrixRef<float> q_latent, double scale,
                             MatrixRef<float> out_latent, MatrixRef<float> lse, DecodeWorkspace& ws,
@@ -46,14 +57,17 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
   detail::require(cache.kv_lora_rank() == D && cache.rope_dim() == R,
                   "decode_absorbed: the cache holds [", cache.kv_lora_rank(), " + ",
                   cache.rope_dim(), "] per token, the config [", D, " + ", R, "]");
-  detail::require(keys >= 1 && keys <= cache.tokens(), "decode_absorbed: ", keys,
-                  " keys requested, the cache holds ", cache.tokens(), " tokens");
-  detail::require(q_latent.rows() == H && q_latent.cols() == K && out_latent.rows() == H &&
-                      out_latent.cols() == D && lse.rows() == 1 && lse.cols() == H,
+  const Index T = q_latent.rows() / H;
+  detail::require(q_latent.rows() % H == 0 && T >= 1 && T <= kMaxDecodeTokens &&
+                      q_latent.cols() == K && out_latent.rows() == T * H &&
+                      out_latent.cols() == D && lse.rows() == T && lse.cols() == H,
                   "decode_absorbed: q_latent [", q_latent.rows(), ", ", q_latent.cols(),
                   "], out_latent [", out_latent.rows(), ", ", out_latent.cols(), "], lse [",
-                  lse.rows(), ", ", lse.cols(), "]; expected [", H, ", ", K, "], [", H, ", ", D,
-                  "], [1, ", H, "]");
+                  lse.rows(), ", ", lse.cols(), "]; expected [T * ", H, ", ", K, "], [T * ", H,
+                  ", ", D, "], [T, ", H, "] for T in [1, ", kMaxDecodeTokens, "] query tokens");
+  detail::require(keys >= T && keys <= cache.tokens(), "decode_absorbed: ", keys,
+                  " keys requested for ", T, " query tokens, the cache holds ", cache.tokens(),
+                  " tokens (the keys must cover every query token)");
   detail::require(options.tile_tokens >= 16 && options.tile_tokens % 16 == 0 &&
                       options.tile_tokens <= 4096 && options.splits >= 0 &&
                       options.splits <= 4096 && options.head_groups >= 1,
@@ -62,22 +76,28 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
                   options.tile_tokens, ", ", options.splits, ", ", options.head_groups);
   const detail::isa::Kernels& k = detail::isa::kernels();
   const int threads = pool ? pool->size() : 1;
-  ws.buffers().reserve(c, options, threads, k.width);
+  ws.buffers().reserve(c, options, threads, k.width, T);
 
   detail::isa::DecodeArgs a;
   a.cache = cache.blocks();
   a.heads = H;
+  a.tokens = T;
   a.q = q_latent.data();
   a.q_stride = q_latent.outerStride();
   a.scale = static_cast<float>(scale);
   a.out = out_latent.data();
   a.out_stride = out_latent.outerStride();
   a.lse = lse.data();
+  a.lse_stride = lse.outerStride();
   a.buffers = &ws.buffers();
   a.pool = pool;
   a.options = options;
   a.keys = keys;
-  k.decode_absorbed(a);
+  if (options.precision == DecodePrecision::kBf16) {
+    k.decode_absorbed_bf16(a);
+  } else {
+    k.decode_absorbed(a);
+  }
 }
 
 }  // namespace mla

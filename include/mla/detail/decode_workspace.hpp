@@ -4,12 +4,26 @@
 /// (mla/decode.hpp), apart from the kernels so that every target's kernels can use them.
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "mla/config.hpp"
 #include "mla/matrix.hpp"
 
 namespace mla {
+
+/// The arithmetic of decode_absorbed.
+enum class DecodePrecision : std::uint8_t {
+  /// FP32 products and sums: within 1e-5 relative of the double reference run on the cache's
+  /// values. The default.
+  kFp32,
+  /// Queries and softmax weights rounded once to BF16 (as FlashMLA and sgl-kernel do), cached
+  /// keys as BF16 (BF16 and FP8 records are exact in BF16, FP8 tile scales applied to FP32
+  /// partial sums; FP32 and FP64 records are rounded to BF16), products and sums in FP32.
+  /// Twice the arithmetic rate where the CPU has AVX512-BF16; a documented, larger error
+  /// (see the README's table of bounds).
+  kBf16,
+};
 
 /// How decode_absorbed divides its work.
 struct DecodeOptions {
@@ -22,6 +36,7 @@ struct DecodeOptions {
   Index head_groups = 1;
   /// Keys per tile, a multiple of 16 (the softmax and the FP8/BF16 conversion work per tile).
   Index tile_tokens = 64;
+  DecodePrecision precision = DecodePrecision::kFp32;
 };
 
 namespace detail::decode {
@@ -46,6 +61,15 @@ struct Geometry {
   }
 };
 
+/// Query rows of a call: each token's H heads padded to the SIMD width, token after token.
+inline Index query_rows(Index heads, Index tokens, int width) {
+  return tokens * ((heads + width - 1) / width * width);
+}
+
+/// Score segments of a record in the BF16 kernel: one per FP8 scale tile plus k^R for FP8
+/// records (each has its own multiplier), one for the whole record otherwise.
+inline Index bf16_segments(const MlaConfig& c) { return (c.kv_lora_rank + 127) / 128 + 1; }
+
 /// The buffers of one decode_absorbed call.
 struct Buffers {
   struct PerThread {
@@ -54,6 +78,12 @@ struct Buffers {
     AlignedVector<float> new_max;     // [h_group]
     AlignedVector<float> tile;        // [tile][d_c + R], widened keys (BF16 / FP8 / FP64 caches)
     std::vector<const float*> rows;
+    // DecodePrecision::kBf16 only:
+    AlignedVector<std::uint16_t> keys16;  // [tile][K even], keys as BF16
+    std::vector<const std::uint16_t*> rows16;
+    AlignedVector<std::uint32_t> c_pairs;  // [tile / 2][d_c], latent pairs of consecutive keys
+    AlignedVector<std::uint32_t> p_pairs;  // [segments][tile / 2][h_group], weight pairs
+    AlignedVector<float> mult;             // [tile][segments], per key and segment
   };
   // sigma * queries, padded with zero heads, in the order the score kernel reads them.
   AlignedVector<float> q;
@@ -62,12 +92,14 @@ struct Buffers {
   AlignedVector<float> partial_l;  // per (split, group): [h_group], running sum
   std::vector<PerThread> per_thread;
 
-  /// Room for a call with these dimensions on `threads` threads at SIMD width `width`.
-  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, int width) {
+  /// Room for a call with these dimensions, `tokens` query tokens, on `threads` threads at SIMD
+  /// width `width`.
+  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, int width,
+               Index tokens = 1) {
     const Index D = c.kv_lora_rank, K = c.latent_cache_width();
-    const Geometry g(c.num_attention_heads, o, threads, width);
+    const Geometry g(query_rows(c.num_attention_heads, tokens, width), o, threads, width);
     const Index h_group = g.h_group, parts = g.splits * g.groups;
-    grow(q, (K + width - 1) / width * width * g.h_pad);
+    grow(q, ((K + width - 1) / width * width + 1) * g.h_pad);
     grow(partial_o, parts * D * h_group);
     grow(partial_m, parts * h_group);
     grow(partial_l, parts * h_group);
@@ -80,6 +112,14 @@ struct Buffers {
       grow(t.new_max, h_group);
       grow(t.tile, o.tile_tokens * K);
       grow(t.rows, o.tile_tokens + kAhead);
+      if (o.precision == DecodePrecision::kBf16) {
+        const Index pairs = (o.tile_tokens + 1) / 2, segments = bf16_segments(c);
+        grow(t.keys16, o.tile_tokens * (K + 1));
+        grow(t.rows16, o.tile_tokens);
+        grow(t.c_pairs, pairs * D);
+        grow(t.p_pairs, segments * pairs * h_group);
+        grow(t.mult, o.tile_tokens * segments);
+      }
     }
   }
 };
@@ -91,10 +131,10 @@ struct Buffers {
 /// serves one call at a time.
 class DecodeWorkspace {
  public:
-  /// Makes room for decode_absorbed with these dimensions on a pool of `threads` threads, for
-  /// the kernels of the active instruction set (mla/isa.hpp). Calls grow it as they need, so
-  /// this only moves the allocation out of the first call.
-  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads);
+  /// Makes room for decode_absorbed with these dimensions and up to `tokens` query tokens on a
+  /// pool of `threads` threads, for the kernels of the active instruction set (mla/isa.hpp).
+  /// Calls grow it as they need, so this only moves the allocation out of the first call.
+  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, Index tokens = 1);
 
   /// The buffers (internal: for the kernels).
   detail::decode::Buffers& buffers() { return buffers_; }

@@ -63,7 +63,7 @@ inline void tile_dot_bf16(const std::uint16_t* a, Index a_stride_bytes, const st
 /// The AVX-512 kernels, reported as the AMX target (the tile kernels are called directly).
 inline const Kernels& table() {
   static const Kernels k = [] {
-    Kernels t = avx512::table();
+    Kernels t = avx512::table_for_cpu();
     t.isa = Isa::kAmx;
     return t;
   }();

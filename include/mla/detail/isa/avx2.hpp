@@ -89,6 +89,58 @@ struct Ops {
         _mm_or_si128(sign, _mm_blendv_epi8(_mm_slli_epi16(em, 7), _mm_set1_epi16(0x7F80), nan));
     return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
   }
+  // BF16 pairs: 32-bit lanes each holding two BF16 values, the low half first.
+
+  /// acc + a.lo * b.lo + a.hi * b.hi per lane, on the FMA units (products of BF16 values are
+  /// exact in float).
+  static V dp_bf16(V acc, V a, V b) {
+    const __m256i ai = _mm256_castps_si256(a), bi = _mm256_castps_si256(b);
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(ai, high)),
+                          _mm256_castsi256_ps(_mm256_and_si256(bi, high)), acc);
+    return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(ai, 16)),
+                           _mm256_castsi256_ps(_mm256_slli_epi32(bi, 16)), acc);
+  }
+  /// The 32-bit word at p in every lane.
+  static V bcast32(const void* p) {
+    std::int32_t w;
+    std::memcpy(&w, p, sizeof(w));
+    return _mm256_castsi256_ps(_mm256_set1_epi32(w));
+  }
+  /// Lane i = (lo[i], hi[i]).
+  static V interleave_bf16(const std::uint16_t* lo, const std::uint16_t* hi) {
+    const __m256i l = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo)));
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)));
+    return _mm256_castsi256_ps(_mm256_or_si256(l, _mm256_slli_epi32(h, 16)));
+  }
+  /// The lanes' bits rounded to BF16 in their high halves (nearest even; NaN stays NaN).
+  static __m256i round_bf16(V v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000)), nan);
+  }
+  /// Lane i = (bf16(lo[i]), bf16(hi[i])), each rounded to nearest even.
+  static V pack_bf16(V lo, V hi) {
+    const __m256i l = _mm256_srli_epi32(round_bf16(lo), 16);
+    const __m256i h =
+        _mm256_and_si256(round_bf16(hi), _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    return _mm256_castsi256_ps(_mm256_or_si256(l, h));
+  }
+  /// The lanes of v, which BF16 holds exactly, stored as 8 BF16 values (their high halves).
+  static void store_bf16_exact(std::uint16_t* dst, V v) {
+    const __m256i h = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+  }
+  /// The lanes of v rounded to BF16 (nearest even; NaN stays NaN), stored as 8 values.
+  static void store_bf16(std::uint16_t* dst, V v) {
+    const __m256i h = _mm256_srli_epi32(round_bf16(v), 16);
+    // Pack 8 x 32 -> 8 x 16: packus works per 128-bit lane, so gather the two halves after.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+  }
   // always_inline: a call to a function that only prefetches looks free of side effects, and
   // GCC deletes such calls before it would inline them.
   MLA_KERNEL_INLINE static void prefetch(const void* p) { __builtin_prefetch(p); }

@@ -97,6 +97,57 @@ struct Ops {
     h = _mm256_mask_add_epi16(h, nan, h, bit14);
     return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.0f));
   }
+  // BF16 pairs: 32-bit lanes each holding two BF16 values, the low half first.
+
+  /// acc + a.lo * b.lo + a.hi * b.hi per lane, on the FMA units (products of BF16 values are
+  /// exact in float). The AVX512-BF16 namespace below replaces it by VDPBF16PS.
+  static V dp_bf16(V acc, V a, V b) {
+    const __m512i ai = _mm512_castps_si512(a), bi = _mm512_castps_si512(b);
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(ai, high)),
+                          _mm512_castsi512_ps(_mm512_and_si512(bi, high)), acc);
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(ai, 16)),
+                           _mm512_castsi512_ps(_mm512_slli_epi32(bi, 16)), acc);
+  }
+  /// The 32-bit word at p in every lane.
+  static V bcast32(const void* p) {
+    std::int32_t w;
+    std::memcpy(&w, p, sizeof(w));
+    return _mm512_castsi512_ps(_mm512_set1_epi32(w));
+  }
+  /// Lane i = (lo[i], hi[i]).
+  static V interleave_bf16(const std::uint16_t* lo, const std::uint16_t* hi) {
+    const __m512i l =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+    const __m512i h =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
+    return _mm512_castsi512_ps(_mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+  }
+  /// The lanes' bits rounded to BF16 in their high halves (nearest even; NaN stays NaN).
+  static __m512i round_bf16(V v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000)));
+  }
+  /// Lane i = (bf16(lo[i]), bf16(hi[i])), each rounded to nearest even.
+  static V pack_bf16(V lo, V hi) {
+    const __m512i l = _mm512_srli_epi32(round_bf16(lo), 16);
+    const __m512i h =
+        _mm512_and_si512(round_bf16(hi), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+    return _mm512_castsi512_ps(_mm512_or_si512(l, h));
+  }
+  /// The lanes of v, which BF16 holds exactly, stored as 16 BF16 values (their high halves).
+  static void store_bf16_exact(std::uint16_t* dst, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+  }
+  /// The lanes of v rounded to BF16 (nearest even; NaN stays NaN), stored as 16 values.
+  static void store_bf16(std::uint16_t* dst, V v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bf16(v), 16)));
+  }
   // always_inline: a call to a function that only prefetches looks free of side effects, and
   // GCC deletes such calls before it would inline them.
   MLA_KERNEL_INLINE static void prefetch(const void* p) { __builtin_prefetch(p); }
@@ -111,5 +162,58 @@ struct Ops {
 #else
 #pragma GCC pop_options
 #endif
+
+// The BF16 decode step once more, with VDPBF16PS (AVX512-BF16) for its BF16 dot products; used
+// where the CPU has the instructions (Cooper Lake, Sapphire Rapids and later, Zen 4 and later).
+#if defined(__clang__)
+#pragma clang attribute push(                                                                \
+    __attribute__((target("avx512bf16,avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi," \
+                          "bmi2,lzcnt,popcnt"))),                                            \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target( \
+    "avx512bf16,avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#endif
+
+namespace mla::detail::isa::avx512_bf16 {
+
+struct Ops : avx512::Ops {
+  /// acc + a.lo * b.lo + a.hi * b.hi per lane in one instruction.
+  static V dp_bf16(V acc, V a, V b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_castps_si512(a),
+                            (__m512bh)_mm512_castps_si512(b));
+  }
+};
+using V = Ops::V;
+inline constexpr int kW = Ops::kWidth;
+// The parts of the AVX-512 kernels the BF16 step shares.
+namespace decode_kernel = avx512::decode_kernel;
+using avx512::online_softmax_step;
+using avx512::widen_record;
+
+#include "mla/detail/isa/decode_bf16.inl"
+
+}  // namespace mla::detail::isa::avx512_bf16
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace mla::detail::isa::avx512 {
+
+/// The AVX-512 table for this CPU: the BF16 decode step on VDPBF16PS where it has them.
+inline const Kernels& table_for_cpu() {
+  static const Kernels k = [] {
+    Kernels t = table();
+    if (state().cpu.avx512_bf16) t.decode_absorbed_bf16 = &avx512_bf16::decode_absorbed_bf16;
+    return t;
+  }();
+  return k;
+}
+
+}  // namespace mla::detail::isa::avx512
 
 #endif  // MLA_ISA_X86

@@ -23,7 +23,7 @@ inline const Kernels& kernels_for(Isa isa) {
     case Isa::kAvx2:
       return avx2::table();
     case Isa::kAvx512:
-      return avx512::table();
+      return avx512::table_for_cpu();
     case Isa::kAmx:
       return amx::table();
 #endif

@@ -15,17 +15,20 @@
 
 namespace mla::detail::isa {
 
-/// One absorbed decode step (see decode_absorbed): H absorbed queries over the first `keys`
-/// records of `cache`.
+/// One absorbed decode step (see decode_absorbed): the H absorbed queries of each of `tokens`
+/// consecutive query tokens over the cache; the last token sees the first `keys` records and
+/// token t the first keys - (tokens - 1 - t).
 struct DecodeArgs {
   LatentBlocks cache;
   Index heads = 0;
-  const float* q = nullptr;  ///< [H][d_c + R], rows q_stride apart
+  Index tokens = 1;
+  const float* q = nullptr;  ///< [tokens * H][d_c + R], rows q_stride apart, token-major
   Index q_stride = 0;
   float scale = 1.0f;
-  float* out = nullptr;  ///< [H][d_c], rows out_stride apart
+  float* out = nullptr;  ///< [tokens * H][d_c], rows out_stride apart
   Index out_stride = 0;
-  float* lse = nullptr;  ///< [H]
+  float* lse = nullptr;  ///< [tokens][H], rows lse_stride apart
+  Index lse_stride = 0;
   decode::Buffers* buffers = nullptr;
   ThreadPool* pool = nullptr;
   DecodeOptions options;
@@ -65,8 +68,10 @@ struct Kernels {
   /// dst[i] = e^src[i] with the kernels' vector exp (within 2 ulp for src <= 88; 0 below
   /// -87.33; NaN stays NaN).
   void (*exp)(const float* src, std::size_t n, float* dst) = nullptr;
-  /// The absorbed decode step.
+  /// The absorbed decode step in FP32 (DecodePrecision::kFp32).
   void (*decode_absorbed)(const DecodeArgs& args) = nullptr;
+  /// The absorbed decode step with queries and softmax weights in BF16 (kBf16).
+  void (*decode_absorbed_bf16)(const DecodeArgs& args) = nullptr;
   /// The block-FP8 matmul for 1 .. kFp8RowsMaxTokens tokens.
   void (*fp8_rows)(const Fp8RowsArgs& args) = nullptr;
 };

@@ -382,9 +382,123 @@ inline void output_heads(const float* const* rows, Index n, Index D, const float
   }
 }
 
+/// The query rows of a call: token t's heads are rows [t * h_pad1, t * h_pad1 + H) (the rest of
+/// its h_pad1 rows are zero padding), and it sees the first limit(t) keys.
+struct Rows {
+  Index heads, tokens, h_pad1, keys;
+  Index token(Index row) const { return row / h_pad1; }
+  Index limit(Index t) const { return keys - (tokens - 1 - t); }
+  /// Calls f(r0, r1, keys_seen) for each token's part [r0, r1) of the rows [h0, h0 + hw) and
+  /// the keys of [j0, j0 + n) it sees (0 .. n).
+  template <class F>
+  void for_each_segment(Index h0, Index hw, Index j0, Index n, F&& f) const {
+    for (Index r = h0; r < h0 + hw;) {
+      const Index t = token(r), end = std::min(h0 + hw, (t + 1) * h_pad1);
+      f(r - h0, end - h0, std::clamp<Index>(limit(t) - j0, 0, n));
+      r = end;
+    }
+  }
+};
+
+/// The query rows of `a` (kW-wide padding per token).
+inline Rows rows_of(const DecodeArgs& a) {
+  return {a.heads, a.tokens, (a.heads + kW - 1) / kW * kW, a.keys};
+}
+
+/// sigma * queries in the order the score kernels read them, padding rows zero: for groups of
+/// one head vector [group][ceil(K / kW)][kW heads][kW] (score_row), otherwise Q^T [K][rows]
+/// (score_heads).
+inline void layout_queries(const DecodeArgs& a, const Rows& q, Index rows, bool by_row, Index k_pad,
+                           float* qs) {
+  const Index K = a.cache.layout.kv_lora_rank + a.cache.layout.rope_dim;
+  for (Index k = 0; k < K; ++k) {
+    for (Index r = 0; r < rows; ++r) {
+      const Index t = q.token(r), h = r - t * q.h_pad1;
+      const float x = h < q.heads ? a.scale * a.q[(t * q.heads + h) * a.q_stride + k] : 0.0f;
+      qs[by_row ? (r / kW * k_pad + k / kW * kW + r % kW) * kW + k % kW : k * rows + r] = x;
+    }
+  }
+}
+
+/// Exact merge of the splits of every query row by their log-sum-exp: weights exp(m_s - M) / L
+/// with L = sum_s l_s exp(m_s - M), written over partial_m; returns nothing, sets the lse.
+inline void merge_weights(const DecodeArgs& a, const Rows& q, const decode::Geometry& geo) {
+  decode::Buffers& ws = *a.buffers;
+  const Index groups = geo.groups, h_group = geo.h_group;
+  for (Index r = 0; r < geo.h_pad; ++r) {
+    const Index t = q.token(r), h = r - t * q.h_pad1;
+    if (h >= q.heads) continue;
+    const Index g = r / h_group, hl = r % h_group;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (Index s = 0; s < geo.splits; ++s) {
+      mx = std::max(mx, ws.partial_m[static_cast<std::size_t>((s * groups + g) * h_group + hl)]);
+    }
+    double sum = 0;
+    for (Index s = 0; s < geo.splits; ++s) {
+      const auto i = static_cast<std::size_t>((s * groups + g) * h_group + hl);
+      const float w = std::exp(ws.partial_m[i] - mx);
+      ws.partial_m[i] = w;  // reused as the split's weight
+      sum += static_cast<double>(w) * ws.partial_l[i];
+    }
+    const auto inv = static_cast<float>(1.0 / sum);
+    for (Index s = 0; s < geo.splits; ++s) {
+      ws.partial_m[static_cast<std::size_t>((s * groups + g) * h_group + hl)] *= inv;
+    }
+    a.lse[t * a.lse_stride + h] = mx + static_cast<float>(std::log(sum));
+  }
+}
+
+/// Each query row's output: the splits' rows, weighted (the weights from merge_weights).
+struct Merge {
+  const DecodeArgs* a;
+  const Rows* q;
+  const decode::Geometry* geo;
+
+  void operator()(Index task, int) const {
+    const decode::Buffers& ws = *a->buffers;
+    const Index D = a->cache.layout.kv_lora_rank;
+    const Index groups = geo->groups, h_group = geo->h_group;
+    const Index t = task / q->heads, h = task % q->heads, r = t * q->h_pad1 + h;
+    const Index g = r / h_group, hl = r % h_group;
+    float* out = a->out + task * a->out_stride;
+    std::fill(out, out + D, 0.0f);
+    for (Index s = 0; s < geo->splits; ++s) {
+      const Index i = s * groups + g;
+      const float wf = ws.partial_m[static_cast<std::size_t>(i * h_group + hl)];
+      const V w = Ops::set1(wf);
+      const float* part = ws.partial_o.data() + (i * h_group + hl) * D;
+      Index d = 0;
+      for (; d + kW <= D; d += kW) {
+        Ops::store(out + d, Ops::fmadd(w, Ops::load(part + d), Ops::load(out + d)));
+      }
+      for (; d < D; ++d) out[d] += wf * part[d];
+    }
+  }
+};
+
+/// Runs `part` over every (split, group) item and merges: the frame shared by both precisions.
+template <class Part>
+void run_parts(const DecodeArgs& a, const Rows& q, const decode::Geometry& geo, const Part& part) {
+  const Index items = geo.splits * geo.groups;
+  if (a.pool) {
+    a.pool->run(items, part);
+  } else {
+    for (Index i = 0; i < items; ++i) part(i, 0);
+  }
+  merge_weights(a, q, geo);
+  const Merge merge{&a, &q, &geo};
+  const Index outputs = a.tokens * a.heads;
+  if (a.pool) {
+    a.pool->run(outputs, merge);
+  } else {
+    for (Index i = 0; i < outputs; ++i) merge(i, 0);
+  }
+}
+
 /// One (split, head group) part of a decode step: its keys' online softmax and outputs.
 struct Part {
   const DecodeArgs* a;
+  const Rows* q;
   const decode::Geometry* geo;
   Index split_keys, k_pad;
   const float* qs;
@@ -408,6 +522,7 @@ struct Part {
     const Index tile = a->options.tile_tokens;
     const Index first = s * split_keys, last = std::min(a->keys, first + split_keys);
     float* sc = t.scores.data();
+    float* corr = t.correction.data();
     const float** rows = t.rows.data();
     for (Index j0 = first; j0 < last; j0 += tile) {
       const Index n = std::min(tile, last - j0);
@@ -420,9 +535,10 @@ struct Part {
       } else {
         for (Index j = 0; j < n; ++j) rows[j] = t.tile.data() + j * K;
       }
-      // Scores of the tile for this group's heads: [n][hw], row stride h_group. Records that
+      // Scores of the tile for this group's rows: [n][hw], row stride h_group. Records that
       // are not read in place are widened into the tile as they are scored (widen_in_score),
-      // or else before.
+      // or else before. Keys a query token must not see are scored too (they are the newest
+      // keys of the newest tile) but never read.
       if (widen_in_score) {
         for (Index j = 0; j < n; ++j) {
           const unsigned char* ahead = cache.record(std::min(j0 + j + decode::kAhead, last - 1));
@@ -441,117 +557,54 @@ struct Part {
                       rows[std::min(j + decode::kAhead, named - 1)]);
           }
         } else {
-          const float* q = qs + h0;
+          const float* qt = qs + h0;
           for (Index h = 0, hv = hw / kW; h < hv;) {
-            h = hv - h >= 2 ? score_heads<2>(rows, n, K, q, h_pad, sc, h_group, h)
-                            : score_heads<1>(rows, n, K, q, h_pad, sc, h_group, h);
+            h = hv - h >= 2 ? score_heads<2>(rows, n, K, qt, h_pad, sc, h_group, h)
+                            : score_heads<1>(rows, n, K, qt, h_pad, sc, h_group, h);
           }
         }
       }
-      // Online softmax per head (the columns), vectorised over heads.
-      online_softmax_step(sc, n, hw, h_group, m, l, t.correction.data());
-      // O [hw][D] = corr O + P^T C.
-      output_heads(rows, n, D, sc, h_group, o, D, t.correction.data(), hw);
-    }
-  }
-};
-
-/// Each head's output row: the splits' rows, weighted (the weights prepared by run()).
-struct Merge {
-  const DecodeArgs* a;
-  const decode::Geometry* geo;
-
-  void operator()(Index h, int) const {
-    const decode::Buffers& ws = *a->buffers;
-    const Index D = a->cache.layout.kv_lora_rank;
-    const Index groups = geo->groups, h_group = geo->h_group;
-    const Index g = h / h_group, hl = h % h_group;
-    float* out = a->out + h * a->out_stride;
-    std::fill(out, out + D, 0.0f);
-    for (Index s = 0; s < geo->splits; ++s) {
-      const Index i = s * groups + g;
-      const V w = Ops::set1(ws.partial_m[static_cast<std::size_t>(i * h_group + hl)]);
-      const float* part = ws.partial_o.data() + (i * h_group + hl) * D;
-      Index d = 0;
-      for (; d + kW <= D; d += kW) {
-        Ops::store(out + d, Ops::fmadd(w, Ops::load(part + d), Ops::load(out + d)));
-      }
-      for (; d < D; ++d)
-        out[d] += ws.partial_m[static_cast<std::size_t>(i * h_group + hl)] * part[d];
+      // Per query token: online softmax over the keys it sees (vectorised over heads), then
+      // O [rows][D] = corr O + P^T C over the same keys, never touching the others.
+      q->for_each_segment(h0, hw, j0, n, [&](Index r0, Index r1, Index seen) {
+        if (seen == 0) return;
+        online_softmax_step(sc + r0, seen, r1 - r0, h_group, m + r0, l + r0, corr + r0);
+        output_heads(rows, seen, D, sc + r0, h_group, o + r0 * D, D, corr + r0, r1 - r0);
+      });
     }
   }
 };
 
 inline void run(const DecodeArgs& a) {
   const LatentBlocks& cache = a.cache;
-  const Index H = a.heads, D = cache.layout.kv_lora_rank, R = cache.layout.rope_dim, K = D + R;
+  const Index D = cache.layout.kv_lora_rank, R = cache.layout.rope_dim, K = D + R;
   const int threads = a.pool ? a.pool->size() : 1;
-  decode::Buffers& ws = *a.buffers;
-  const decode::Geometry geo(H, a.options, threads, kW);
-  const Index h_pad = geo.h_pad, h_group = geo.h_group, groups = geo.groups;
-  const Index splits = geo.splits, tile = a.options.tile_tokens;
+  const Rows q = rows_of(a);
+  const decode::Geometry geo(a.tokens * q.h_pad1, a.options, threads, kW);
+  const Index tile = a.options.tile_tokens;
   // Split boundaries on whole tiles.
-  const Index split_len = (a.keys + splits - 1) / splits;
+  const Index split_len = (a.keys + geo.splits - 1) / geo.splits;
   const Index split_keys = (split_len + tile - 1) / tile * tile;
-
-  // Groups of one head vector take their scores along the key width (score_row) from Q in
-  // [group][ceil(K / kW)][kW heads][kW] order; wider groups broadcast key values against Q^T
-  // [K][h_pad] (score_heads). Both scaled by sigma, padding heads zero.
-  const bool by_row = h_group == kW;
+  // Groups of one head vector take their scores along the key width (score_row); wider groups
+  // broadcast key values against vectors of query rows (score_heads).
+  const bool by_row = geo.h_group == kW;
   const Index k_pad = (K + kW - 1) / kW * kW;
-  float* qs = ws.q.data();
-  for (Index k = 0; k < K; ++k) {
-    for (Index h = 0; h < h_pad; ++h) {
-      const float x = h < H ? a.scale * a.q[h * a.q_stride + k] : 0.0f;
-      qs[by_row ? (h / kW * k_pad + k / kW * kW + h % kW) * kW + k % kW : k * h_pad + h] = x;
-    }
-  }
+  float* qs = a.buffers->q.data();
+  layout_queries(a, q, geo.h_pad, by_row, k_pad, qs);
   const bool in_place = cache.layout.storage == CacheStorage::kFloat32;
   // Groups of one head vector over BF16 and FP8 caches widen records inside the score kernel.
   const bool widen_in_score = by_row && D % kW == 0 && R % kW == 0 &&
                               (cache.layout.storage == CacheStorage::kBFloat16 ||
                                cache.layout.storage == CacheStorage::kFp8E4M3);
-  const Part part{&a, &geo, split_keys, k_pad, qs, by_row, in_place, widen_in_score};
-  const Index items = splits * groups;
-  if (a.pool) {
-    a.pool->run(items, part);
-  } else {
-    for (Index i = 0; i < items; ++i) part(i, 0);
-  }
-
-  // Exact merge of the splits: weights exp(m_s - M) / L, L = sum_s l_s exp(m_s - M).
-  for (Index g = 0; g < groups; ++g) {
-    const Index h0 = g * h_group;
-    for (Index hl = 0; hl < h_group && h0 + hl < H; ++hl) {
-      float mx = -std::numeric_limits<float>::infinity();
-      for (Index s = 0; s < splits; ++s) {
-        mx = std::max(mx, ws.partial_m[static_cast<std::size_t>((s * groups + g) * h_group + hl)]);
-      }
-      double sum = 0;
-      for (Index s = 0; s < splits; ++s) {
-        const auto i = static_cast<std::size_t>((s * groups + g) * h_group + hl);
-        const float w = std::exp(ws.partial_m[i] - mx);
-        ws.partial_m[i] = w;  // reused below as the split's weight
-        sum += static_cast<double>(w) * ws.partial_l[i];
-      }
-      const auto inv = static_cast<float>(1.0 / sum);
-      for (Index s = 0; s < splits; ++s) {
-        ws.partial_m[static_cast<std::size_t>((s * groups + g) * h_group + hl)] *= inv;
-      }
-      a.lse[h0 + hl] = mx + static_cast<float>(std::log(sum));
-    }
-  }
-  const Merge merge{&a, &geo};
-  if (a.pool) {
-    a.pool->run(H, merge);
-  } else {
-    for (Index h = 0; h < H; ++h) merge(h, 0);
-  }
+  const Part part{&a, &q, &geo, split_keys, k_pad, qs, by_row, in_place, widen_in_score};
+  run_parts(a, q, geo, part);
 }
 
 }  // namespace decode_kernel
 
 inline void decode_absorbed(const DecodeArgs& a) { decode_kernel::run(a); }
+
+#include "mla/detail/isa/decode_bf16.inl"
 
 // ---------------------------------------------------------------------------------------------
 // A few tokens times a block-FP8 weight (the decode path of the FP8 matmul)
@@ -648,6 +701,7 @@ inline const Kernels& table() {
     t.widen_bf16 = &widen_bf16;
     t.exp = &exp_span;
     t.decode_absorbed = &decode_absorbed;
+    t.decode_absorbed_bf16 = &decode_absorbed_bf16;
     t.fp8_rows = &fp8_rows;
     return t;
   }();

@@ -30,3 +30,11 @@
 #else
 #define MLA_KERNEL_INLINE inline
 #endif
+
+/// Kept out of line: a register-blocked kernel whose callers would otherwise spill its
+/// accumulators.
+#if defined(__GNUC__) || defined(__clang__)
+#define MLA_KERNEL_NOINLINE __attribute__((noinline))
+#else
+#define MLA_KERNEL_NOINLINE
+#endif

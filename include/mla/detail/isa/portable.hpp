@@ -101,6 +101,52 @@ struct Ops {
     for (int i = 0; i < kWidth; ++i) r[i] = decode_fp8<E4M3FNFormat>(p[i]);
     return r;
   }
+  // BF16 pairs: a vector whose 32-bit lanes each hold two BF16 values, the low half first (the
+  // operand layout of VDPBF16PS and of AMX's B tiles).
+
+  /// acc + a.lo * b.lo + a.hi * b.hi per lane. Products of BF16 values are exact in float, so
+  /// each addition rounds once, as an FMA would.
+  static V dp_bf16(V acc, V a, V b) {
+    for (int i = 0; i < kWidth; ++i) {
+      const auto ai = bit_cast<std::uint32_t>(a[i]), bi = bit_cast<std::uint32_t>(b[i]);
+      acc[i] += bit_cast<float>(ai & 0xFFFF0000u) * bit_cast<float>(bi & 0xFFFF0000u);
+      acc[i] += bit_cast<float>(ai << 16) * bit_cast<float>(bi << 16);
+    }
+    return acc;
+  }
+  /// The 32-bit word at p (two BF16 values) in every lane.
+  static V bcast32(const void* p) {
+    std::uint32_t w;
+    std::memcpy(&w, p, sizeof(w));
+    return set1(bit_cast<float>(w));
+  }
+  /// Lane i = (lo[i], hi[i]): kWidth BF16 values of two rows, interleaved into pairs.
+  static V interleave_bf16(const std::uint16_t* lo, const std::uint16_t* hi) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) {
+      r[i] = bit_cast<float>(std::uint32_t{lo[i]} | (std::uint32_t{hi[i]} << 16));
+    }
+    return r;
+  }
+  /// Lane i = (bf16(lo[i]), bf16(hi[i])), each rounded to nearest even.
+  static V pack_bf16(V lo, V hi) {
+    V r;
+    for (int i = 0; i < kWidth; ++i) {
+      const std::uint32_t l = bit_cast<std::uint16_t>(to_bfloat16(lo[i]));
+      const std::uint32_t h = bit_cast<std::uint16_t>(to_bfloat16(hi[i]));
+      r[i] = bit_cast<float>(l | (h << 16));
+    }
+    return r;
+  }
+  /// The lanes of v, which BF16 holds exactly, stored as kWidth BF16 values (their high halves).
+  static void store_bf16_exact(std::uint16_t* dst, V v) {
+    for (int i = 0; i < kWidth; ++i)
+      dst[i] = static_cast<std::uint16_t>(bit_cast<std::uint32_t>(v[i]) >> 16);
+  }
+  /// The lanes of v rounded to BF16 (nearest even; NaN stays NaN), stored as kWidth values.
+  static void store_bf16(std::uint16_t* dst, V v) {
+    for (int i = 0; i < kWidth; ++i) dst[i] = bit_cast<std::uint16_t>(to_bfloat16(v[i]));
+  }
   static void prefetch(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_prefetch(p);
