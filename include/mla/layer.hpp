@@ -49,7 +49,7 @@ class MlaWorkspace {
     attention.reserve(c, tokens, path);
     if constexpr (std::is_same_v<T, float>) {
       if (path != AttentionPath::kExpanded) {
-        decode.reserve(c, decode_options_, pool_ ? pool_->size() : 1);
+        decode.reserve(c, decode_options_, pool_ ? pool_->size() : 1, std::min<Index>(tokens, 8));
       }
     }
   }
@@ -62,7 +62,8 @@ class MlaWorkspace {
   void set_thread_pool(ThreadPool* pool) { pool_ = pool; }
   ThreadPool* thread_pool() const { return pool_; }
 
-  /// How decode_absorbed divides its work (float layers).
+  /// How decode_absorbed divides its work and which arithmetic it uses (float layers; the
+  /// default is DecodePrecision::kFp32).
   void set_decode_options(const DecodeOptions& options) { decode_options_ = options; }
   const DecodeOptions& decode_options() const { return decode_options_; }
 
@@ -213,6 +214,8 @@ class MlaLayer {
 
  private:
   static constexpr std::int64_t kMaxPosition = std::int64_t{1} << 52;  // exact in double
+  /// Query tokens per decode_absorbed call on the absorbed path of float layers.
+  static constexpr Index kDecodeChunk = 8;
 
   void check_io(const ConstMatrixRef<T>& x, const MatrixRef<T>& y, const LatentCache& cache,
                 const char* what) const {
@@ -290,13 +293,15 @@ class MlaLayer {
       attention_expanded<T>(config_, view, ws.q.middleRows(row0, n), weights_.wkv_b, softmax_scale_,
                             ws.o.block(row0, 0, n, H * V), lse, ws.attention);
     } else if constexpr (std::is_same_v<T, float>) {
-      // The SIMD kernel, one query token at a time: token t sees the first past + t + 1 keys.
+      // The SIMD kernel, up to kDecodeChunk query tokens per pass over the cache: token t sees
+      // the first past + t + 1 keys.
       const Index past = view.tokens() - n;
-      for (Index t = 0; t < n; ++t) {
-        const Index r = (row0 + t) * H;
-        decode_absorbed(config_, view, ws.q_latent.middleRows(r, H), softmax_scale_,
-                        ws.o_latent.middleRows(r, H), lse.middleRows(t, 1), ws.decode, ws.pool_,
-                        ws.decode_options_, past + t + 1);
+      for (Index t0 = 0; t0 < n; t0 += kDecodeChunk) {
+        const Index m = std::min(kDecodeChunk, n - t0);
+        const Index r = (row0 + t0) * H;
+        decode_absorbed(config_, view, ws.q_latent.middleRows(r, m * H), softmax_scale_,
+                        ws.o_latent.middleRows(r, m * H), lse.middleRows(t0, m), ws.decode,
+                        ws.pool_, ws.decode_options_, past + t0 + m);
       }
     } else {
       attention_absorbed<T>(config_, view, ws.q_latent.middleRows(row0 * H, n * H), softmax_scale_,
