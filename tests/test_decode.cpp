@@ -13,6 +13,7 @@
 
 #include "mla/decode.hpp"
 #include "mla/layer.hpp"
+#include "reference/mla_reference.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -231,8 +232,19 @@ TEST(DecodeAbsorbed, BadArgumentsAreClearErrors) {
       mla::decode_absorbed(cc, view, q, 1.0, out, lse, ws, nullptr, o, keys);
     };
   };
-  EXPECT_TRUE(test::throws_error_containing(run(c, 11), "11 keys requested, the cache holds 10"));
+  EXPECT_TRUE(test::throws_error_containing(
+      run(c, 11), "11 keys requested for 1 query tokens, the cache holds 10 tokens"));
   EXPECT_TRUE(test::throws_error_containing(run(c, 0), "0 keys requested"));
+  // Two query tokens need two keys at least.
+  RowMatrix<float> q2(16, 40), out2(16, 32), lse2(2, 8);
+  q2.setZero();
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { mla::decode_absorbed(c, view, q2, 1.0, out2, lse2, ws, nullptr, {}, 1); },
+      "1 keys requested for 2 query tokens"));
+  RowMatrix<float> lse_wrong(1, 8);
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { mla::decode_absorbed(c, view, q2, 1.0, out2, lse_wrong, ws, nullptr, {}, 5); },
+      "lse [1, 8]"));
   EXPECT_TRUE(test::throws_error_containing(run(dims(8, 16, 8), -1), "the cache holds [32 + 8]"));
   EXPECT_TRUE(test::throws_error_containing(run(dims(4, 32, 8), -1), "q_latent [8, 40]"));
   DecodeOptions bad;
@@ -283,6 +295,277 @@ TEST(DecodeAbsorbed, AFloatLayerOnAPoolDecodesLikeTheDoubleLayer) {
     }
     EXPECT_LE(test::rel_error(test::to_vec(yf.bottomRows(50)), test::to_vec(yd.bottomRows(50))),
               1e-5);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several query tokens per call, and the BF16 precision
+
+/// Plain loops in double for T query tokens: token t sees the first keys - (T - 1 - t) keys.
+/// out [T * H][d_c], lse [T * H].
+void reference_tokens(const MlaConfig& c, const RowMatrix<double>& kv, const RowMatrix<float>& q,
+                      double scale, Index keys, Index T, std::vector<double>& out,
+                      std::vector<double>& lse) {
+  const Index H = c.num_attention_heads, D = c.kv_lora_rank, K = c.latent_cache_width();
+  out.assign(static_cast<std::size_t>(T * H * D), 0.0);
+  lse.assign(static_cast<std::size_t>(T * H), 0.0);
+  for (Index t = 0; t < T; ++t) {
+    const Index n = keys - (T - 1 - t);
+    std::vector<double> s(static_cast<std::size_t>(n));
+    for (Index h = 0; h < H; ++h) {
+      const Index row = t * H + h;
+      double mx = -INFINITY;
+      for (Index j = 0; j < n; ++j) {
+        double dot = 0.0;
+        for (Index k = 0; k < K; ++k) dot += static_cast<double>(q(row, k)) * kv(j, k);
+        s[static_cast<std::size_t>(j)] = scale * dot;
+        mx = std::max(mx, scale * dot);
+      }
+      double sum = 0.0;
+      for (Index j = 0; j < n; ++j) sum += std::exp(s[static_cast<std::size_t>(j)] - mx);
+      for (Index j = 0; j < n; ++j) {
+        const double p = std::exp(s[static_cast<std::size_t>(j)] - mx) / sum;
+        for (Index d = 0; d < D; ++d) out[static_cast<std::size_t>(row * D + d)] += p * kv(j, d);
+      }
+      lse[static_cast<std::size_t>(row)] = mx + std::log(sum);
+    }
+  }
+}
+
+struct DecodeErrors {
+  double out = 0, lse = 0;  // relative (Frobenius) output error, largest absolute lse error
+  double worst() const { return std::max(out, lse); }
+};
+
+/// Runs decode_absorbed for T query tokens on the active target and compares with `want`.
+DecodeErrors decode_tokens_error(const MlaConfig& c, const mla::LatentView& view,
+                                 const RowMatrix<float>& q, double scale, Index keys, Index T,
+                                 int threads, const DecodeOptions& o,
+                                 const std::vector<double>& want_out,
+                                 const std::vector<double>& want_lse) {
+  const Index H = c.num_attention_heads;
+  RowMatrix<float> out(T * H, c.kv_lora_rank), lse(T, H);
+  out.setConstant(NAN);
+  lse.setConstant(NAN);
+  mla::DecodeWorkspace ws;
+  mla::ThreadPool pool(threads);
+  mla::decode_absorbed(c, view, q, scale, out, lse, ws, &pool, o, keys);
+  DecodeErrors e;
+  e.out = test::rel_error(test::to_vec(out), want_out);
+  const std::vector<double> got = test::to_vec(lse);
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    e.lse = std::max(e.lse, std::isfinite(got[i]) ? std::fabs(got[i] - want_lse[i]) : INFINITY);
+  }
+  return e;
+}
+
+RowMatrix<float> random_query_rows(Index rows, Index width, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n;
+  RowMatrix<float> q(rows, width);
+  for (Index i = 0; i < q.size(); ++i) q.data()[i] = n(rng);
+  return q;
+}
+
+// kBf16 rounds the queries and the softmax weights to BF16 (2^-9 relative each; FP32 caches
+// also their keys): over these widths (up to 576) and scores of unit spread the output moves by
+// ~1e-3 relative and the lse by ~1e-2 absolute (measured: see the [measured] lines). Bounds with
+// room: 1e-2 and 2e-2.
+constexpr double kBf16OutTolerance = 1e-2, kBf16LseTolerance = 2e-2;
+
+TEST(DecodeTokens, EveryPrecisionStorageTokenCountKeyCountAndThreadingMatchesTheReference) {
+  // Latent widths 40 (even) and 41 (odd: the BF16 kernel pads the key rows), 1, 16 and 40 heads.
+  double worst_fp32 = 0, worst_bf16_out = 0, worst_bf16_lse = 0, least_bf16 = INFINITY;
+  for (const MlaConfig& c : {dims(16, 40, 8), dims(1, 41, 8), dims(40, 40, 8)}) {
+    const Index H = c.num_attention_heads, K = c.latent_cache_width();
+    for (CacheStorage storage :
+         {CacheStorage::kFloat32, CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
+      const Filled f = fill(c, storage, 1000, 21);
+      const mla::LatentView view = f.cache.view(f.seq, 0);
+      const RowMatrix<double> kv = test::cache_contents_of(view);
+      for (Index T : {1, 2, 3, 8}) {
+        const RowMatrix<float> q = random_query_rows(T * H, K, 31 + static_cast<unsigned>(T));
+        const double scale = 1.0 / std::sqrt(static_cast<double>(K));
+        for (Index keys : {1, 15, 16, 17, 63, 64, 65, 1000}) {
+          if (keys < T) continue;
+          std::vector<double> want_out, want_lse;
+          reference_tokens(c, kv, q, scale, keys, T, want_out, want_lse);
+          for (int threads : {1, 2}) {
+            for (Index splits : {0, 3}) {
+              test::for_each_isa([&](mla::Isa) {
+                for (mla::DecodePrecision p :
+                     {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
+                  const bool bf16 = p == mla::DecodePrecision::kBf16;
+                  SCOPED_TRACE(std::string(bf16 ? "bf16" : "fp32") + " heads " + std::to_string(H) +
+                               " d_c " + std::to_string(c.kv_lora_rank) + " " +
+                               mla::to_string(storage) + " tokens " + std::to_string(T) + " keys " +
+                               std::to_string(keys) + " threads " + std::to_string(threads) +
+                               " splits " + std::to_string(splits));
+                  DecodeOptions o;
+                  o.splits = splits;
+                  o.tile_tokens = 16;
+                  o.precision = p;
+                  const DecodeErrors e = decode_tokens_error(c, view, q, scale, keys, T, threads, o,
+                                                             want_out, want_lse);
+                  if (bf16) {
+                    EXPECT_LE(e.out, kBf16OutTolerance);
+                    EXPECT_LE(e.lse, kBf16LseTolerance);
+                    worst_bf16_out = std::max(worst_bf16_out, e.out);
+                    worst_bf16_lse = std::max(worst_bf16_lse, e.lse);
+                    if (keys >= 16) least_bf16 = std::min(least_bf16, e.out);
+                  } else {
+                    EXPECT_LE(e.worst(), kTolerance);
+                    worst_fp32 = std::max(worst_fp32, e.worst());
+                  }
+                }
+              });
+            }
+          }
+        }
+      }
+    }
+  }
+  std::printf("    [measured] fp32 worst %.2e; bf16 worst out %.2e, lse %.2e\n", worst_fp32,
+              worst_bf16_out, worst_bf16_lse);
+  // The BF16 bound is tight: BF16 really rounds, well above FP32's error, in every case that
+  // averages more than a few keys.
+  EXPECT_GT(least_bf16, 10 * worst_fp32);
+}
+
+TEST(DecodeTokens, DeepSeekWidthsAndHeadCountsInBothPrecisions) {
+  for (Index heads : {1, 16, 40, 64, 128}) {
+    const MlaConfig c = dims(heads, 512, 64);
+    for (CacheStorage storage :
+         {CacheStorage::kFloat32, CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
+      const Filled f = fill(c, storage, 300, 7);
+      const mla::LatentView view = f.cache.view(f.seq, 0);
+      const RowMatrix<double> kv = test::cache_contents_of(view);
+      for (Index T : {1, 4}) {
+        const RowMatrix<float> q = random_query_rows(T * heads, 576, 9);
+        const double scale = 1.0 / std::sqrt(192.0);
+        std::vector<double> want_out, want_lse;
+        reference_tokens(c, kv, q, scale, 300, T, want_out, want_lse);
+        test::for_each_isa([&](mla::Isa) {
+          for (mla::DecodePrecision p :
+               {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
+            const bool bf16 = p == mla::DecodePrecision::kBf16;
+            SCOPED_TRACE(std::string(bf16 ? "bf16" : "fp32") + " heads " + std::to_string(heads) +
+                         " " + mla::to_string(storage) + " tokens " + std::to_string(T));
+            DecodeOptions o;
+            o.precision = p;
+            const DecodeErrors e =
+                decode_tokens_error(c, view, q, scale, 300, T, 2, o, want_out, want_lse);
+            EXPECT_LE(e.out, bf16 ? kBf16OutTolerance : kTolerance);
+            EXPECT_LE(e.lse, bf16 ? kBf16LseTolerance : kTolerance);
+          }
+        });
+      }
+    }
+  }
+}
+
+TEST(DecodeTokens, SeveralTokensInOneCallEqualEachTokenDecodedAlone) {
+  const MlaConfig c = dims(16, 64, 16);
+  const Index H = 16, T = 5, keys = 133;
+  const Filled f = fill(c, CacheStorage::kBFloat16, keys, 4);
+  const mla::LatentView view = f.cache.view(f.seq, 0);
+  const RowMatrix<float> q = random_query_rows(T * H, 80, 5);
+  test::for_each_isa([&](mla::Isa) {
+    for (mla::DecodePrecision p : {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
+      SCOPED_TRACE(p == mla::DecodePrecision::kBf16 ? "bf16" : "fp32");
+      DecodeOptions o;
+      o.precision = p;
+      mla::DecodeWorkspace ws;
+      mla::ThreadPool pool(2);
+      RowMatrix<float> out(T * H, 64), lse(T, H);
+      mla::decode_absorbed(c, view, q, 0.1, out, lse, ws, &pool, o, keys);
+      for (Index t = 0; t < T; ++t) {
+        RowMatrix<float> out1(H, 64), lse1(1, H);
+        mla::decode_absorbed(c, view, q.middleRows(t * H, H), 0.1, out1, lse1, ws, &pool, o,
+                             keys - (T - 1 - t));
+        // The same keys, tiles and splits, in the same order: equal to float accuracy.
+        EXPECT_LE(test::rel_error(test::to_vec(out.middleRows(t * H, H)), test::to_vec(out1)), 1e-6)
+            << "token " << t;
+        EXPECT_LE(test::rel_error(test::to_vec(lse.row(t)), test::to_vec(lse1)), 1e-6);
+      }
+    }
+  });
+}
+
+TEST(DecodeTokens, ANonFiniteDraftTokenLeavesTheTokensBeforeItAlone) {
+  // Speculative decoding verifies draft tokens in one call: a NaN in the newest key must not
+  // reach the earlier query tokens, which do not see it (not even through a zero weight).
+  const MlaConfig c = dims(16, 64, 16);
+  const Index H = 16, T = 4, keys = 70;
+  mla::LatentCacheOptions lo;
+  lo.block_tokens = 16;
+  lo.num_blocks = 5;
+  for (CacheStorage storage : {CacheStorage::kFloat32, CacheStorage::kBFloat16}) {
+    lo.storage = storage;
+    LatentCache cache(c, lo);
+    const auto seq = cache.add_sequence();
+    RowMatrix<float> kv = random_query_rows(keys, 80, 8);
+    kv(keys - 1, 3) = NAN;  // the last draft token's key
+    cache.append<float>(seq, 0, kv.leftCols(64), kv.rightCols(16));
+    const RowMatrix<float> q = random_query_rows(T * H, 80, 9);
+    test::for_each_isa([&](mla::Isa) {
+      for (mla::DecodePrecision p : {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
+        SCOPED_TRACE(std::string(mla::to_string(storage)) +
+                     (p == mla::DecodePrecision::kBf16 ? " bf16" : " fp32"));
+        DecodeOptions o;
+        o.precision = p;
+        o.tile_tokens = 16;
+        mla::DecodeWorkspace ws;
+        RowMatrix<float> out(T * H, 64), lse(T, H);
+        mla::decode_absorbed(c, cache.view(seq, 0), q, 0.1, out, lse, ws, nullptr, o, keys);
+        EXPECT_TRUE(out.topRows((T - 1) * H).allFinite());
+        EXPECT_TRUE(lse.topRows(T - 1).allFinite());
+        EXPECT_FALSE(out.bottomRows(H).allFinite());
+      }
+    });
+  }
+}
+
+TEST(DecodeTokens, AFloatLayerInBf16PrecisionStaysWithinTheBound) {
+  // The precision reaches the layer through its workspace. Prefill (expanded, FP32), then
+  // absorbed chunks and single steps in kBf16, against the double reference run on the
+  // dequantised cache.
+  for (const MlaConfig& c : {MlaConfig::small_v2_lite(), MlaConfig::small_v3()}) {
+    const auto w = mla::MlaWeights<float>::random(c, 19);
+    const mla::MlaLayer<float> layer(c, w);
+    for (CacheStorage storage :
+         {CacheStorage::kFloat32, CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
+      test::for_each_isa([&](mla::Isa) {
+        SCOPED_TRACE(mla::to_string(storage));
+        mla::LatentCacheOptions o;
+        o.block_tokens = 16;
+        o.num_blocks = 8;
+        o.storage = storage;
+        LatentCache cache(c, o);
+        const auto seq = cache.add_sequence();
+        mla::MlaWorkspace<float> ws;
+        DecodeOptions d;
+        d.precision = mla::DecodePrecision::kBf16;
+        ws.set_decode_options(d);
+        const Index n = 60;
+        const RowMatrix<float> x = test::random_input<float>(n, c.hidden_size, 20);
+        RowMatrix<float> y(n, c.hidden_size);
+        layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws);
+        layer.forward(x.middleRows(30, 6), 30, cache, seq, y.middleRows(30, 6), ws,
+                      mla::AttentionPath::kAbsorbed);
+        for (Index t = 36; t < n; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+        const std::vector<double> latent = test::to_vec(test::cache_contents(cache, seq, 0));
+        const std::vector<double> want =
+            ref::mla_forward(test::to_ref(c), test::to_ref(w), test::to_vec(x), static_cast<int>(n),
+                             0, nullptr, &latent);
+        const std::vector<double> got = test::to_vec(y);
+        const std::size_t from = static_cast<std::size_t>(30 * c.hidden_size);
+        const double err = test::rel_error(std::vector<double>(got.begin() + from, got.end()),
+                                           std::vector<double>(want.begin() + from, want.end()));
+        EXPECT_LE(err, kBf16OutTolerance);
+        EXPECT_GT(err, 1e-5) << "kBf16 rounds: its error is above FP32's bound";
+      });
+    }
   }
 }
 

@@ -235,3 +235,51 @@ TEST(DecodeAllocations, ThreadedDecodeStepsAllocateNothing) {
     EXPECT_TRUE(y.allFinite());
   }
 }
+
+TEST(DecodeAllocations, Bf16AndMultiTokenDecodeStepsAllocateNothing) {
+  // DecodePrecision::kBf16, and chunks of several tokens on the absorbed path (one kernel call
+  // for up to 8 query tokens), on every instruction set this machine runs.
+  const MlaConfig c = MlaConfig::small_v3();
+  const mla::MlaLayer<float> layer(c, mla::MlaWeights<float>::random(c, 3));
+  mla::ThreadPool pool(2);
+  test::for_each_isa([&](mla::Isa) {
+    for (mla::DecodePrecision p : {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
+      for (mla::CacheStorage storage : {mla::CacheStorage::kFloat32, mla::CacheStorage::kBFloat16,
+                                        mla::CacheStorage::kFp8E4M3}) {
+        SCOPED_TRACE(std::string(mla::to_string(storage)) +
+                     (p == mla::DecodePrecision::kBf16 ? " bf16" : " fp32"));
+        mla::LatentCacheOptions o;
+        o.block_tokens = 16;
+        o.num_blocks = 16;
+        o.storage = storage;
+        mla::LatentCache cache(c, o);
+        const auto seq = cache.add_sequence();
+        mla::MlaWorkspace<float> ws;
+        ws.set_thread_pool(&pool);
+        mla::DecodeOptions d;
+        d.splits = 3;
+        d.tile_tokens = 16;
+        d.precision = p;
+        ws.set_decode_options(d);
+        const RowMatrix<float> x = test::random_input<float>(120, c.hidden_size, 4);
+        RowMatrix<float> y(120, c.hidden_size);
+        layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws);
+        // One absorbed chunk of 8 sizes the workspace; then steps of 1 and chunks of 5 and 8.
+        layer.forward(x.middleRows(30, 8), 30, cache, seq, y.middleRows(30, 8), ws,
+                      mla::AttentionPath::kAbsorbed);
+        const auto [news, eigen] = count_allocations([&] {
+          Index t = 38;
+          for (Index len : {1, 5, 8, 1, 8, 3}) {
+            layer.forward(x.middleRows(t, len), t, cache, seq, y.middleRows(t, len), ws,
+                          mla::AttentionPath::kAbsorbed);
+            t += len;
+          }
+        });
+        EXPECT_EQ(news, 0);
+        EXPECT_EQ(eigen, 0) << alloc_count::first_failure << " at " << alloc_count::first_file
+                            << ":" << alloc_count::first_line;
+        EXPECT_TRUE(y.topRows(64).allFinite());
+      }
+    }
+  });
+}
