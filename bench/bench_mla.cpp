@@ -6,17 +6,24 @@
 //   build/<preset>/bench_mla.json)
 //
 // Names:  cache_bytes/<arch>/<preset>
-//         decode/<path>/<preset>/<cache>/<ctx>      path: absorbed expanded gqa8 mha
+//         decode/<path>/<preset>/<cache>/<ctx>      path: absorbed (FP32), absorbed_bf16
+//                                                   (DecodePrecision::kBf16), absorbed_q4 (4
+//                                                   query tokens, FP32), expanded, gqa8, mha
 //         prefill/<preset>/<tokens>
-// The FP32 FMA peak and the read bandwidth are measured at start-up with the same threads and
-// written to the JSON context (fma_peak_gflops, read_gbs); the counters peak_fraction and
-// roofline_fraction compare each benchmark with them, so the ratios come from one run.
+// The FP32 FMA peak, the BF16 dot-product and AMX peaks (where the CPU has them) and the read
+// bandwidth are measured at start-up with the same threads and written to the JSON context
+// (fma_peak_gflops, bf16_peak_gflops, amx_peak_gflops, read_gbs); the counters peak_fraction,
+// bf16_peak_fraction, amx_fraction and roofline_fraction compare each benchmark with them, so the
+// ratios come from one run.
 //
 // A decode step here is the attention of one new token over `ctx` cached tokens: the part in
 // which the paths differ (the projections before and after are the same GEMVs for all). One
 // step per iteration, on 2 threads. Results are checked outside the timed region.
 
 #include <benchmark/benchmark.h>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include <chrono>
 #include <cmath>
@@ -25,6 +32,10 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#if defined(MLA_BENCH_ONEDNN)
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
 
 #include "baseline_kv.hpp"
 #include "machine.hpp"
@@ -103,6 +114,9 @@ void run_steps(benchmark::State& state, double flops, double bytes, Step&& step)
   const double roof = std::min(g_limits.fma_gflops, g_limits.read_gbs * flops / bytes);
   state.counters["GFLOP/s"] = gflops;
   state.counters["peak_fraction"] = gflops / g_limits.fma_gflops;
+  if (g_limits.bf16_gflops > 0)
+    state.counters["bf16_peak_fraction"] = gflops / g_limits.bf16_gflops;
+  if (g_limits.amx_gflops > 0) state.counters["amx_fraction"] = gflops / g_limits.amx_gflops;
   state.counters["roofline_fraction"] = gflops / roof;
   state.counters["step_ms"] = total / static_cast<double>(state.iterations()) * 1e3;
 }
@@ -153,23 +167,86 @@ CacheStorage storage_of(const std::string& cache) {
                            : CacheStorage::kFloat32;
 }
 
-void decode_absorbed(benchmark::State& state, std::string preset_name, std::string cache,
-                     Index ctx) {
+/// The absorbed decode step of `tokens` query tokens (decode_absorbed) in the given precision.
+void decode_absorbed(benchmark::State& state, std::string preset_name, std::string cache, Index ctx,
+                     mla::DecodePrecision precision, Index tokens) {
   const MlaConfig c = preset(preset_name).config;
   const Index H = c.num_attention_heads, D = c.kv_lora_rank, R = c.qk_rope_head_dim;
   const FilledCache f = fill_cache(c, storage_of(cache), ctx);
   const mla::LatentView view = f.cache.view(f.seq, 0);
-  const RowMatrix<float> q = random_matrix(H, D + R, 3);
-  RowMatrix<float> out(H, D), lse(1, H);
+  const RowMatrix<float> q = random_matrix(tokens * H, D + R, 3);
+  RowMatrix<float> out(tokens * H, D), lse(tokens, H);
   mla::DecodeWorkspace ws;
+  mla::DecodeOptions o;
+  o.precision = precision;
   const double scale = mla::softmax_scale(c);
-  auto step = [&] { mla::decode_absorbed(c, view, q, scale, out, lse, ws, &pool()); };
+  auto step = [&] { mla::decode_absorbed(c, view, q, scale, out, lse, ws, &pool(), o); };
   step();
   require_finite(state, out);
-  const double flops = 2.0 * static_cast<double>(H * ctx * (D + R + D));
+  // Token t sees ctx - (tokens - 1 - t) keys.
+  const double pairs = static_cast<double>(tokens) * static_cast<double>(ctx) -
+                       static_cast<double>(tokens * (tokens - 1) / 2);
+  const double flops = 2.0 * static_cast<double>(H) * pairs * static_cast<double>(D + R + D);
   const double bytes = static_cast<double>(ctx) * static_cast<double>(view.token_bytes());
   run_steps(state, flops, bytes, step);
 }
+
+#if defined(MLA_BENCH_ONEDNN)
+/// The peer: the same step over a BF16 cache as three oneDNN primitives, the way a generic
+/// library composes it: S = Q K^T (matmul, BF16 in, FP32 out), P = softmax(S) (BF16 out), O = P C
+/// (matmul, FP32 out), the keys and latents read in place from the cache's [ctx][576] rows.
+void decode_onednn_bf16(benchmark::State& state, std::string preset_name, Index ctx) {
+  using namespace dnnl;
+  using dt = memory::data_type;
+  const MlaConfig c = preset(preset_name).config;
+  const Index H = c.num_attention_heads, D = c.kv_lora_rank, K = c.latent_cache_width();
+  // The cache as one contiguous [ctx][K] BF16 array (a single block), and the queries.
+  std::vector<std::uint16_t> cache(static_cast<std::size_t>(ctx * K));
+  std::vector<std::uint16_t> q(static_cast<std::size_t>(H * K));
+  {
+    const RowMatrix<float> kv = random_matrix(ctx, K, 7), qf = random_matrix(H, K, 3);
+    for (Index i = 0; i < kv.size(); ++i)
+      cache[static_cast<std::size_t>(i)] =
+          mla::detail::bit_cast<std::uint16_t>(mla::detail::to_bfloat16(kv.data()[i]));
+    for (Index i = 0; i < qf.size(); ++i)
+      q[static_cast<std::size_t>(i)] = mla::detail::bit_cast<std::uint16_t>(
+          mla::detail::to_bfloat16(qf.data()[i] * static_cast<float>(mla::softmax_scale(c))));
+  }
+  engine eng(engine::kind::cpu, 0);
+  stream strm(eng);
+  const memory::dims qd = {H, K}, kd = {K, ctx}, sd = {H, ctx}, cd = {ctx, D}, od = {H, D};
+  const memory::desc q_md(qd, dt::bf16, memory::dims{K, 1});
+  const memory::desc k_md(kd, dt::bf16, memory::dims{1, K});  // K^T over the cache rows
+  const memory::desc s_md(sd, dt::f32, memory::dims{ctx, 1});
+  const memory::desc p_md(sd, dt::bf16, memory::dims{ctx, 1});
+  const memory::desc c_md(cd, dt::bf16, memory::dims{K, 1});  // the latent part of each row
+  const memory::desc o_md(od, dt::f32, memory::dims{D, 1});
+  std::vector<float> s(static_cast<std::size_t>(H * ctx)), o(static_cast<std::size_t>(H * D));
+  std::vector<std::uint16_t> pbuf(static_cast<std::size_t>(H * ctx));
+  memory q_mem(q_md, eng, q.data()), k_mem(k_md, eng, cache.data()), s_mem(s_md, eng, s.data());
+  memory p_mem(p_md, eng, pbuf.data()), c_mem(c_md, eng, cache.data()), o_mem(o_md, eng, o.data());
+  const matmul qk(matmul::primitive_desc(matmul::desc(q_md, k_md, s_md), eng));
+  const softmax_forward sm(softmax_forward::primitive_desc(
+      softmax_forward::desc(prop_kind::forward_inference, s_md, 1), eng));
+  // softmax in 2.6 writes the source type; the weights go to BF16 by a reorder.
+  const reorder to_bf16(s_mem, p_mem);
+  const matmul pc(matmul::primitive_desc(matmul::desc(p_md, c_md, o_md), eng));
+  auto step = [&] {
+    qk.execute(strm, {{DNNL_ARG_SRC, q_mem}, {DNNL_ARG_WEIGHTS, k_mem}, {DNNL_ARG_DST, s_mem}});
+    sm.execute(strm, {{DNNL_ARG_SRC, s_mem}, {DNNL_ARG_DST, s_mem}});
+    to_bf16.execute(strm, s_mem, p_mem);
+    pc.execute(strm, {{DNNL_ARG_SRC, p_mem}, {DNNL_ARG_WEIGHTS, c_mem}, {DNNL_ARG_DST, o_mem}});
+    strm.wait();
+  };
+  step();
+  for (float x : o) {
+    if (!std::isfinite(x)) state.SkipWithError("non-finite oneDNN output");
+  }
+  const double flops = 2.0 * static_cast<double>(H * ctx * (K + D));
+  const double bytes = static_cast<double>(ctx) * static_cast<double>(K * 2);
+  run_steps(state, flops, bytes, step);
+}
+#endif
 
 /// Rebuilds every head's K and V from the latent in each step (attention_expanded), the key
 /// range split in two at a block boundary, one part per thread, merged by log-sum-exp.
@@ -304,12 +381,31 @@ void register_all() {
       for (Index ctx : contexts) {
         const std::string tail = std::string(p) + "/" + cache + "/" + std::to_string(ctx);
         benchmark::RegisterBenchmark(("decode/absorbed/" + tail).c_str(), decode_absorbed, p, cache,
-                                     ctx)
+                                     ctx, mla::DecodePrecision::kFp32, Index{1})
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("decode/absorbed_bf16/" + tail).c_str(), decode_absorbed, p,
+                                     cache, ctx, mla::DecodePrecision::kBf16, Index{1})
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond);
+        benchmark::RegisterBenchmark(("decode/absorbed_q4/" + tail).c_str(), decode_absorbed, p,
+                                     cache, ctx, mla::DecodePrecision::kFp32, Index{4})
             ->UseManualTime()
             ->Unit(benchmark::kMillisecond);
       }
     }
   }
+#if defined(MLA_BENCH_ONEDNN)
+  for (const char* p : presets) {
+    for (Index ctx : contexts) {
+      benchmark::RegisterBenchmark(
+          (std::string("decode/onednn_bf16/") + p + "/" + std::to_string(ctx)).c_str(),
+          decode_onednn_bf16, p, ctx)
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+#endif
   for (const char* p : presets) {
     for (const char* cache : {"fp32", "bf16", "fp8"}) {
       for (Index ctx : contexts) {
@@ -353,6 +449,7 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
 #if defined(_OPENMP)
   Eigen::setNbThreads(kThreads);  // the projections' GEMMs in prefill
+  omp_set_num_threads(kThreads);  // and the oneDNN peer's primitives
 #endif
   g_limits = bench::measure_machine(kThreads);
   benchmark::AddCustomContext("fma_peak_gflops", std::to_string(g_limits.fma_gflops));
