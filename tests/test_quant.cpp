@@ -114,7 +114,7 @@ TEST(BlockFp8, QuantizeMatchesTheScalarReferenceByteForByte) {
       const Index rb = (sh.rows + sh.br - 1) / sh.br, cb = (sh.cols + sh.bc - 1) / sh.bc;
       ASSERT_EQ(q.row_blocks(), rb);
       ASSERT_EQ(q.col_blocks(), cb);
-      ASSERT_EQ(static_cast<Index>(q.scales().size()), rb * cb);
+      ASSERT_EQ(q.scale_count(), rb * cb);
       const mla::RowMatrix<float> deq = q.dequantize();
       for (Index i = 0; i < rb; ++i) {
         for (Index j = 0; j < cb; ++j) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -80,7 +81,8 @@ inline void quantize_activations(const float* x, Index rows, Index cols, Index t
 /// A matrix [rows, cols] stored as e4m3 codes with one FP32 dequantisation multiplier per
 /// block of block_rows x block_cols (DeepSeek-V3 checkpoints: 128 x 128, the scales being the
 /// `weight_scale_inv` tensor [ceil(rows / 128), ceil(cols / 128)]): w = float(q) * scale of
-/// its block. Edge blocks may be smaller.
+/// its block. Edge blocks may be smaller. The codes and scales are owned, or borrowed from
+/// memory someone else keeps alive (a memory-mapped checkpoint: see borrow()).
 class BlockFp8Matrix {
  public:
   BlockFp8Matrix() = default;
@@ -94,22 +96,76 @@ class BlockFp8Matrix {
         cols_(cols),
         block_rows_(block_rows),
         block_cols_(block_cols),
-        codes_(std::move(codes)),
-        scales_(std::move(scales)) {
-    detail::require(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0,
-                    "BlockFp8Matrix: invalid shape [", rows, ", ", cols, "] with blocks [",
-                    block_rows, ", ", block_cols, "]");
-    detail::require(static_cast<Index>(codes_.size()) == rows * cols,
-                    "BlockFp8Matrix: ", codes_.size(), " codes for a [", rows, ", ", cols,
+        owned_codes_(std::move(codes)),
+        owned_scales_(std::move(scales)) {
+    check_shape("BlockFp8Matrix", rows, cols, block_rows, block_cols);
+    detail::require(static_cast<Index>(owned_codes_.size()) == rows * cols,
+                    "BlockFp8Matrix: ", owned_codes_.size(), " codes for a [", rows, ", ", cols,
                     "] matrix");
-    detail::require(static_cast<Index>(scales_.size()) == row_blocks() * col_blocks(),
-                    "BlockFp8Matrix: ", scales_.size(), " scales, expected [", row_blocks(), ", ",
-                    col_blocks(), "] for [", rows, ", ", cols, "] in blocks of [", block_rows, ", ",
-                    block_cols, "]");
-    for (float s : scales_) {
-      detail::require(std::isfinite(s) && s >= 0.0f,
-                      "BlockFp8Matrix: scales must be finite and >= 0, got ", s);
-    }
+    detail::require(static_cast<Index>(owned_scales_.size()) == row_blocks() * col_blocks(),
+                    "BlockFp8Matrix: ", owned_scales_.size(), " scales, expected [", row_blocks(),
+                    ", ", col_blocks(), "] for [", rows, ", ", cols, "] in blocks of [", block_rows,
+                    ", ", block_cols, "]");
+    codes_ = owned_codes_.data();
+    scales_ = owned_scales_.data();
+    check_scales();
+  }
+
+  /// A view of codes [rows, cols] and scales [ceil(rows / block_rows), ceil(cols / block_cols)]
+  /// (row-major, as a checkpoint stores them) that this object does not own: they must stay
+  /// valid and unchanged while it, or any copy of it, is used. `keep_alive`, when given, is held
+  /// by every copy for as long as it lives (e.g. the memory-mapped file the pointers are in), so
+  /// that the memory cannot go away under them. Throws mla::Error for an invalid shape or a
+  /// scale that is negative or not finite.
+  static BlockFp8Matrix borrow(Index rows, Index cols, Index block_rows, Index block_cols,
+                               const float8_e4m3fn* codes, const float* scales,
+                               std::shared_ptr<const void> keep_alive = nullptr) {
+    check_shape("BlockFp8Matrix::borrow", rows, cols, block_rows, block_cols);
+    detail::require((codes != nullptr || rows * cols == 0) && scales != nullptr,
+                    "BlockFp8Matrix::borrow: null codes or scales");
+    BlockFp8Matrix m;
+    m.rows_ = rows;
+    m.cols_ = cols;
+    m.block_rows_ = block_rows;
+    m.block_cols_ = block_cols;
+    m.codes_ = codes;
+    m.scales_ = scales;
+    m.keep_alive_ = std::move(keep_alive);
+    m.check_scales();
+    return m;
+  }
+
+  BlockFp8Matrix(const BlockFp8Matrix& o) { *this = o; }
+  BlockFp8Matrix& operator=(const BlockFp8Matrix& o) {
+    if (this == &o) return *this;
+    rows_ = o.rows_;
+    cols_ = o.cols_;
+    block_rows_ = o.block_rows_;
+    block_cols_ = o.block_cols_;
+    owned_codes_ = o.owned_codes_;
+    owned_scales_ = o.owned_scales_;
+    keep_alive_ = o.keep_alive_;
+    // An owning copy points at its own storage; a view shares the borrowed memory.
+    codes_ = o.owns() ? owned_codes_.data() : o.codes_;
+    scales_ = o.owns() ? owned_scales_.data() : o.scales_;
+    return *this;
+  }
+  BlockFp8Matrix(BlockFp8Matrix&& o) noexcept { *this = std::move(o); }
+  BlockFp8Matrix& operator=(BlockFp8Matrix&& o) noexcept {
+    rows_ = o.rows_;
+    cols_ = o.cols_;
+    block_rows_ = o.block_rows_;
+    block_cols_ = o.block_cols_;
+    const bool owned = o.owns();
+    owned_codes_ = std::move(o.owned_codes_);
+    owned_scales_ = std::move(o.owned_scales_);
+    keep_alive_ = std::move(o.keep_alive_);
+    codes_ = owned ? owned_codes_.data() : o.codes_;
+    scales_ = owned ? owned_scales_.data() : o.scales_;
+    o.codes_ = nullptr;
+    o.scales_ = nullptr;
+    o.rows_ = o.cols_ = 0;
+    return *this;
   }
 
   /// Quantises w [rows, cols] (row-major): per block scale = amax / 448 (1 for an all-zero
@@ -149,13 +205,20 @@ class BlockFp8Matrix {
   Index row_blocks() const { return (rows_ + block_rows_ - 1) / block_rows_; }
   Index col_blocks() const { return (cols_ + block_cols_ - 1) / block_cols_; }
   /// Codes, row-major [rows, cols].
-  const float8_e4m3fn* codes() const { return codes_.data(); }
+  const float8_e4m3fn* codes() const { return codes_; }
   /// The dequantisation multiplier of block (i, j).
-  float scale(Index i, Index j) const {
-    return scales_[static_cast<std::size_t>(i * col_blocks() + j)];
-  }
+  float scale(Index i, Index j) const { return scales_[i * col_blocks() + j]; }
   /// All scales, row-major [row_blocks, col_blocks] (the checkpoint's weight_scale_inv).
-  const std::vector<float>& scales() const { return scales_; }
+  const float* scales() const { return scales_; }
+  /// row_blocks() * col_blocks().
+  Index scale_count() const { return row_blocks() * col_blocks(); }
+  /// False for a view made by borrow().
+  bool owns() const { return codes_ == nullptr || codes_ == owned_codes_.data(); }
+  /// Bytes of the codes and scales (owned or borrowed).
+  std::size_t bytes() const {
+    return static_cast<std::size_t>(rows_ * cols_) +
+           sizeof(float) * static_cast<std::size_t>(scale_count());
+  }
 
   /// The dense matrix float(q) * scale in T (for the absorbed matrices and for checks; the
   /// matmul never builds it). In double the product is exact; in float it is rounded once.
@@ -166,7 +229,7 @@ class BlockFp8Matrix {
       for (Index j = 0; j < col_blocks(); ++j) {
         const Index c0 = j * block_cols_, n = std::min(block_cols_, cols_ - c0);
         const float s = scale(r / block_rows_, j);
-        const float8_e4m3fn* q = codes_.data() + r * cols_ + c0;
+        const float8_e4m3fn* q = codes_ + r * cols_ + c0;
         if constexpr (std::is_same_v<T, float>) {
           from_fp8(q, static_cast<std::size_t>(n), w.row(r).data() + c0, s);
         } else {
@@ -180,9 +243,25 @@ class BlockFp8Matrix {
   }
 
  private:
+  static void check_shape(const char* what, Index rows, Index cols, Index block_rows,
+                          Index block_cols) {
+    detail::require(rows >= 0 && cols >= 0 && block_rows > 0 && block_cols > 0, what,
+                    ": invalid shape [", rows, ", ", cols, "] with blocks [", block_rows, ", ",
+                    block_cols, "]");
+  }
+  void check_scales() const {
+    for (Index i = 0; i < scale_count(); ++i) {
+      detail::require(std::isfinite(scales_[i]) && scales_[i] >= 0.0f,
+                      "BlockFp8Matrix: scales must be finite and >= 0, got ", scales_[i]);
+    }
+  }
+
   Index rows_ = 0, cols_ = 0, block_rows_ = 128, block_cols_ = 128;
-  std::vector<float8_e4m3fn> codes_;
-  std::vector<float> scales_;
+  const float8_e4m3fn* codes_ = nullptr;
+  const float* scales_ = nullptr;
+  std::vector<float8_e4m3fn> owned_codes_;
+  std::vector<float> owned_scales_;
+  std::shared_ptr<const void> keep_alive_;
 };
 
 }  // namespace mla
