@@ -393,9 +393,8 @@ TEST(DecodeTokens, EveryPrecisionStorageTokenCountKeyCountAndThreadingMatchesThe
           for (int threads : {1, 2}) {
             for (Index splits : {0, 3}) {
               test::for_each_isa([&](mla::Isa) {
-                for (mla::DecodePrecision p :
-                     {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
-                  const bool bf16 = p == mla::DecodePrecision::kBf16;
+                for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+                  const bool bf16 = p == mla::Precision::kBf16;
                   SCOPED_TRACE(std::string(bf16 ? "bf16" : "fp32") + " heads " + std::to_string(H) +
                                " d_c " + std::to_string(c.kv_lora_rank) + " " +
                                mla::to_string(storage) + " tokens " + std::to_string(T) + " keys " +
@@ -446,9 +445,8 @@ TEST(DecodeTokens, DeepSeekWidthsAndHeadCountsInBothPrecisions) {
         std::vector<double> want_out, want_lse;
         reference_tokens(c, kv, q, scale, 300, T, want_out, want_lse);
         test::for_each_isa([&](mla::Isa) {
-          for (mla::DecodePrecision p :
-               {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
-            const bool bf16 = p == mla::DecodePrecision::kBf16;
+          for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+            const bool bf16 = p == mla::Precision::kBf16;
             SCOPED_TRACE(std::string(bf16 ? "bf16" : "fp32") + " heads " + std::to_string(heads) +
                          " " + mla::to_string(storage) + " tokens " + std::to_string(T));
             DecodeOptions o;
@@ -471,8 +469,8 @@ TEST(DecodeTokens, SeveralTokensInOneCallEqualEachTokenDecodedAlone) {
   const mla::LatentView view = f.cache.view(f.seq, 0);
   const RowMatrix<float> q = random_query_rows(T * H, 80, 5);
   test::for_each_isa([&](mla::Isa) {
-    for (mla::DecodePrecision p : {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
-      SCOPED_TRACE(p == mla::DecodePrecision::kBf16 ? "bf16" : "fp32");
+    for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+      SCOPED_TRACE(p == mla::Precision::kBf16 ? "bf16" : "fp32");
       DecodeOptions o;
       o.precision = p;
       mla::DecodeWorkspace ws;
@@ -509,9 +507,9 @@ TEST(DecodeTokens, ANonFiniteDraftTokenLeavesTheTokensBeforeItAlone) {
     cache.append<float>(seq, 0, kv.leftCols(64), kv.rightCols(16));
     const RowMatrix<float> q = random_query_rows(T * H, 80, 9);
     test::for_each_isa([&](mla::Isa) {
-      for (mla::DecodePrecision p : {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
+      for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
         SCOPED_TRACE(std::string(mla::to_string(storage)) +
-                     (p == mla::DecodePrecision::kBf16 ? " bf16" : " fp32"));
+                     (p == mla::Precision::kBf16 ? " bf16" : " fp32"));
         DecodeOptions o;
         o.precision = p;
         o.tile_tokens = 16;
@@ -545,7 +543,7 @@ TEST(DecodeTokens, AFloatLayerInBf16PrecisionStaysWithinTheBound) {
         const auto seq = cache.add_sequence();
         mla::MlaWorkspace<float> ws;
         DecodeOptions d;
-        d.precision = mla::DecodePrecision::kBf16;
+        d.precision = mla::Precision::kBf16;
         ws.set_decode_options(d);
         const Index n = 60;
         const RowMatrix<float> x = test::random_input<float>(n, c.hidden_size, 20);

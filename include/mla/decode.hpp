@@ -43,7 +43,7 @@ inline constexpr Index kMaxDecodeTokens = 64;
 ///
 /// options.precision chooses the arithmetic: kFp32 (the default; within 1e-5 relative of a
 /// double reference on the cache's values) or kBf16 (queries and softmax weights rounded to
-/// BF16; see DecodePrecision). Runs on `pool` when given (its threads take the (split, head
+/// BF16; see Precision). Runs on `pool` when given (its threads take the (split, head
 /// group) parts), otherwise on the calling thread. After the first call with given dimensions,
 /// options, token count, pool size and instruction set it allocates nothing. Throws mla::Error
 /// for shapes that do not match.
@@ -93,7 +93,7 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
   a.pool = pool;
   a.options = options;
   a.keys = keys;
-  if (options.precision == DecodePrecision::kBf16) {
+  if (options.precision == Precision::kBf16) {
     k.decode_absorbed_bf16(a);
   } else {
     k.decode_absorbed(a);

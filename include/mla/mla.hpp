@@ -15,6 +15,7 @@
 #include "mla/layer.hpp"
 #include "mla/matrix.hpp"
 #include "mla/norm.hpp"
+#include "mla/precision.hpp"
 #include "mla/projection.hpp"
 #include "mla/quant.hpp"
 #include "mla/rope.hpp"

@@ -9,21 +9,9 @@
 
 #include "mla/config.hpp"
 #include "mla/matrix.hpp"
+#include "mla/precision.hpp"
 
 namespace mla {
-
-/// The arithmetic of decode_absorbed.
-enum class DecodePrecision : std::uint8_t {
-  /// FP32 products and sums: within 1e-5 relative of the double reference run on the cache's
-  /// values. The default.
-  kFp32,
-  /// Queries and softmax weights rounded once to BF16 (as FlashMLA and sgl-kernel do), cached
-  /// keys as BF16 (BF16 and FP8 records are exact in BF16, FP8 tile scales applied to FP32
-  /// partial sums; FP32 and FP64 records are rounded to BF16), products and sums in FP32.
-  /// Twice the arithmetic rate where the CPU has AVX512-BF16; a documented, larger error
-  /// (see the README's table of bounds).
-  kBf16,
-};
 
 /// How decode_absorbed divides its work.
 struct DecodeOptions {
@@ -36,7 +24,8 @@ struct DecodeOptions {
   Index head_groups = 1;
   /// Keys per tile, a multiple of 16 (the softmax and the FP8/BF16 conversion work per tile).
   Index tile_tokens = 64;
-  DecodePrecision precision = DecodePrecision::kFp32;
+  /// The arithmetic (mla/precision.hpp): kFp32 (the default) or kBf16.
+  Precision precision = Precision::kFp32;
 };
 
 namespace detail::decode {
@@ -78,7 +67,7 @@ struct Buffers {
     AlignedVector<float> new_max;     // [h_group]
     AlignedVector<float> tile;        // [tile][d_c + R], widened keys (BF16 / FP8 / FP64 caches)
     std::vector<const float*> rows;
-    // DecodePrecision::kBf16 only:
+    // Precision::kBf16 only:
     AlignedVector<std::uint16_t> keys16;  // [tile][K even], keys as BF16
     std::vector<const std::uint16_t*> rows16;
     AlignedVector<std::uint32_t> c_pairs;  // [tile / 2][d_c], latent pairs of consecutive keys
@@ -112,7 +101,7 @@ struct Buffers {
       grow(t.new_max, h_group);
       grow(t.tile, o.tile_tokens * K);
       grow(t.rows, o.tile_tokens + kAhead);
-      if (o.precision == DecodePrecision::kBf16) {
+      if (o.precision == Precision::kBf16) {
         const Index pairs = (o.tile_tokens + 1) / 2, segments = bf16_segments(c);
         grow(t.keys16, o.tile_tokens * (K + 1));
         grow(t.rows16, o.tile_tokens);

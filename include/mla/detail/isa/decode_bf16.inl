@@ -1,4 +1,4 @@
-// The absorbed decode step with BF16 queries and softmax weights (DecodePrecision::kBf16),
+// The absorbed decode step with BF16 queries and softmax weights (Precision::kBf16),
 // written once over a target's `Ops` and its BF16-pair operations: dp_bf16 (VDPBF16PS in the
 // AVX512-BF16 namespace, two FMAs on the widened halves everywhere else), pack_bf16,
 // interleave_bf16, store_bf16, bcast32. Included inside a target namespace, after kernels.inl's
