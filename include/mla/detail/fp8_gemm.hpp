@@ -1,7 +1,8 @@
 #pragma once
 /// \file
-/// The block-scaled FP8 matmul behind Linear's FP8 storage: DeepSeek-V3's fp8_gemm emulated on
-/// the CPU. Internal; users call mla::project.
+/// The block-scaled FP8 matmul of Linear's FP8 storage in compute types other than float
+/// (double: the reference route, with Eigen): DeepSeek-V3's fp8_gemm emulated on the CPU. Float
+/// projections run on the kernels of detail/isa/ (gemm.inl). Internal; users call mla::project.
 
 #include <algorithm>
 #include <cstdint>
@@ -9,7 +10,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "mla/detail/isa/dispatch.hpp"
 #include "mla/fp8.hpp"
 #include "mla/matrix.hpp"
 #include "mla/quant.hpp"
@@ -40,7 +40,7 @@ struct Fp8GemmScratch {
 
 /// Up to this many tokens the matmul streams the weights row by row (GEMV-like); above, it
 /// multiplies panels with GEMMs.
-inline constexpr Index kFp8GemvTokens = isa::kFp8RowsMaxTokens;
+inline constexpr Index kFp8GemvTokens = 8;
 
 /// Decodes n codes (unscaled) into T.
 template <class T>
@@ -107,25 +107,6 @@ void fp8_block_gemm(ConstMatrixRef<T> x, const BlockFp8Matrix& w, bool quantize_
   // order. Each row is decoded into a per-thread buffer; every K block's dot product is then
   // scaled and added, as below.
   if (M <= kFp8GemvTokens) {
-    if constexpr (std::is_same_v<T, float>) {
-      // Each weight code is decoded once, in registers, on the active instruction set.
-      isa::Fp8RowsArgs args;
-      args.codes = reinterpret_cast<const std::uint8_t*>(w.codes());
-      args.scales = w.scales().data();
-      args.rows = N;
-      args.cols = K;
-      args.block_rows = bn;
-      args.block_cols = bk;
-      args.col_blocks = kblocks;
-      args.tokens = M;
-      args.x = quantize_x ? x_src : x.data();
-      args.x_stride = quantize_x ? x_stride : x.outerStride();
-      args.x_scales = x_scales_ptr;
-      args.y = y.data();
-      args.y_stride = y.outerStride();
-      isa::kernels().fp8_rows(args);
-      return;
-    }
     T* wrow = Fp8GemmScratch<T>::grow(s.weights, K);
     for (Index n = 0; n < N; ++n) {
       decode_codes(w.codes() + n * K, K, wrow, row);

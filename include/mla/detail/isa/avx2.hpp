@@ -89,6 +89,15 @@ struct Ops {
         _mm_or_si128(sign, _mm_blendv_epi8(_mm_slli_epi16(em, 7), _mm_set1_epi16(0x7F80), nan));
     return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
   }
+  /// 2 kWidth codes: widen_e4m3 twice (no cheaper route on this target), values times
+  /// 1 / kWidenPairScale.
+  static constexpr bool kWidenPair = false;
+  static constexpr float kWidenPairScale = 1.0f;
+  static void widen_e4m3_pair(const unsigned char* p, V& lo, V& hi) {
+    lo = widen_e4m3(p);
+    hi = widen_e4m3(p + kWidth);
+  }
+
   // BF16 pairs: 32-bit lanes each holding two BF16 values, the low half first.
 
   /// acc + a.lo * b.lo + a.hi * b.hi per lane, on the FMA units (products of BF16 values are

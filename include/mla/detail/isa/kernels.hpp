@@ -35,20 +35,50 @@ struct DecodeArgs {
   Index keys = 0;
 };
 
-/// A few tokens times a block-FP8 weight: y [tokens][N] = x [tokens][K] W^T, W as e4m3 codes
-/// [N][K] with one scale per block_rows x block_cols block; x_scales (W8A8: one per token per
-/// K block, row-major [tokens][col_blocks]) or nullptr (W8A32).
-struct Fp8RowsArgs {
-  const std::uint8_t* codes = nullptr;
-  const float* scales = nullptr;  ///< [ceil(N / block_rows)][col_blocks]
-  Index rows = 0, cols = 0, block_rows = 0, block_cols = 0, col_blocks = 0;
-  Index tokens = 0;
-  const float* x = nullptr;
+/// y [M][n_begin, n_end) (+)= x [M][K] B, B [K][N] given by a weight matrix W (row-major,
+/// w_stride elements per row) in FP32, BF16 or block FP8:
+///   kTransposedRows: B = W^T (W [N][K], the checkpoints' [out, in] layout): y = x W^T;
+///   kRowSlice:       B = W[row0, row0 + K) (W [*][N]): y = x W[rows]
+/// (the absorbed query q W_UK^(h) reads a head's rows of wkv_b that way). FP8 weights carry one
+/// scale per block_rows x block_cols block of W; the products of each block along K are summed
+/// in FP32, then scaled and added (DeepSeek's fp8_gemm). Activations are FP32 (x) for FMA
+/// products, or BF16 values (x16: kBf16 activations, or W8A8's e4m3 codes with x_scales per
+/// token and K block) for BF16 dot products.
+struct GemmArgs {
+  enum class Layout : std::uint8_t { kTransposedRows, kRowSlice };
+  enum class Format : std::uint8_t { kF32, kBf16, kFp8 };
+  Layout layout = Layout::kTransposedRows;
+  Format format = Format::kF32;
+  const void* w = nullptr;
+  Index w_stride = 0;
+  Index row0 = 0;
+  const float* scales = nullptr;  ///< FP8: [ceil(rows / block_rows)][scale_stride]
+  Index scale_stride = 0, block_rows = 0, block_cols = 0;
+  Index M = 0, N = 0, K = 0;
+  const float* x = nullptr;  ///< [M][K], rows x_stride apart (FMA products)
   Index x_stride = 0;
-  const float* x_scales = nullptr;
+  const std::uint16_t* x16 = nullptr;  ///< [M][K rounded up to even], BF16 (dot products)
+  Index x16_stride = 0;
+  const float* x_scales = nullptr;  ///< W8A8: [M][x_scale_stride], one per token and K block
+  Index x_scale_stride = 0;
+  /// kTransposedRows with more than 8 tokens: the activations transposed, [K][xt_stride] FP32
+  /// (FMA) or [ceil(K / 2)][xt_stride] BF16 pairs of consecutive k (dot products), tokens padded
+  /// with zeros to xt_stride (a multiple of 16); W8A8 scales transposed too, [K blocks][xt_stride].
+  const float* xt = nullptr;
+  const std::uint32_t* xt_pairs = nullptr;
+  const float* xt_scales = nullptr;
+  Index xt_stride = 0;
+  bool dp = false;          ///< BF16 dot products on x16, else FMA on x
+  bool accumulate = false;  ///< y += instead of y =
   float* y = nullptr;
   Index y_stride = 0;
+  Index n_begin = 0, n_end = 0;
+  float* scratch = nullptr;  ///< gemm_scratch_floats() floats, for the decoded weight panel
 };
+
+/// Floats of GemmArgs::scratch the kernels need (for any target and block size up to 256): the
+/// decoded weight panel and the panel's accumulators.
+inline constexpr Index kGemmScratchFloats = 2 * 256 * 64 + 64;
 
 /// The kernels of one target.
 struct Kernels {
@@ -68,15 +98,12 @@ struct Kernels {
   /// dst[i] = e^src[i] with the kernels' vector exp (within 2 ulp for src <= 88; 0 below
   /// -87.33; NaN stays NaN).
   void (*exp)(const float* src, std::size_t n, float* dst) = nullptr;
-  /// The absorbed decode step in FP32 (DecodePrecision::kFp32).
+  /// The absorbed decode step in FP32 (Precision::kFp32).
   void (*decode_absorbed)(const DecodeArgs& args) = nullptr;
   /// The absorbed decode step with queries and softmax weights in BF16 (kBf16).
   void (*decode_absorbed_bf16)(const DecodeArgs& args) = nullptr;
-  /// The block-FP8 matmul for 1 .. kFp8RowsMaxTokens tokens.
-  void (*fp8_rows)(const Fp8RowsArgs& args) = nullptr;
+  /// One thread's columns of a projection (see GemmArgs).
+  void (*gemm)(const GemmArgs& args) = nullptr;
 };
-
-/// Most tokens Kernels::fp8_rows takes in one call.
-inline constexpr Index kFp8RowsMaxTokens = 8;
 
 }  // namespace mla::detail::isa

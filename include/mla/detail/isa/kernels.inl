@@ -605,86 +605,7 @@ inline void run(const DecodeArgs& a) {
 inline void decode_absorbed(const DecodeArgs& a) { decode_kernel::run(a); }
 
 #include "mla/detail/isa/decode_bf16.inl"
-
-// ---------------------------------------------------------------------------------------------
-// A few tokens times a block-FP8 weight (the decode path of the FP8 matmul)
-
-/// Each weight code is decoded once, in registers, and multiplied into kTokens accumulators;
-/// the weights stream through memory once, in order. Per K block every lane's partial sum is
-/// scaled (s_w, times s_x for W8A8) and added to the lane's total, so the scales still apply
-/// after each block's products (FP32 promotion per block, split over the lanes); the lanes are
-/// summed at the end of the row in a fixed order.
-template <int kTokens>
-inline void fp8_rows_n(const Fp8RowsArgs& a) {
-  constexpr int kRows = 2;  // weight rows per pass: two independent decode-and-FMA streams
-  const Index N = a.rows, K = a.cols, bn = a.block_rows, bk = a.block_cols, kb_n = a.col_blocks;
-  for (Index n0 = 0; n0 < N; n0 += kRows) {
-    const int rows = static_cast<int>(std::min<Index>(kRows, N - n0));
-    // A lone last row reads row n0 twice and discards the copy.
-    const std::uint8_t* q[kRows] = {a.codes + n0 * K, a.codes + (n0 + rows - 1) * K};
-    V total[kRows][kTokens];
-    for (int r = 0; r < kRows; ++r)
-      for (int m = 0; m < kTokens; ++m) total[r][m] = Ops::zero();
-    for (Index kb = 0; kb < kb_n; ++kb) {
-      const Index k0 = kb * bk, k1 = std::min(K, k0 + bk);
-      V part[kRows][kTokens];
-      for (int r = 0; r < kRows; ++r)
-        for (int m = 0; m < kTokens; ++m) part[r][m] = Ops::zero();
-      Index k = k0;
-      for (; k + kW <= k1; k += kW) {
-        V wv[kRows];
-        for (int r = 0; r < kRows; ++r) wv[r] = Ops::widen_e4m3(q[r] + k);
-        for (int m = 0; m < kTokens; ++m) {
-          const V xv = Ops::load(a.x + m * a.x_stride + k);
-          for (int r = 0; r < kRows; ++r) part[r][m] = Ops::fmadd(xv, wv[r], part[r][m]);
-        }
-      }
-      if (k < k1) {  // ragged end of the block, as a partial vector
-        float wl[kRows][kW] = {}, xl[kTokens][kW] = {};
-        for (Index i = k; i < k1; ++i) {
-          for (int r = 0; r < kRows; ++r) wl[r][i - k] = decode_fp8<E4M3FNFormat>(q[r][i]);
-          for (int m = 0; m < kTokens; ++m) xl[m][i - k] = a.x[m * a.x_stride + i];
-        }
-        for (int m = 0; m < kTokens; ++m) {
-          for (int r = 0; r < kRows; ++r) {
-            part[r][m] = Ops::fmadd(Ops::load(xl[m]), Ops::load(wl[r]), part[r][m]);
-          }
-        }
-      }
-      for (int r = 0; r < kRows; ++r) {
-        const float sw = a.scales[((n0 + r) / bn) * kb_n + kb];
-        for (int m = 0; m < kTokens; ++m) {
-          const float s = a.x_scales ? sw * a.x_scales[m * kb_n + kb] : sw;
-          total[r][m] = Ops::fmadd(Ops::set1(s), part[r][m], total[r][m]);
-        }
-      }
-    }
-    for (int r = 0; r < rows; ++r) {
-      for (int m = 0; m < kTokens; ++m) {
-        // Pairwise sum of the lanes, always in the same order.
-        float lanes[kW];
-        Ops::store(lanes, total[r][m]);
-        for (int width = kW / 2; width >= 1; width /= 2) {
-          for (int j = 0; j < width; ++j) lanes[j] += lanes[j + width];
-        }
-        a.y[m * a.y_stride + n0 + r] = lanes[0];
-      }
-    }
-  }
-}
-
-template <int kTokens = 1>
-inline void fp8_rows_dispatch(const Fp8RowsArgs& a) {
-  if constexpr (kTokens < kFp8RowsMaxTokens) {
-    if (a.tokens != kTokens) {
-      fp8_rows_dispatch<kTokens + 1>(a);
-      return;
-    }
-  }
-  fp8_rows_n<kTokens>(a);
-}
-
-inline void fp8_rows(const Fp8RowsArgs& a) { fp8_rows_dispatch(a); }
+#include "mla/detail/isa/gemm.inl"
 
 // ---------------------------------------------------------------------------------------------
 // The table
@@ -702,7 +623,7 @@ inline const Kernels& table() {
     t.exp = &exp_span;
     t.decode_absorbed = &decode_absorbed;
     t.decode_absorbed_bf16 = &decode_absorbed_bf16;
-    t.fp8_rows = &fp8_rows;
+    t.gemm = &gemm;
     return t;
   }();
   return k;

@@ -101,6 +101,15 @@ struct Ops {
     for (int i = 0; i < kWidth; ++i) r[i] = decode_fp8<E4M3FNFormat>(p[i]);
     return r;
   }
+  /// 2 kWidth codes: widen_e4m3 twice (no cheaper route on this target), values times
+  /// 1 / kWidenPairScale.
+  static constexpr bool kWidenPair = false;
+  static constexpr float kWidenPairScale = 1.0f;
+  static void widen_e4m3_pair(const unsigned char* p, V& lo, V& hi) {
+    lo = widen_e4m3(p);
+    hi = widen_e4m3(p + kWidth);
+  }
+
   // BF16 pairs: a vector whose 32-bit lanes each hold two BF16 values, the low half first (the
   // operand layout of VDPBF16PS and of AMX's B tiles).
 
