@@ -237,17 +237,17 @@ TEST(DecodeAllocations, ThreadedDecodeStepsAllocateNothing) {
 }
 
 TEST(DecodeAllocations, Bf16AndMultiTokenDecodeStepsAllocateNothing) {
-  // DecodePrecision::kBf16, and chunks of several tokens on the absorbed path (one kernel call
+  // Precision::kBf16, and chunks of several tokens on the absorbed path (one kernel call
   // for up to 8 query tokens), on every instruction set this machine runs.
   const MlaConfig c = MlaConfig::small_v3();
   const mla::MlaLayer<float> layer(c, mla::MlaWeights<float>::random(c, 3));
   mla::ThreadPool pool(2);
   test::for_each_isa([&](mla::Isa) {
-    for (mla::DecodePrecision p : {mla::DecodePrecision::kFp32, mla::DecodePrecision::kBf16}) {
+    for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
       for (mla::CacheStorage storage : {mla::CacheStorage::kFloat32, mla::CacheStorage::kBFloat16,
                                         mla::CacheStorage::kFp8E4M3}) {
         SCOPED_TRACE(std::string(mla::to_string(storage)) +
-                     (p == mla::DecodePrecision::kBf16 ? " bf16" : " fp32"));
+                     (p == mla::Precision::kBf16 ? " bf16" : " fp32"));
         mla::LatentCacheOptions o;
         o.block_tokens = 16;
         o.num_blocks = 16;

@@ -2,8 +2,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -202,7 +206,153 @@ TYPED_TEST(ProjectionTest, Fp8WeightsKeepTheInterface) {
   // cast keeps the codes.
   const Linear<double> d = lin.template cast<double>();
   EXPECT_TRUE(d.is_fp8());
-  EXPECT_EQ(d.fp8().scales(), lin.fp8().scales());
+  ASSERT_EQ(d.fp8().scale_count(), lin.fp8().scale_count());
+  EXPECT_TRUE(
+      std::equal(d.fp8().scales(), d.fp8().scales() + d.fp8().scale_count(), lin.fp8().scales()));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Every storage, layout and precision on every instruction set
+
+namespace {
+
+/// float -> the nearest BF16 value (ties to even), independently of the library.
+double round_bf16(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const std::uint32_t lsb = (u >> 16) & 1u;
+  u = (u + 0x7FFFu + lsb) & 0xFFFF0000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+enum class Storage { kDense, kBf16, kFp8 };
+
+struct Weights {
+  Linear<float> lin;
+  RowMatrix<double> value;  // the stored values, exactly
+  Index kblock;             // K block of FP32 promotion (for the bound)
+};
+
+/// A [rows, cols] weight in the given storage and its exact values.
+Weights make_weights(Storage s, Index rows, Index cols, unsigned seed) {
+  const RowMatrix<float> w = test::random_input<float>(rows, cols, seed) * 0.3f;
+  Weights out{Linear<float>(w), w.cast<double>(), 256};
+  if (s == Storage::kBf16) {
+    out.lin = Linear<float>::bf16(w);
+    for (Index i = 0; i < w.size(); ++i) out.value.data()[i] = round_bf16(w.data()[i]);
+  } else if (s == Storage::kFp8) {
+    mla::Fp8Options o;
+    o.block_rows = 32;  // narrower than an AVX-512 panel of columns: scales vary inside it
+    o.block_cols = 64;
+    out.lin = Linear<float>::quantize_fp8(w, o);
+    out.value = out.lin.fp8().dequantize<double>();
+    out.kblock = 64;
+  }
+  return out;
+}
+
+TEST(ProjectionKernels, EveryStorageLayoutAndPrecisionMatchesTheDoubleReference) {
+  mla::ThreadPool pool(2);
+  const Index N = 70, K = 333;  // ragged against every vector width, panel and block
+  for (Storage s : {Storage::kDense, Storage::kBf16, Storage::kFp8}) {
+    const Weights w = make_weights(s, N, K, 11);
+    for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+      for (Index M : {1, 2, 5, 8, 9, 17, 40, 300}) {
+        const RowMatrix<float> x = test::random_input<float>(M, K, 12);
+        const RowMatrix<float> xs = test::random_input<float>(M, 21, 13);  // for the row slices
+        const RowMatrix<float> xr = test::random_input<float>(M, K, 14);
+        // The reference sees what the kernels multiply: kBf16 rounds the activations to BF16
+        // once for BF16 and FP8 weights (dense weights stay FP32); then exact products and a
+        // sum in double.
+        const bool bf16 = p == mla::Precision::kBf16 && s != Storage::kDense;
+        const auto act = [&](float v) { return bf16 ? round_bf16(v) : static_cast<double>(v); };
+        const auto wt = [&](Index r, Index c) { return w.value(r, c); };
+        const double u = std::ldexp(1.0, -24);
+        test::for_each_isa([&](mla::Isa) {
+          for (mla::ThreadPool* pp : {static_cast<mla::ThreadPool*>(nullptr), &pool}) {
+            SCOPED_TRACE(std::string(s == Storage::kDense  ? "dense"
+                                     : s == Storage::kBf16 ? "bf16"
+                                                           : "fp8") +
+                         " " + mla::to_string(p) + " M " + std::to_string(M) + (pp ? " pool" : ""));
+            mla::ProjectionWorkspace ws;
+            const mla::ProjectionContext ctx{pp, p, &ws};
+            // apply: y = x W^T; apply_rows: rows [30, 51); apply_rows_transposed: rows [40, 61).
+            RowMatrix<float> y(M, N), yr(M, 21), yt(M, K);
+            w.lin.apply(x, y, ctx);
+            w.lin.apply_rows(30, 21, xr, yr, ctx);
+            w.lin.apply_rows_transposed(40, 21, xs, yt, ctx);
+            int bad = 0;
+            const auto check = [&](double got, double want, double mag, Index terms) {
+              const double bound = static_cast<double>(w.kblock + terms / w.kblock + 4) * u * mag;
+              if (!(std::fabs(got - want) <= bound) && ++bad <= 3) {
+                ADD_FAILURE() << got << " vs " << want << " (bound " << bound << ")";
+              }
+            };
+            for (Index m = 0; m < M; ++m) {
+              for (Index n = 0; n < N; ++n) {
+                double acc = 0, mag = 0;
+                for (Index k = 0; k < K; ++k) {
+                  acc += act(x(m, k)) * wt(n, k);
+                  mag += std::fabs(act(x(m, k)) * wt(n, k));
+                }
+                check(y(m, n), acc, mag, K);
+              }
+              for (Index j = 0; j < 21; ++j) {
+                double acc = 0, mag = 0;
+                for (Index k = 0; k < K; ++k) {
+                  acc += act(xr(m, k)) * wt(30 + j, k);
+                  mag += std::fabs(act(xr(m, k)) * wt(30 + j, k));
+                }
+                check(yr(m, j), acc, mag, K);
+              }
+              for (Index c = 0; c < K; ++c) {
+                double acc = 0, mag = 0;
+                for (Index j = 0; j < 21; ++j) {
+                  acc += act(xs(m, j)) * wt(40 + j, c);
+                  mag += std::fabs(act(xs(m, j)) * wt(40 + j, c));
+                }
+                check(yt(m, c), acc, mag, 21);
+              }
+            }
+            EXPECT_EQ(bad, 0);
+          }
+        });
+      }
+    }
+  }
+}
+
+TEST(ProjectionKernels, BorrowedWeightsEqualOwnedOnesBitForBit) {
+  const RowMatrix<float> w = test::random_input<float>(50, 90, 21);
+  const Linear<float> owned = Linear<float>::bf16(w);
+  // A copy of the BF16 values that only the keep-alive owns.
+  auto storage = std::make_shared<std::vector<std::uint16_t>>(
+      static_cast<const std::uint16_t*>(owned.bf16_data()),
+      static_cast<const std::uint16_t*>(owned.bf16_data()) + w.size());
+  Linear<float> borrowed = Linear<float>::borrow_bf16(storage->data(), 50, 90, storage);
+  storage.reset();  // the Linear keeps the memory alive
+  const RowMatrix<float> x = test::random_input<float>(12, 90, 22);
+  RowMatrix<float> a(12, 50), b(12, 50);
+  owned.apply(x, a);
+  borrowed.apply(x, b);
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(borrowed.weight_bytes(), 50u * 90u * 2u);
+  EXPECT_EQ(borrowed.storage(), mla::WeightStorage::kBf16);
+  // FP8: a view of an owned matrix's codes and scales.
+  const mla::BlockFp8Matrix q = mla::BlockFp8Matrix::quantize(w.data(), 50, 90);
+  const mla::BlockFp8Matrix view =
+      mla::BlockFp8Matrix::borrow(50, 90, 128, 128, q.codes(), q.scales());
+  EXPECT_FALSE(view.owns());
+  EXPECT_TRUE(q.owns());
+  Linear<float>(q).apply(x, a);
+  Linear<float>(view).apply(x, b);
+  EXPECT_EQ(a, b);
+  EXPECT_TRUE(test::throws_error_containing(
+      [] { mla::BlockFp8Matrix::borrow(2, 2, 128, 128, nullptr, nullptr); }, "null codes"));
 }
 
 }  // namespace

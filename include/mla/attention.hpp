@@ -147,12 +147,14 @@ void finish_softmax(AttentionWorkspace<T>& ws, Index heads, MatrixRef<T> lse, Ac
 /// - q: [tokens, H * (P + R)], per head [q^nope (P) ; q^pe (R)], RoPE already applied;
 /// - wkv_b: [H * (P + V), d_c], per head [W_UK^(h) (P rows) ; W_UV^(h) (V rows)];
 /// - out: [tokens, H * V], the per-head outputs o_h;
-/// - lse: [tokens, H], log sum_j exp(scale * <q_h, k_hj>).
+/// - lse: [tokens, H], log sum_j exp(scale * <q_h, k_hj>);
+/// - projection: where the rebuilding of K and V runs (threads, precision, scratch).
 template <class T>
 void attention_expanded(const MlaConfig& c, const LatentView& cache,
                         ConstMatrixRef<detail::identity_t<T>> q, const Linear<T>& wkv_b,
                         double scale, MatrixRef<detail::identity_t<T>> out,
-                        MatrixRef<detail::identity_t<T>> lse, AttentionWorkspace<T>& ws) {
+                        MatrixRef<detail::identity_t<T>> lse, AttentionWorkspace<T>& ws,
+                        const ProjectionContext& projection = {}) {
   const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, R = c.qk_rope_head_dim;
   const Index V = c.v_head_dim, QK = P + R, KV = P + V;
   const Index tokens = q.rows();
@@ -175,7 +177,7 @@ void attention_expanded(const MlaConfig& c, const LatentView& cache,
   detail::for_each_key_tile(cache, ws, [&](Index j0, Index n, auto c_tile, auto kpe) {
     // Rebuild [k^nope ; v] of every head for this tile: [n, H * (P + V)].
     auto kv = ws.kv_tile.topRows(n);
-    project(wkv_b, c_tile, kv);
+    project(wkv_b, c_tile, kv, projection);
     // Queries t < t0 end before this tile starts (causal), so they skip it. Of the others,
     // the first `partial` see only the first past + t + 1 - j0 keys of the tile (the tile holds
     // their future); the rest see all n keys.

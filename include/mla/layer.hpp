@@ -47,6 +47,17 @@ class MlaWorkspace {
     grow(lse, tokens, H);
     grow(rope_scratch, 1, c.qk_rope_head_dim);
     attention.reserve(c, tokens, path);
+    const int threads = pool_ ? pool_->size() : 1;
+    if (static_cast<int>(per_thread.size()) < threads) {
+      per_thread.resize(static_cast<std::size_t>(threads));
+    }
+    // Projections: the pool's panels, and BF16 activations of the decode shapes.
+    const bool bf16 = projection_precision_ == Precision::kBf16;
+    const Index widest = std::max({c.hidden_size, c.q_lora_rank, c.kv_lora_rank, H * c.v_head_dim});
+    projection.reserve(threads, std::min<Index>(tokens, 8), widest, bf16);
+    for (ProjectionWorkspace& p : per_thread) {
+      p.reserve(1, std::min<Index>(tokens, 8), std::max(c.qk_nope_head_dim, c.kv_lora_rank), bf16);
+    }
     if constexpr (std::is_same_v<T, float>) {
       if (path != AttentionPath::kExpanded) {
         decode.reserve(c, decode_options_, pool_ ? pool_->size() : 1, std::min<Index>(tokens, 8));
@@ -57,13 +68,20 @@ class MlaWorkspace {
   /// Log-sum-exp of the last forward call's attention, [tokens, H] in the top rows.
   const RowMatrix<T>& last_lse() const { return lse; }
 
-  /// Threads for the absorbed attention of float layers (decode_absorbed): the pool is used,
-  /// not owned, and must outlive the calls; nullptr (the default) runs on the calling thread.
+  /// Threads for the projections, the absorbed per-head products and the decode attention of
+  /// float layers: the pool is used, not owned, and must outlive the calls; nullptr (the
+  /// default) runs on the calling thread.
   void set_thread_pool(ThreadPool* pool) { pool_ = pool; }
   ThreadPool* thread_pool() const { return pool_; }
 
+  /// The arithmetic of the projections of float layers whose weights are BF16 or FP8
+  /// (Precision::kFp32, the default, or kBf16: activations rounded to BF16 once). The decode
+  /// attention's precision is DecodeOptions::precision.
+  void set_projection_precision(Precision p) { projection_precision_ = p; }
+  Precision projection_precision() const { return projection_precision_; }
+
   /// How decode_absorbed divides its work and which arithmetic it uses (float layers; the
-  /// default is DecodePrecision::kFp32).
+  /// default is Precision::kFp32).
   void set_decode_options(const DecodeOptions& options) { decode_options_ = options; }
   const DecodeOptions& decode_options() const { return decode_options_; }
 
@@ -80,8 +98,18 @@ class MlaWorkspace {
   RowMatrix<T> rope_scratch;
   AttentionWorkspace<T> attention;
   DecodeWorkspace decode;
+  ProjectionWorkspace projection;
+  std::vector<ProjectionWorkspace> per_thread;  // the per-head products on the pool's threads
   ThreadPool* pool_ = nullptr;
   DecodeOptions decode_options_;
+  Precision projection_precision_ = Precision::kFp32;
+
+  /// Whole projections: on the pool, with this workspace's scratch.
+  ProjectionContext context() { return {pool_, projection_precision_, &projection}; }
+  /// One thread's part of the per-head products (the threads run heads, not columns).
+  ProjectionContext thread_context(int thread) {
+    return {nullptr, projection_precision_, &per_thread[static_cast<std::size_t>(thread)]};
+  }
 };
 
 /// One MLA layer: weights, their absorbed forms, and the forward pass. Holds no per-sequence
@@ -89,9 +117,8 @@ class MlaWorkspace {
 template <class T>
 class MlaLayer {
  public:
-  /// Checks the config and the weights' shapes (throws mla::Error naming what is wrong) and
-  /// precomputes the absorbed matrices. `layer_index` selects this layer's slots in a
-  /// LatentCache shared by the layers of a model.
+  /// Checks the config and the weights' shapes (throws mla::Error naming what is wrong).
+  /// `layer_index` selects this layer's slots in a LatentCache shared by the layers of a model.
   MlaLayer(const MlaConfig& config, MlaWeights<T> weights, Index layer_index = 0)
       : config_(config), rope_(config), layer_index_(layer_index) {
     detail::require(layer_index >= 0, "MlaLayer: layer_index must be >= 0, got ", layer_index);
@@ -105,29 +132,26 @@ class MlaLayer {
   /// sigma = (P + R)^-1/2 * mscale^2.
   double softmax_scale() const { return softmax_scale_; }
 
-  /// Replaces the weights (shape-checked) and recomputes the absorbed matrices, once.
+  /// Replaces the weights (shape-checked). The absorbed matrices are not copied out: the
+  /// absorbed path multiplies each head's rows of wkv_b in place, in wkv_b's own storage
+  /// (W_UK^(h): rows [h (P + V), h (P + V) + P); W_UV^(h): the next V rows).
   void set_weights(MlaWeights<T> weights) {
     weights.check(config_);
     weights_ = std::move(weights);
     softmax_scale_ = mla::softmax_scale(config_);
-    // Split W_kvb [H * (P + V), d_c] into per-head W_UK^(h) (P rows) and W_UV^(h) (V rows),
-    // each stacked over heads, so the decode path never slices the checkpoint layout.
-    const Index H = config_.num_attention_heads, P = config_.qk_nope_head_dim;
-    const Index V = config_.v_head_dim, D = config_.kv_lora_rank;
-    // From the dequantised weight when wkv_b is stored in FP8 (as DeepSeek's absorb mode does).
-    const RowMatrix<T> wkv_b = weights_.wkv_b.to_dense();
-    w_uk_.resize(H * P, D);
-    w_uv_.resize(H * V, D);
-    for (Index h = 0; h < H; ++h) {
-      w_uk_.middleRows(h * P, P) = wkv_b.middleRows(h * (P + V), P);
-      w_uv_.middleRows(h * V, V) = wkv_b.middleRows(h * (P + V) + P, V);
-    }
   }
 
-  /// W_UK^(h) of every head, stacked: [H * P, d_c]. The absorbed query is q~_h = W_UK^(h)^T q.
-  const RowMatrix<T>& w_uk() const { return w_uk_; }
-  /// W_UV^(h) of every head, stacked: [H * V, d_c]. The head output is o_h = W_UV^(h) o~_h.
-  const RowMatrix<T>& w_uv() const { return w_uv_; }
+  /// Bytes of the layer's weights (as stored: dense, BF16 or FP8 with scales, owned or
+  /// borrowed) plus its norm vectors.
+  std::size_t weight_bytes() const {
+    std::size_t n = 0;
+    for (const Linear<T>* l : {&weights_.wq, &weights_.wq_a, &weights_.wq_b, &weights_.wkv_a,
+                               &weights_.wkv_b, &weights_.wo}) {
+      n += l->weight_bytes();
+    }
+    return n +
+           sizeof(T) * static_cast<std::size_t>(weights_.q_norm.size() + weights_.kv_norm.size());
+  }
 
   /// The path kAuto takes for `tokens` new tokens after `past` cached ones (see
   /// auto_attention_path).
@@ -242,16 +266,16 @@ class MlaLayer {
     auto q = ws.q.topRows(tokens);  // (T, H * (P + R))
     if (c.has_q_lora()) {
       auto cq = ws.cq.topRows(tokens);  // (T, q_lora_rank)
-      project(weights_.wq_a, x, cq);
+      project(weights_.wq_a, x, cq, ws.context());
       rms_norm<T>(cq, weights_.q_norm, c.rms_norm_eps);
-      project(weights_.wq_b, cq, q);
+      project(weights_.wq_b, cq, q, ws.context());
     } else {
-      project(weights_.wq, x, q);
+      project(weights_.wq, x, q, ws.context());
     }
     // Keys and values: [c_raw ; k_raw] = W_kva x; c^KV = RMSNorm(c_raw), normalised before
     // it is cached; k^R = RoPE(k_raw), one rotary key shared by all heads.
     auto kv = ws.kv.topRows(tokens);  // (T, d_c + R)
-    project(weights_.wkv_a, x, kv);
+    project(weights_.wkv_a, x, kv, ws.context());
     if (c.kv_latent_norm) rms_norm<T>(kv.leftCols(D), weights_.kv_norm, c.rms_norm_eps);
     T* scratch = ws.rope_scratch.data();
     for (Index t = 0; t < tokens; ++t) {
@@ -268,19 +292,33 @@ class MlaLayer {
     cache.append<T>(seq, layer_index_, ws.kv.block(row0, 0, n, D), ws.kv.block(row0, D, n, R), pos);
   }
 
-  /// q~_h = W_UK^(h)^T q_h^nope and q^pe for every row: q_latent [tokens * H, d_c + R].
+  /// q~_h = W_UK^(h)^T q_h^nope and q^pe for every row: q_latent [tokens * H, d_c + R]. The
+  /// heads run on the pool's threads, each multiplying its rows of wkv_b in place.
   void absorb_queries(Index tokens, MlaWorkspace<T>& ws) const {
     const Index H = config_.num_attention_heads, P = config_.qk_nope_head_dim;
     const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim, QK = P + R;
+    const Index V = config_.v_head_dim;
     const Eigen::OuterStride<> per_token(H * (D + R));
     auto q = ws.q.topRows(tokens);
     auto q_latent = ws.q_latent.topRows(tokens * H);
     // Absorb W_UK into the query: <q, W_UK c> = <W_UK^T q, c>, so scores read the cache.
-    for (Index h = 0; h < H; ++h) {
+    for_each_head(ws, [&](Index h, int thread) {
       Strided q_abs(q_latent.data() + h * (D + R), tokens, D, per_token);
       Strided q_pe(q_latent.data() + h * (D + R) + D, tokens, R, per_token);
-      q_abs.noalias() = q.middleCols(h * QK, P) * w_uk_.middleRows(h * P, P);
+      weights_.wkv_b.apply_rows_transposed(h * (P + V), P, q.middleCols(h * QK, P), q_abs,
+                                           ws.thread_context(thread));
       q_pe = q.middleCols(h * QK + P, R);
+    });
+  }
+
+  /// Calls f(h, thread) for every head, on the workspace's pool when it has one.
+  template <class F>
+  void for_each_head(MlaWorkspace<T>& ws, F&& f) const {
+    const Index H = config_.num_attention_heads;
+    if (ws.pool_ && ws.pool_->size() > 1) {
+      ws.pool_->run(H, f);
+    } else {
+      for (Index h = 0; h < H; ++h) f(h, 0);
     }
   }
 
@@ -291,7 +329,7 @@ class MlaLayer {
     auto lse = ws.lse.middleRows(row0, n);
     if (path == AttentionPath::kExpanded) {
       attention_expanded<T>(config_, view, ws.q.middleRows(row0, n), weights_.wkv_b, softmax_scale_,
-                            ws.o.block(row0, 0, n, H * V), lse, ws.attention);
+                            ws.o.block(row0, 0, n, H * V), lse, ws.attention, ws.context());
     } else if constexpr (std::is_same_v<T, float>) {
       // The SIMD kernel, up to kDecodeChunk query tokens per pass over the cache: token t sees
       // the first past + t + 1 keys.
@@ -314,14 +352,17 @@ class MlaLayer {
     const Index H = config_.num_attention_heads, D = config_.kv_lora_rank, V = config_.v_head_dim;
     auto o = ws.o.topRows(tokens);  // (T, H * V)
     if (path == AttentionPath::kAbsorbed) {
-      // Apply W_UV after the weighted sum: sum_j p W c = W sum_j p c.
+      // Apply W_UV after the weighted sum: sum_j p W c = W sum_j p c (W_UV^(h): the V rows of
+      // wkv_b after the head's P rows of W_UK, multiplied in place).
+      const Index P = config_.qk_nope_head_dim;
       const Eigen::OuterStride<> per_token(H * D);
-      for (Index h = 0; h < H; ++h) {
+      for_each_head(ws, [&](Index h, int thread) {
         const Strided o_lat(ws.o_latent.data() + h * D, tokens, D, per_token);
-        o.middleCols(h * V, V).noalias() = o_lat * w_uv_.middleRows(h * V, V).transpose();
-      }
+        weights_.wkv_b.apply_rows(h * (P + V) + P, V, o_lat, o.middleCols(h * V, V),
+                                  ws.thread_context(thread));
+      });
     }
-    project(weights_.wo, o, y);  // (T, hidden)
+    project(weights_.wo, o, y, ws.context());  // (T, hidden)
   }
 
   using Strided = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;
@@ -330,8 +371,6 @@ class MlaLayer {
   Rope rope_;
   Index layer_index_;
   MlaWeights<T> weights_;
-  RowMatrix<T> w_uk_;
-  RowMatrix<T> w_uv_;
   double softmax_scale_ = 0.0;
 };
 
