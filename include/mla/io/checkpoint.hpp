@@ -5,6 +5,7 @@
 /// conversion of its tensors to the library's types.
 
 #include <Eigen/Core>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -101,6 +102,13 @@ class Checkpoint {
     return shard->tensor(name);
   }
 
+  /// Keeps the memory of tensor `name` (its shard's memory map) alive for as long as the
+  /// returned pointer lives, whatever becomes of this Checkpoint (see SafetensorsFile).
+  std::shared_ptr<const void> keep_alive(const std::string& name) const {
+    (void)tensor(name);  // opens the shard, with the same errors
+    return shards_[shard_of_.at(name)]->keep_alive();
+  }
+
  private:
   std::string dir_;
   std::map<std::string, std::string> shard_of_;
@@ -173,7 +181,51 @@ Vector<T> to_vector(const TensorView& t, Index n, const std::string& expected) {
 }
 
 /// An F8_E4M3 weight [rows, cols] with its weight_scale_inv [ceil(rows / br), ceil(cols / bc)]
-/// (F32, F16 or BF16) as a BlockFp8Matrix.
+/// (F32, F16 or BF16) as a BlockFp8Matrix that borrows the codes from the file (and the scales
+/// too when they are FP32 and aligned; otherwise it owns a converted copy of them), holding
+/// `keep_alive` (the file's memory) for as long as it lives.
+inline BlockFp8Matrix borrow_block_fp8(const TensorView& weight, const TensorView& scale_inv,
+                                       Index rows, Index cols, Index block_rows, Index block_cols,
+                                       const std::string& expected,
+                                       std::shared_ptr<const void> keep_alive) {
+  mla::detail::require(weight.dtype == Dtype::kF8E4M3, weight.file, ": tensor '", weight.name,
+                       "' has dtype ", weight.dtype_name, ", expected F8_E4M3");
+  detail::require_shape(weight, {rows, cols}, expected);
+  const Index rb = (rows + block_rows - 1) / block_rows, cb = (cols + block_cols - 1) / block_cols;
+  detail::require_float_dtype(scale_inv);
+  detail::require_shape(scale_inv, {rb, cb},
+                        "one scale per " + std::to_string(block_rows) + " x " +
+                            std::to_string(block_cols) + " block of " + weight.name);
+  const auto* codes = reinterpret_cast<const float8_e4m3fn*>(weight.data);
+  const bool in_place = scale_inv.dtype == Dtype::kF32 &&
+                        reinterpret_cast<std::uintptr_t>(scale_inv.data) % alignof(float) == 0;
+  try {
+    if (in_place) {
+      return BlockFp8Matrix::borrow(rows, cols, block_rows, block_cols, codes,
+                                    reinterpret_cast<const float*>(scale_inv.data),
+                                    std::move(keep_alive));
+    }
+    // Scales converted to FP32 (a few values per 16K weights), kept beside the file's memory.
+    struct Held {
+      std::vector<float> scales;
+      std::shared_ptr<const void> file;
+    };
+    auto held = std::make_shared<Held>();
+    held->scales.resize(static_cast<std::size_t>(rb * cb));
+    for (std::size_t i = 0; i < held->scales.size(); ++i) {
+      held->scales[i] = detail::element<float>(scale_inv, i);
+    }
+    held->file = std::move(keep_alive);
+    const float* scales = held->scales.data();
+    return BlockFp8Matrix::borrow(rows, cols, block_rows, block_cols, codes, scales,
+                                  std::shared_ptr<const void>(held, held.get()));
+  } catch (const Error& e) {
+    mla::detail::fail(scale_inv.file, ": tensor '", scale_inv.name, "': ", e.what());
+  }
+}
+
+/// An F8_E4M3 weight [rows, cols] with its weight_scale_inv [ceil(rows / br), ceil(cols / bc)]
+/// (F32, F16 or BF16) as a BlockFp8Matrix that owns a copy.
 inline BlockFp8Matrix to_block_fp8(const TensorView& weight, const TensorView& scale_inv,
                                    Index rows, Index cols, Index block_rows, Index block_cols,
                                    const std::string& expected) {

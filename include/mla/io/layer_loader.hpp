@@ -34,20 +34,30 @@ Linear<T> load_projection(const Checkpoint& ckpt, const CheckpointConfig& cfg,
                        "' has dtype F8_E5M2, expected F8_E4M3 (block-scaled, with "
                        "weight_scale_inv) or F32, F16, BF16");
   if (w.dtype == Dtype::kF8E4M3) {
+    // Codes (and FP32 scales) stay in the memory-mapped file; the Linear keeps it mapped.
     const TensorView& s = ckpt.tensor(name + ".weight_scale_inv");
-    return Linear<T>(
-        to_block_fp8(w, s, rows, cols, cfg.weight_block_rows, cfg.weight_block_cols, expected),
-        options.fp8_matmul, options.activation_scales.value_or(cfg.activation_scales));
+    return Linear<T>(borrow_block_fp8(w, s, rows, cols, cfg.weight_block_rows,
+                                      cfg.weight_block_cols, expected, ckpt.keep_alive(w.name)),
+                     options.fp8_matmul, options.activation_scales.value_or(cfg.activation_scales));
+  }
+  if (w.dtype == Dtype::kBF16) {
+    // BF16 values are used where they are, in the memory-mapped file (no widening, no copy).
+    require_float_dtype(w);
+    require_shape(w, {rows, cols}, expected);
+    return Linear<T>::borrow_bf16(w.data, rows, cols, ckpt.keep_alive(w.name));
   }
   return Linear<T>(to_matrix<T>(w, rows, cols, expected));
 }
 
 }  // namespace detail
 
-/// The attention weights of layer `layer`, shape-checked against `cfg`. F32, F16 and BF16
-/// tensors become dense T; F8_E4M3 tensors (with their weight_scale_inv) become block-FP8
-/// projections. Throws mla::Error naming the file and tensor for a missing tensor, a dtype or
-/// shape that does not match, or a layer index out of range.
+/// The attention weights of layer `layer`, shape-checked against `cfg`. BF16 tensors become BF16
+/// projections and F8_E4M3 tensors (with their weight_scale_inv) block-FP8 projections, both
+/// using the values in place in the memory-mapped files (each projection keeps its file mapped
+/// for as long as it, or a copy, lives: the Checkpoint may be destroyed first); F32 and F16
+/// tensors become dense T (copied). Norm vectors are copied. Throws mla::Error naming the file and
+/// tensor for a missing tensor, a dtype or shape that does not match, or a layer index out of
+/// range.
 template <class T>
 MlaWeights<T> load_attention_weights(const Checkpoint& ckpt, const CheckpointConfig& cfg,
                                      Index layer, const LoadOptions& options = {}) {

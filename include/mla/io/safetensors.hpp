@@ -186,6 +186,9 @@ class SafetensorsFile {
   }
   /// The "__metadata__" entries (string to string), if any.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  /// Keeps the file's bytes (the memory map) alive for as long as the returned pointer, or a
+  /// copy of it, lives, whatever becomes of this object: what borrowed weights hold.
+  std::shared_ptr<const void> keep_alive() const { return bytes_; }
 
  private:
   SafetensorsFile(std::shared_ptr<const detail::Bytes> bytes, std::string path)
