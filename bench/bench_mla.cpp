@@ -7,9 +7,12 @@
 //
 // Names:  cache_bytes/<arch>/<preset>
 //         decode/<path>/<preset>/<cache>/<ctx>      path: absorbed (FP32), absorbed_bf16
-//                                                   (DecodePrecision::kBf16), absorbed_q4 (4
+//                                                   (Precision::kBf16), absorbed_q4 (4
 //                                                   query tokens, FP32), expanded, gqa8, mha
-//         prefill/<preset>/<tokens>
+//         prefill/<preset>/<tokens>                 whole layer, the preset's checkpoint
+//                                                   weights (V2-Lite BF16, V3 FP8); prefill_bf16
+//                                                   with Precision::kBf16 projections
+//         project/<preset>/<matrix>/<dtype>/<batch> one projection (project_bf16: kBf16)
 // The FP32 FMA peak, the BF16 dot-product and AMX peaks (where the CPU has them) and the read
 // bandwidth are measured at start-up with the same threads and written to the JSON context
 // (fma_peak_gflops, bf16_peak_gflops, amx_peak_gflops, read_gbs); the counters peak_fraction,
@@ -169,7 +172,7 @@ CacheStorage storage_of(const std::string& cache) {
 
 /// The absorbed decode step of `tokens` query tokens (decode_absorbed) in the given precision.
 void decode_absorbed(benchmark::State& state, std::string preset_name, std::string cache, Index ctx,
-                     mla::DecodePrecision precision, Index tokens) {
+                     mla::Precision precision, Index tokens) {
   const MlaConfig c = preset(preset_name).config;
   const Index H = c.num_attention_heads, D = c.kv_lora_rank, R = c.qk_rope_head_dim;
   const FilledCache f = fill_cache(c, storage_of(cache), ctx);
@@ -330,9 +333,23 @@ void decode_kv(benchmark::State& state, std::string preset_name, std::string cac
 // ---------------------------------------------------------------------------------------------
 // prefill/<preset>/<tokens>
 
-void prefill(benchmark::State& state, std::string preset_name, Index tokens) {
+/// The layer's weights in the preset's checkpoint format: V2-Lite's BF16, V3's block FP8
+/// (128 x 128 blocks, W8A32).
+mla::MlaWeights<float> checkpoint_weights(const std::string& preset_name, const MlaConfig& c) {
+  mla::MlaWeights<float> w = mla::MlaWeights<float>::random(c, 1);
+  if (preset_name == "v3") return w.quantize_fp8({});
+  for (mla::Linear<float>* l : {&w.wq, &w.wq_a, &w.wq_b, &w.wkv_a, &w.wkv_b, &w.wo}) {
+    if (!l->empty()) *l = mla::Linear<float>::bf16(l->dense());
+  }
+  return w;
+}
+
+/// One prefill of `tokens` tokens through a whole layer with the preset's checkpoint weights,
+/// the projections in `precision`.
+void prefill(benchmark::State& state, std::string preset_name, Index tokens,
+             mla::Precision precision) {
   const MlaConfig c = preset(preset_name).config;
-  const mla::MlaLayer<float> layer(c, mla::MlaWeights<float>::random(c, 1));
+  const mla::MlaLayer<float> layer(c, checkpoint_weights(preset_name, c));
   mla::LatentCacheOptions o;
   o.num_blocks = tokens / 64 + 1;
   mla::LatentCache cache(c, o);
@@ -340,6 +357,7 @@ void prefill(benchmark::State& state, std::string preset_name, Index tokens) {
   RowMatrix<float> y(tokens, c.hidden_size);
   mla::MlaWorkspace<float> ws;
   ws.set_thread_pool(&pool());
+  ws.set_projection_precision(precision);
   auto step = [&] {
     const mla::SequenceId seq = cache.add_sequence();
     layer.forward(x, 0, cache, seq, y, ws);
@@ -358,11 +376,52 @@ void prefill(benchmark::State& state, std::string preset_name, Index tokens) {
   const double rebuild = 2 * T * H * (P + V) * D;
   const double attention = 2 * H * (T * (T + 1) / 2) * (P + R + V);
   const double flops = projections + rebuild + attention;
-  // Bytes: the FP32 weights, read at least once.
-  const double bytes = 4 * (q_proj + hid * (D + R) + H * (P + V) * D + H * V * hid);
-  run_steps(state, flops, bytes, step);
+  run_steps(state, flops, static_cast<double>(layer.weight_bytes()), step);
   state.counters["tokens_per_s"] =
       benchmark::Counter(T * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// project/<preset>/<matrix>/<dtype>/<batch>
+
+/// One projection of the layer at `batch` tokens, weights in `dtype` (fp32, bf16 or fp8), on
+/// the pool. Batch 1 streams the weights: bandwidth_fraction is their bytes per second over the
+/// measured read bandwidth.
+void project(benchmark::State& state, std::string preset_name, std::string matrix,
+             std::string dtype, Index batch, mla::Precision precision) {
+  const MlaConfig c = preset(preset_name).config;
+  const Index H = c.num_attention_heads, hid = c.hidden_size;
+  Index rows = 0, cols = 0;
+  if (matrix == "wq") {
+    rows = H * c.qk_head_dim(), cols = hid;
+  } else if (matrix == "wq_a") {
+    rows = c.q_lora_rank, cols = hid;
+  } else if (matrix == "wq_b") {
+    rows = H * c.qk_head_dim(), cols = c.q_lora_rank;
+  } else if (matrix == "wkv_a") {
+    rows = c.latent_cache_width(), cols = hid;
+  } else if (matrix == "wkv_b") {
+    rows = H * (c.qk_nope_head_dim + c.v_head_dim), cols = c.kv_lora_rank;
+  } else {
+    rows = hid, cols = H * c.v_head_dim;
+  }
+  const RowMatrix<float> w =
+      random_matrix(rows, cols, 4, 1.0f / std::sqrt(static_cast<float>(cols)));
+  const mla::Linear<float> lin = dtype == "fp8"    ? mla::Linear<float>::quantize_fp8(w)
+                                 : dtype == "bf16" ? mla::Linear<float>::bf16(w)
+                                                   : mla::Linear<float>(w);
+  const RowMatrix<float> x = random_matrix(batch, cols, 5);
+  RowMatrix<float> y(batch, rows);
+  mla::ProjectionWorkspace ws;
+  const mla::ProjectionContext ctx{&pool(), precision, &ws};
+  auto step = [&] { lin.apply(x, y, ctx); };
+  step();
+  require_finite(state, y);
+  const double flops = 2.0 * static_cast<double>(batch) * static_cast<double>(rows * cols);
+  const double bytes = static_cast<double>(lin.weight_bytes());
+  run_steps(state, flops, bytes, step);
+  state.counters["bandwidth_fraction"] =
+      bytes / (state.counters["step_ms"] * 1e-3) / (g_limits.read_gbs * 1e9);
 }
 
 void register_all() {
@@ -381,15 +440,15 @@ void register_all() {
       for (Index ctx : contexts) {
         const std::string tail = std::string(p) + "/" + cache + "/" + std::to_string(ctx);
         benchmark::RegisterBenchmark(("decode/absorbed/" + tail).c_str(), decode_absorbed, p, cache,
-                                     ctx, mla::DecodePrecision::kFp32, Index{1})
+                                     ctx, mla::Precision::kFp32, Index{1})
             ->UseManualTime()
             ->Unit(benchmark::kMillisecond);
         benchmark::RegisterBenchmark(("decode/absorbed_bf16/" + tail).c_str(), decode_absorbed, p,
-                                     cache, ctx, mla::DecodePrecision::kBf16, Index{1})
+                                     cache, ctx, mla::Precision::kBf16, Index{1})
             ->UseManualTime()
             ->Unit(benchmark::kMillisecond);
         benchmark::RegisterBenchmark(("decode/absorbed_q4/" + tail).c_str(), decode_absorbed, p,
-                                     cache, ctx, mla::DecodePrecision::kFp32, Index{4})
+                                     cache, ctx, mla::Precision::kFp32, Index{4})
             ->UseManualTime()
             ->Unit(benchmark::kMillisecond);
       }
@@ -433,11 +492,35 @@ void register_all() {
   }
   for (const char* p : presets) {
     for (Index tokens : {512, 2048, 4096}) {
-      benchmark::RegisterBenchmark(
-          (std::string("prefill/") + p + "/" + std::to_string(tokens)).c_str(), prefill, p, tokens)
-          ->UseManualTime()
-          ->Unit(benchmark::kMillisecond)
-          ->MinTime(0.2);
+      for (mla::Precision precision : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+        const std::string name =
+            std::string(precision == mla::Precision::kBf16 ? "prefill_bf16/" : "prefill/") + p +
+            "/" + std::to_string(tokens);
+        benchmark::RegisterBenchmark(name.c_str(), prefill, p, tokens, precision)
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->MinTime(0.2);
+      }
+    }
+  }
+  for (const char* p : presets) {
+    const std::vector<const char*> matrices =
+        std::string(p) == "v3" ? std::vector<const char*>{"wq_a", "wq_b", "wkv_a", "wkv_b", "wo"}
+                               : std::vector<const char*>{"wq", "wkv_a", "wkv_b", "wo"};
+    for (const char* m : matrices) {
+      for (const char* dtype : {"fp32", "bf16", "fp8"}) {
+        for (Index batch : {1, 512}) {
+          for (mla::Precision precision : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+            if (precision == mla::Precision::kBf16 && std::string(dtype) == "fp32") continue;
+            const std::string name =
+                std::string(precision == mla::Precision::kBf16 ? "project_bf16/" : "project/") + p +
+                "/" + m + "/" + dtype + "/" + std::to_string(batch);
+            benchmark::RegisterBenchmark(name.c_str(), project, p, m, dtype, batch, precision)
+                ->UseManualTime()
+                ->Unit(benchmark::kMillisecond);
+          }
+        }
+      }
     }
   }
 }
