@@ -16,13 +16,17 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "mla/config.hpp"
 #include "mla/detail/isa/dispatch.hpp"
 #include "mla/error.hpp"
 #include "mla/latent_cache.hpp"
 #include "mla/matrix.hpp"
+#include "mla/precision.hpp"
 #include "mla/projection.hpp"
+#include "mla/thread_pool.hpp"
 
 namespace mla {
 
@@ -59,15 +63,22 @@ template <class T>
 struct AttentionWorkspace {
   /// Keys read from the cache per tile.
   static constexpr Index kTileTokens = 64;
+  /// Keys per block of the float expanded kernel: tiles gathered across cache blocks, so that
+  /// each query row's output is rescaled and rewritten once per 256 keys.
+  static constexpr Index kKeyBlock = 256;
 
-  RowMatrix<T> c_tile;              ///< [kTileTokens, d_c]
-  RowMatrix<T> kpe_tile;            ///< [kTileTokens, R]
-  RowMatrix<T> kv_tile;             ///< [kTileTokens, H * (P + V)], expanded path only
-  RowMatrix<T> scores;              ///< [tokens, kTileTokens]
-  Vector<T> running_max;            ///< [tokens * H]
-  Vector<T> running_sum;            ///< [tokens * H]
-  Vector<T> correction;             ///< [tokens]
+  RowMatrix<T> c_tile;     ///< [kTileTokens, d_c]
+  RowMatrix<T> kpe_tile;   ///< [kTileTokens, R]
+  RowMatrix<T> kv_tile;    ///< [kTileTokens (float: kKeyBlock), H * (P + V)], expanded only
+  RowMatrix<T> c_block;    ///< [kKeyBlock, d_c], float expanded only: the gathered tiles
+  RowMatrix<T> kpe_block;  ///< [kKeyBlock, R]
+  RowMatrix<T> scores;     ///< [tokens, kTileTokens]
+  Vector<T> running_max;   ///< [tokens * H]
+  Vector<T> running_sum;   ///< [tokens * H]
+  Vector<T> correction;    ///< [tokens]
   Eigen::VectorXf convert_scratch;  ///< [d_c], for converting FP8 tiles
+  /// Per thread of the pool: the expanded kernel's scratch (float only).
+  std::vector<detail::AlignedVector<float>> thread_scratch;
 
   /// Makes room for chunks of up to `tokens` new tokens (grows, never shrinks), for `path`
   /// (kAuto reserves for both).
@@ -77,13 +88,30 @@ struct AttentionWorkspace {
     grow(c_tile, kTileTokens, c.kv_lora_rank);
     grow(kpe_tile, kTileTokens, c.qk_rope_head_dim);
     if (path != AttentionPath::kAbsorbed) {
-      grow(kv_tile, kTileTokens, heads * (c.qk_nope_head_dim + c.v_head_dim));
+      const Index keys = std::is_same_v<T, float> ? kKeyBlock : kTileTokens;
+      grow(kv_tile, keys, heads * (c.qk_nope_head_dim + c.v_head_dim));
+      if constexpr (std::is_same_v<T, float>) {
+        grow(c_block, kKeyBlock, c.kv_lora_rank);
+        grow(kpe_block, kKeyBlock, c.qk_rope_head_dim);
+      }
     }
     grow(scores, std::max<Index>(tokens, 1), kTileTokens);
     grow(running_max, tokens * heads);
     grow(running_sum, tokens * heads);
     grow(correction, tokens);
     grow(convert_scratch, c.kv_lora_rank);
+  }
+
+  /// Makes room for the expanded kernel's scratch on `threads` threads (grows, never shrinks).
+  void reserve_threads(const MlaConfig& c, int threads) {
+    const auto floats = static_cast<std::size_t>(detail::isa::attention_tile_scratch_floats(
+        c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim, kKeyBlock));
+    if (thread_scratch.size() < static_cast<std::size_t>(threads)) {
+      thread_scratch.resize(static_cast<std::size_t>(threads));
+    }
+    for (auto& s : thread_scratch) {
+      if (s.size() < floats) s.resize(floats);
+    }
   }
 };
 
@@ -148,13 +176,18 @@ void finish_softmax(AttentionWorkspace<T>& ws, Index heads, MatrixRef<T> lse, Ac
 /// - wkv_b: [H * (P + V), d_c], per head [W_UK^(h) (P rows) ; W_UV^(h) (V rows)];
 /// - out: [tokens, H * V], the per-head outputs o_h;
 /// - lse: [tokens, H], log sum_j exp(scale * <q_h, k_hj>);
-/// - projection: where the rebuilding of K and V runs (threads, precision, scratch).
+/// - projection: where the rebuilding of K and V runs (threads, precision, scratch); the heads
+///   of the attention run on the same pool;
+/// - precision: kFp32, or kBf16 (float only, double computes in double: queries times the scale,
+/// keys, values and softmax
+///   weights rounded to BF16 once, BF16 dot products with FP32 sums; see README "Prefill").
 template <class T>
 void attention_expanded(const MlaConfig& c, const LatentView& cache,
                         ConstMatrixRef<detail::identity_t<T>> q, const Linear<T>& wkv_b,
                         double scale, MatrixRef<detail::identity_t<T>> out,
                         MatrixRef<detail::identity_t<T>> lse, AttentionWorkspace<T>& ws,
-                        const ProjectionContext& projection = {}) {
+                        const ProjectionContext& projection = {},
+                        Precision precision = Precision::kFp32) {
   const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, R = c.qk_rope_head_dim;
   const Index V = c.v_head_dim, QK = P + R, KV = P + V;
   const Index tokens = q.rows();
@@ -173,6 +206,69 @@ void attention_expanded(const MlaConfig& c, const LatentView& cache,
   auto m = ws.running_max.head(tokens * H);
   auto l = ws.running_sum.head(tokens * H);
   out.setZero();
+  if constexpr (std::is_same_v<T, float>) {
+    // The per-target kernel, one task per head and block of keys.
+    ThreadPool* pool = projection.pool;
+    const int threads = pool ? pool->size() : 1;
+    ws.reserve_threads(c, threads);
+    const auto& kernels = detail::isa::kernels();
+    // Keys [j0, j0 + n), gathered in c_block and kpe_block: rebuild their keys and values,
+    // then every head attends to them.
+    const auto block = [&](Index j0, Index n) {
+      const auto c_tile = ws.c_block.topRows(n);
+      const auto kpe = ws.kpe_block.topRows(n);
+      auto kv = ws.kv_tile.topRows(n);
+      project(wkv_b, c_tile, kv, projection);
+      // Queries before the block's first key skip it; query t0 + i sees its first
+      // past + t0 + i + 1 - j0 keys.
+      const Index t0 = std::max<Index>(0, j0 - past);
+      const auto head = [&](Index h, int thread) {
+        detail::isa::AttentionTileArgs a;
+        a.M = tokens - t0;
+        a.P = P;
+        a.R = R;
+        a.V = V;
+        a.q = q.data() + t0 * q.outerStride() + h * QK;
+        a.q_stride = q.outerStride();
+        a.k = kv.data() + h * KV;
+        a.k_stride = kv.outerStride();
+        a.kpe = kpe.data();
+        a.kpe_stride = kpe.outerStride();
+        a.v = kv.data() + h * KV + P;
+        a.v_stride = kv.outerStride();
+        a.keys = n;
+        a.visible0 = past + t0 + 1 - j0;
+        a.scale = sigma;
+        a.bf16 = precision == Precision::kBf16;
+        a.m = m.data() + t0 * H + h;
+        a.l = l.data() + t0 * H + h;
+        a.ml_stride = H;
+        a.o = out.data() + t0 * out.outerStride() + h * V;
+        a.o_stride = out.outerStride();
+        a.scratch = ws.thread_scratch[static_cast<std::size_t>(thread)].data();
+        kernels.attention_tile(a);
+      };
+      if (pool && threads > 1) {
+        pool->run(H, head);
+      } else {
+        for (Index h = 0; h < H; ++h) head(h, 0);
+      }
+    };
+    Index j0 = 0, gathered = 0;
+    detail::for_each_key_tile(cache, ws, [&](Index first, Index n, auto c_tile, auto kpe) {
+      if (gathered + n > AttentionWorkspace<T>::kKeyBlock) {
+        block(j0, gathered);
+        j0 = first;
+        gathered = 0;
+      }
+      ws.c_block.middleRows(gathered, n) = c_tile;
+      ws.kpe_block.middleRows(gathered, n) = kpe;
+      gathered += n;
+    });
+    if (gathered > 0) block(j0, gathered);
+    detail::finish_softmax(ws, H, lse, [&](Index t, Index h) { return out.block(t, h * V, 1, V); });
+    return;
+  }
 
   detail::for_each_key_tile(cache, ws, [&](Index j0, Index n, auto c_tile, auto kpe) {
     // Rebuild [k^nope ; v] of every head for this tile: [n, H * (P + V)].

@@ -59,6 +59,7 @@ class MlaWorkspace {
       p.reserve(1, std::min<Index>(tokens, 8), std::max(c.qk_nope_head_dim, c.kv_lora_rank), bf16);
     }
     if constexpr (std::is_same_v<T, float>) {
+      if (path != AttentionPath::kAbsorbed) attention.reserve_threads(c, threads);
       if (path != AttentionPath::kExpanded) {
         decode.reserve(c, decode_options_, pool_ ? pool_->size() : 1, std::min<Index>(tokens, 8));
       }
@@ -329,7 +330,8 @@ class MlaLayer {
     auto lse = ws.lse.middleRows(row0, n);
     if (path == AttentionPath::kExpanded) {
       attention_expanded<T>(config_, view, ws.q.middleRows(row0, n), weights_.wkv_b, softmax_scale_,
-                            ws.o.block(row0, 0, n, H * V), lse, ws.attention, ws.context());
+                            ws.o.block(row0, 0, n, H * V), lse, ws.attention, ws.context(),
+                            ws.decode_options_.precision);
     } else if constexpr (std::is_same_v<T, float>) {
       // The SIMD kernel, up to kDecodeChunk query tokens per pass over the cache: token t sees
       // the first past + t + 1 keys.

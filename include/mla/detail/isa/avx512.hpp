@@ -205,9 +205,11 @@ using V = Ops::V;
 inline constexpr int kW = Ops::kWidth;
 // The parts of the AVX-512 kernels the BF16 step shares.
 namespace decode_kernel = avx512::decode_kernel;
+using avx512::exp;
 using avx512::online_softmax_step;
 using avx512::widen_record;
 
+#include "mla/detail/isa/attention.inl"
 #include "mla/detail/isa/decode_bf16.inl"
 #include "mla/detail/isa/gemm.inl"
 
@@ -228,6 +230,7 @@ inline const Kernels& table_for_cpu() {
     if (state().cpu.avx512_bf16) {
       t.decode_absorbed_bf16 = &avx512_bf16::decode_absorbed_bf16;
       t.gemm = &avx512_bf16::gemm;
+      t.attention_tile = &avx512_bf16::attention_tile;
     }
     return t;
   }();

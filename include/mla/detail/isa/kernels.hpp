@@ -80,6 +80,43 @@ struct GemmArgs {
 /// decoded weight panel and the panel's accumulators.
 inline constexpr Index kGemmScratchFloats = 2 * 256 * 64 + 64;
 
+/// One head's causal attention of M query rows over a block of `keys` rebuilt keys and values
+/// (the expanded prefill path). Query row i sees the first visible(i) = min(keys, visible0 + i)
+/// keys (visible0 >= 1) and takes one online softmax step over them: its running maximum m and
+/// sum l are updated and its output row o (unnormalised, FP32) is rescaled and added to. The
+/// keys a row does not see are never multiplied into its output.
+struct AttentionTileArgs {
+  Index M = 0;
+  Index P = 0, R = 0, V = 0;  ///< widths of k^nope, k^R and v
+  const float* q = nullptr;   ///< row i: [q^nope (P) ; q^pe (R)], rows q_stride apart
+  Index q_stride = 0;
+  const float* k = nullptr;  ///< key j's k^nope (P), rows k_stride apart
+  Index k_stride = 0;
+  const float* kpe = nullptr;  ///< key j's k^R (R), rows kpe_stride apart
+  Index kpe_stride = 0;
+  const float* v = nullptr;  ///< key j's value (V), rows v_stride apart
+  Index v_stride = 0;
+  Index keys = 0, visible0 = 1;
+  float scale = 1.0f;  ///< multiplies every score
+  /// Precision::kBf16: the queries times the scale, the keys, the values and the softmax
+  /// weights rounded to BF16 once, BF16 dot products with FP32 sums.
+  bool bf16 = false;
+  float* m = nullptr;  ///< row i's running maximum at m[i * ml_stride], sum at l[i * ml_stride]
+  float* l = nullptr;
+  Index ml_stride = 1;
+  float* o = nullptr;  ///< row i's output (V), rows o_stride apart
+  Index o_stride = 0;
+  float* scratch = nullptr;  ///< attention_tile_scratch_floats(P + R, V, keys) floats
+};
+
+/// Floats of AttentionTileArgs::scratch the kernels need (for any target).
+inline constexpr Index attention_tile_scratch_floats(Index qk, Index v, Index keys) {
+  const Index kp = (keys + 31) / 32 * 32, vp = (v + 31) / 32 * 32, qk2 = (qk + 1) / 2;
+  // keys transposed (FP32, then BF16 pairs), scores, the values' pairs and BF16 rows, the
+  // queries and the weights: see attention.inl.
+  return 2 * qk2 * kp + qk2 * kp + 8 * kp + (kp / 2) * vp + kp * vp / 2 + 8 * qk2 + 4 * kp + 64;
+}
+
 /// The kernels of one target.
 struct Kernels {
   Isa isa = Isa::kPortable;
@@ -104,6 +141,8 @@ struct Kernels {
   void (*decode_absorbed_bf16)(const DecodeArgs& args) = nullptr;
   /// One thread's columns of a projection (see GemmArgs).
   void (*gemm)(const GemmArgs& args) = nullptr;
+  /// One head's expanded attention over a block of keys (see AttentionTileArgs).
+  void (*attention_tile)(const AttentionTileArgs& args) = nullptr;
 };
 
 }  // namespace mla::detail::isa

@@ -604,6 +604,7 @@ inline void run(const DecodeArgs& a) {
 
 inline void decode_absorbed(const DecodeArgs& a) { decode_kernel::run(a); }
 
+#include "mla/detail/isa/attention.inl"
 #include "mla/detail/isa/decode_bf16.inl"
 #include "mla/detail/isa/gemm.inl"
 
@@ -624,6 +625,7 @@ inline const Kernels& table() {
     t.decode_absorbed = &decode_absorbed;
     t.decode_absorbed_bf16 = &decode_absorbed_bf16;
     t.gemm = &gemm;
+    t.attention_tile = &attention_tile;
     return t;
   }();
   return k;
