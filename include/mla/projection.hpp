@@ -50,6 +50,28 @@ enum class WeightStorage : std::uint8_t {
   kBlockFp8,  ///< e4m3 codes with a scale per block (DeepSeek-V3)
 };
 
+namespace detail {
+
+/// x rounded to the nearest BF16 value (even on ties; NaN stays NaN), as float.
+inline float round_bf16(float x) {
+  const std::uint32_t bits = bit_cast<std::uint16_t>(to_bfloat16(x));
+  return bit_cast<float>(bits << 16);
+}
+
+/// Calls f(i0, i1) for [0, n) in blocks of `block`, on the pool when it has several threads.
+template <class F>
+void for_blocks(ThreadPool* pool, Index n, Index block, F&& f) {
+  const Index blocks = (n + block - 1) / block;
+  const auto task = [&](Index b, int) { f(b * block, std::min(n, (b + 1) * block)); };
+  if (pool && pool->size() > 1 && blocks > 1) {
+    pool->run(blocks, task);
+  } else {
+    for (Index b = 0; b < blocks; ++b) task(b, 0);
+  }
+}
+
+}  // namespace detail
+
 /// Scratch memory of projections: sized on first use, reused. One workspace serves one call
 /// at a time (the calls of one layer, one after the other).
 class ProjectionWorkspace {
@@ -353,59 +375,76 @@ class Linear {
     const bool w8a8 = whole && fp8_ && matmul_ == Fp8Matmul::kW8A8;
     const bool bf16 = !w8a8 && ctx.precision == Precision::kBf16 && (fp8_ || bf16_);
     const bool stream = layout == Layout::kTransposedRows && M <= 8;
+    const bool transposed = layout == Layout::kTransposedRows && !stream;
+    // BF16 dot products for the compute-bound shapes: the values below as BF16 bits (exact).
+    a.dp = (w8a8 || bf16) && !stream && (!fp8_ || fp8_->block_cols() % 2 == 0);
     a.x = x.data();
     a.x_stride = x.outerStride();
-    if (w8a8 || bf16) {
+    if (w8a8) {
       detail::grow(b.x, M * K);
-      if (w8a8) {
-        const Index bk = fp8_->block_cols(), kb = fp8_->col_blocks();
-        detail::grow(b.x_scales, M * kb);
-        detail::grow(b.codes, K);
-        for (Index m = 0; m < M; ++m) {
-          quantize_e4m3_tiles(x.row(m).data(), K, bk, kActivationAmaxFloor, activation_scales_,
-                              b.codes.data(), b.x_scales.data() + m * kb);
-          from_fp8(b.codes.data(), static_cast<std::size_t>(K), b.x.data() + m * K);
-        }
-        a.x_scales = b.x_scales.data();
-        a.x_scale_stride = kb;
-      } else {
-        for (Index m = 0; m < M; ++m) {
-          for (Index k = 0; k < K; ++k) {
-            const std::uint32_t bits =
-                detail::bit_cast<std::uint16_t>(detail::to_bfloat16(x(m, k)));
-            b.x[static_cast<std::size_t>(m * K + k)] = detail::bit_cast<float>(bits << 16);
-          }
-        }
+      const Index bk = fp8_->block_cols(), kb = fp8_->col_blocks();
+      detail::grow(b.x_scales, M * kb);
+      detail::grow(b.codes, K);
+      for (Index m = 0; m < M; ++m) {
+        quantize_e4m3_tiles(x.row(m).data(), K, bk, kActivationAmaxFloor, activation_scales_,
+                            b.codes.data(), b.x_scales.data() + m * kb);
+        from_fp8(b.codes.data(), static_cast<std::size_t>(K), b.x.data() + m * K);
       }
       a.x = b.x.data();
       a.x_stride = K;
+      a.x_scales = b.x_scales.data();
+      a.x_scale_stride = kb;
+    } else if (bf16 && !(transposed && a.dp)) {
+      // Rounded once to BF16 (the transposed pairs below round as they go).
+      detail::grow(b.x, M * K);
+      detail::for_blocks(ctx.pool, M, 16, [&](Index m0, Index m1) {
+        for (Index m = m0; m < m1; ++m) {
+          for (Index k = 0; k < K; ++k)
+            b.x[static_cast<std::size_t>(m * K + k)] = detail::round_bf16(x(m, k));
+        }
+      });
+      a.x = b.x.data();
+      a.x_stride = K;
     }
-    // BF16 dot products for the compute-bound shapes: the values above as BF16 bits (exact).
-    a.dp = (w8a8 || bf16) && !stream && (!fp8_ || fp8_->block_cols() % 2 == 0);
-    if (layout == Layout::kTransposedRows && !stream) {
+    if (transposed) {
       // Weight rows broadcast against tokens in the vector lanes: the activations transposed,
-      // [K][M padded to 16] (or [K / 2] pairs of k for dot products), zeros past M.
+      // [K][M padded to 16] (or [K / 2] pairs of k for dot products), zeros past M; in blocks
+      // of 64 k by 16 tokens, on the pool.
       const Index mp = (M + 15) / 16 * 16;
       a.xt_stride = mp;
+      const float* src = a.x;
+      const Index ld = a.x_stride;
       if (a.dp) {
         const Index kp = (K + 1) / 2;
         detail::grow(b.xt_pairs, kp * mp);
-        std::fill(b.xt_pairs.begin(), b.xt_pairs.begin() + kp * mp, 0u);
-        for (Index m = 0; m < M; ++m) {
-          for (Index k = 0; k < K; ++k) {
-            const auto bits = detail::bit_cast<std::uint32_t>(a.x[m * a.x_stride + k]) >> 16;
-            b.xt_pairs[static_cast<std::size_t>((k / 2) * mp + m)] |= bits << (16 * (k % 2));
+        std::uint32_t* xt = b.xt_pairs.data();
+        detail::for_blocks(ctx.pool, kp, 32, [&](Index p0, Index p1) {
+          for (Index m0 = 0; m0 < mp; m0 += 16) {
+            for (Index p = p0; p < p1; ++p) {
+              for (Index m = m0; m < m0 + 16; ++m) {
+                const Index k = 2 * p;
+                const auto bits = [&](Index kk) -> std::uint32_t {
+                  if (m >= M || kk >= K) return 0;
+                  return detail::bit_cast<std::uint32_t>(detail::round_bf16(src[m * ld + kk])) >>
+                         16;
+                };
+                xt[p * mp + m] = bits(k) | (bits(k + 1) << 16);
+              }
+            }
           }
-        }
-        a.xt_pairs = b.xt_pairs.data();
+        });
+        a.xt_pairs = xt;
       } else {
         detail::grow(b.xt, K * mp);
-        for (Index k = 0; k < K; ++k) {
-          float* row = b.xt.data() + k * mp;
-          for (Index m = 0; m < M; ++m) row[m] = a.x[m * a.x_stride + k];
-          std::fill(row + M, row + mp, 0.0f);
-        }
-        a.xt = b.xt.data();
+        float* xt = b.xt.data();
+        detail::for_blocks(ctx.pool, K, 64, [&](Index k0, Index k1) {
+          for (Index m0 = 0; m0 < mp; m0 += 16) {
+            for (Index k = k0; k < k1; ++k) {
+              for (Index m = m0; m < m0 + 16; ++m) xt[k * mp + m] = m < M ? src[m * ld + k] : 0.0f;
+            }
+          }
+        });
+        a.xt = xt;
       }
       if (a.x_scales) {
         const Index kb = a.x_scale_stride;
