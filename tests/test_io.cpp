@@ -11,6 +11,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -368,6 +369,56 @@ TEST(LayerFromCheckpoint, MatchesTheReferenceOnTheStoredWeights) {
     for (Index t = 20; t < n; ++t) layer.forward(x.row(t), 500 + t, cache, seq, y.row(t), ws);
     const std::vector<double> want = ref::mla_forward(
         test::to_ref(k.config), test::to_ref(stored[1]), test::to_vec(x), static_cast<int>(n), 500);
+    EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-5);
+  }
+}
+
+TEST(LayerFromCheckpoint, BorrowedWeightsCostTheFilesBytesAndOutliveTheCheckpoint) {
+  // BF16 and FP8 projections use the mapped file in place: the layer's weights take the bytes
+  // the checkpoint stores for its projections (codes and scales) plus its two norm vectors as
+  // float (the stated overhead); they stay valid after the Checkpoint object is destroyed and
+  // the files are deleted (the mapping lives as long as the projections).
+  for (const CheckpointCase& k : checkpoint_cases()) {
+    SCOPED_TRACE(std::string(k.name) + " " + storage_name(k.storage) + " shards " +
+                 std::to_string(k.shards));
+    const mla::MlaWeights<float> w = mla::MlaWeights<float>::random(k.config, 4);
+    std::size_t projection_bytes = 0;
+    for (const fixture::Tensor& t : fixture::layer_tensors(k.config, w, 0, k.storage, 16).tensors) {
+      if (t.name.find("layernorm") == std::string::npos) projection_bytes += t.bytes.size();
+    }
+    const std::size_t norm_bytes =
+        sizeof(float) * static_cast<std::size_t>(k.config.q_lora_rank + k.config.kv_lora_rank);
+    std::optional<mla::MlaLayer<float>> layer;
+    std::vector<mla::MlaWeights<double>> stored;
+    mla::io::CheckpointConfig cfg;
+    {
+      TempDir dir;
+      stored = fixture::write_checkpoint(dir.path(), k.config, {w}, k.storage, k.shards);
+      cfg = mla::io::read_config(dir / "config.json");
+      const auto ckpt = mla::io::Checkpoint::open(dir.path());
+      const mla::MlaWeights<float> loaded = mla::io::load_attention_weights<float>(ckpt, cfg, 0);
+      const mla::WeightStorage want = k.storage == Storage::kBF16  ? mla::WeightStorage::kBf16
+                                      : k.storage == Storage::kFp8 ? mla::WeightStorage::kBlockFp8
+                                                                   : mla::WeightStorage::kDense;
+      EXPECT_EQ(loaded.wkv_b.storage(), want);
+      EXPECT_EQ(loaded.wo.storage(), want);
+      if (k.storage == Storage::kFp8) {
+        EXPECT_FALSE(loaded.wkv_b.fp8().owns());
+      }
+      layer.emplace(cfg.mla, loaded);
+    }  // the Checkpoint, the loaded weights and the files are gone; the layer holds the mapping
+    EXPECT_EQ(layer->weight_bytes(), projection_bytes + norm_bytes);
+    const Index n = 24;
+    const RowMatrix<float> x = test::random_input<float>(n, k.config.hidden_size, 5);
+    mla::LatentCacheOptions o;
+    o.num_blocks = 1;
+    mla::LatentCache cache(cfg.mla, o);
+    const auto seq = cache.add_sequence();
+    mla::MlaWorkspace<float> ws;
+    RowMatrix<float> y(n, k.config.hidden_size);
+    layer->forward(x, 0, cache, seq, y, ws);
+    const std::vector<double> want = ref::mla_forward(
+        test::to_ref(k.config), test::to_ref(stored[0]), test::to_vec(x), static_cast<int>(n), 0);
     EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-5);
   }
 }

@@ -618,10 +618,12 @@ TYPED_TEST(LayerTest, AbsorbedEqualsExpandedWithFp8Weights) {
 namespace {
 
 /// Runs a prefill of x (one call, on `path`) on a fresh cache of `storage` and returns y. With
-/// `pool`, float layers decode on it with `splits` key-range parts.
+/// `pool`, float layers decode on it with `splits` key-range parts; `precision` is the
+/// attention's.
 template <class T>
 RowMatrix<T> prefill_on(const MlaLayer<T>& layer, const RowMatrix<T>& x, CacheStorage storage,
-                        AttentionPath path, mla::ThreadPool* pool = nullptr, Index splits = 0) {
+                        AttentionPath path, mla::ThreadPool* pool = nullptr, Index splits = 0,
+                        mla::Precision precision = mla::Precision::kFp32) {
   const MlaConfig& c = layer.config();
   mla::LatentCacheOptions o;
   o.block_tokens = 16;
@@ -634,6 +636,7 @@ RowMatrix<T> prefill_on(const MlaLayer<T>& layer, const RowMatrix<T>& x, CacheSt
   mla::DecodeOptions d;
   d.splits = splits;
   d.tile_tokens = 16;
+  d.precision = precision;
   ws.set_decode_options(d);
   RowMatrix<T> y(x.rows(), c.hidden_size);
   layer.forward(x, 0, cache, seq, y, ws, path);
@@ -643,8 +646,11 @@ RowMatrix<T> prefill_on(const MlaLayer<T>& layer, const RowMatrix<T>& x, CacheSt
 TYPED_TEST(LayerTest, ANonFiniteTokenAffectsOnlyItselfAndLaterTokens) {
   // Causal attention never reads the future: a NaN or Inf in token k leaves the outputs of
   // tokens 0 .. k-1 finite and equal to a prefill of those k tokens alone, on every path and
-  // storage (the expanded path used to multiply masked keys by a zero weight: 0 x NaN = NaN).
+  // storage and precision (the expanded path used to multiply masked keys by a zero weight:
+  // 0 x NaN = NaN).
   using T = TypeParam;
+  std::vector<mla::Precision> precisions = {mla::Precision::kFp32};
+  if (std::is_same_v<T, float>) precisions.push_back(mla::Precision::kBf16);
   mla::ThreadPool pool(2);
   for (const MlaConfig& c : {MlaConfig::small_v2_lite(), MlaConfig::small_v3()}) {
     const MlaLayer<T> layer(c, MlaWeights<T>::random(c, 23));
@@ -654,23 +660,27 @@ TYPED_TEST(LayerTest, ANonFiniteTokenAffectsOnlyItselfAndLaterTokens) {
          {test::exact_storage<T>(), CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
       for (AttentionPath path : {AttentionPath::kExpanded, AttentionPath::kAbsorbed}) {
         for (bool threaded : {false, true}) {
-          if (threaded && (!std::is_same_v<T, float> || path != AttentionPath::kAbsorbed)) continue;
-          for (T bad : {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity()}) {
-            for (Index k : {1, 17, 63, 64, 69}) {
-              SCOPED_TRACE(std::string(mla::to_string(storage)) +
-                           (path == AttentionPath::kAbsorbed ? " absorbed" : " expanded") +
-                           (threaded ? " pool" : "") + (std::isnan(bad) ? " NaN" : " Inf") +
-                           " at token " + std::to_string(k));
-              RowMatrix<T> x = clean;
-              x(k, 3) = bad;
-              mla::ThreadPool* p = threaded ? &pool : nullptr;
-              const RowMatrix<T> y = prefill_on(layer, x, storage, path, p, 3);
-              const RowMatrix<T> first = x.topRows(k);
-              const RowMatrix<T> y_first = prefill_on(layer, first, storage, path, p, 3);
-              ASSERT_TRUE(y.topRows(k).allFinite());
-              EXPECT_LE(test::rel_error(test::to_vec(y.topRows(k)), test::to_vec(y_first)),
-                        test::layer_tolerance<T>());
-              EXPECT_FALSE(y.row(k).allFinite()) << "the bad token itself is not finite";
+          if (threaded && !std::is_same_v<T, float>) continue;
+          for (mla::Precision prec : precisions) {
+            for (T bad :
+                 {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity()}) {
+              for (Index k : {1, 17, 63, 64, 69}) {
+                SCOPED_TRACE(
+                    std::string(mla::to_string(storage)) +
+                    (path == AttentionPath::kAbsorbed ? " absorbed" : " expanded") +
+                    (threaded ? " pool" : "") + (prec == mla::Precision::kBf16 ? " kBf16" : "") +
+                    (std::isnan(bad) ? " NaN" : " Inf") + " at token " + std::to_string(k));
+                RowMatrix<T> x = clean;
+                x(k, 3) = bad;
+                mla::ThreadPool* p = threaded ? &pool : nullptr;
+                const RowMatrix<T> y = prefill_on(layer, x, storage, path, p, 3, prec);
+                const RowMatrix<T> first = x.topRows(k);
+                const RowMatrix<T> y_first = prefill_on(layer, first, storage, path, p, 3, prec);
+                ASSERT_TRUE(y.topRows(k).allFinite());
+                EXPECT_LE(test::rel_error(test::to_vec(y.topRows(k)), test::to_vec(y_first)),
+                          test::layer_tolerance<T>());
+                EXPECT_FALSE(y.row(k).allFinite()) << "the bad token itself is not finite";
+              }
             }
           }
         }
@@ -811,6 +821,63 @@ TEST(LayerSplits, AFloatLayerOnAPoolWithSeveralNonEmptySplitsMatchesTheReference
   EXPECT_LE(test::rel_error(std::vector<double>(got.begin() + from, got.end()),
                             std::vector<double>(want.begin() + from, want.end())),
             1e-5);
+}
+
+TEST(LayerPrefill, TheExpandedKernelOnEveryTargetPrecisionAndPoolMatchesTheReference) {
+  // The expanded path's per-target kernel: full and partial register blocks of query rows, of
+  // keys and of value columns (V = 70 = 2 x 32 + 6; P + R = 51 is odd), tiles of keys that the
+  // queries see in part (blocks of 16 tokens), one prefill and a chunk after cached tokens.
+  MlaConfig c = MlaConfig::small_v2_lite();
+  c.num_attention_heads = 3;
+  c.qk_nope_head_dim = 41;
+  c.qk_rope_head_dim = 10;
+  c.v_head_dim = 70;
+  c.kv_lora_rank = 48;
+  const MlaWeights<float> w = MlaWeights<float>::random(c, 51);
+  const MlaLayer<float> layer(c, w);
+  const Index n = 83, first = 37;
+  const RowMatrix<float> x = test::random_input<float>(n, c.hidden_size, 52);
+  ref::MlaTrace trace;
+  const std::vector<double> want = ref::mla_forward(
+      test::to_ref(c), test::to_ref(w), test::to_vec(x), static_cast<int>(n), 9, &trace);
+  mla::ThreadPool pool(2);
+  test::for_each_isa([&](mla::Isa) {
+    for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+      for (mla::ThreadPool* threads : {static_cast<mla::ThreadPool*>(nullptr), &pool}) {
+        for (bool chunked : {false, true}) {
+          SCOPED_TRACE(std::string(p == mla::Precision::kBf16 ? "kBf16" : "kFp32") +
+                       (threads ? ", 2 threads" : ", 1 thread") +
+                       (chunked ? ", two chunks" : ", one prefill"));
+          LatentCache cache = make_cache<float>(c);
+          const auto seq = cache.add_sequence();
+          MlaWorkspace<float> ws;
+          ws.set_thread_pool(threads);
+          mla::DecodeOptions d;
+          d.precision = p;
+          ws.set_decode_options(d);
+          RowMatrix<float> y(n, c.hidden_size);
+          std::vector<double> lse;
+          if (chunked) {
+            layer.forward(x.topRows(first), 9, cache, seq, y.topRows(first), ws,
+                          AttentionPath::kExpanded);
+            lse = test::to_vec(ws.last_lse().topRows(first));
+            layer.forward(x.bottomRows(n - first), 9 + first, cache, seq, y.bottomRows(n - first),
+                          ws, AttentionPath::kExpanded);
+            const std::vector<double> rest = test::to_vec(ws.last_lse().topRows(n - first));
+            lse.insert(lse.end(), rest.begin(), rest.end());
+          } else {
+            layer.forward(x, 9, cache, seq, y, ws, AttentionPath::kExpanded);
+            lse = test::to_vec(ws.last_lse().topRows(n));
+          }
+          // kBf16 rounds the attention's operands (queries, keys, values, weights) to BF16;
+          // the projections stay FP32 (dense weights).
+          const bool bf16 = p == mla::Precision::kBf16;
+          EXPECT_LE(test::rel_error(test::to_vec(y), want), bf16 ? 1e-2 : 1e-5);
+          EXPECT_LE(test::max_abs_error(lse, trace.lse), bf16 ? 2e-2 : 1e-4);
+        }
+      }
+    }
+  });
 }
 
 }  // namespace

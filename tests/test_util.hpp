@@ -29,6 +29,19 @@ inline double rel_error(const std::vector<double>& got, const std::vector<double
   return norm == 0.0 ? std::sqrt(diff) : std::sqrt(diff / norm);
 }
 
+/// max |got - want|; +Inf for a NaN or Inf on either side, or sizes that differ.
+inline double max_abs_error(const std::vector<double>& got, const std::vector<double>& want) {
+  if (got.size() != want.size()) return std::numeric_limits<double>::infinity();
+  double worst = 0.0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i]) || !std::isfinite(want[i])) {
+      return std::numeric_limits<double>::infinity();
+    }
+    worst = std::max(worst, std::abs(got[i] - want[i]));
+  }
+  return worst;
+}
+
 /// Row-major contents of a matrix, as doubles.
 template <class Derived>
 std::vector<double> to_vec(const Eigen::MatrixBase<Derived>& m) {
