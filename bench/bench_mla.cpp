@@ -11,7 +11,9 @@
 //                                                   query tokens, FP32), expanded, gqa8, mha
 //         prefill/<preset>/<tokens>                 whole layer, the preset's checkpoint
 //                                                   weights (V2-Lite BF16, V3 FP8); prefill_bf16
-//                                                   with Precision::kBf16 projections
+//                                                   with Precision::kBf16 projections and
+//                                                   attention
+//         prefill_chunked/<preset>/<tokens>/<chunk> the same in calls of <chunk> tokens
 //         project/<preset>/<matrix>/<dtype>/<batch> one projection (project_bf16: kBf16)
 // The FP32 FMA peak, the BF16 dot-product and AMX peaks (where the CPU has them) and the read
 // bandwidth are measured at start-up with the same threads and written to the JSON context
@@ -345,9 +347,10 @@ mla::MlaWeights<float> checkpoint_weights(const std::string& preset_name, const 
 }
 
 /// One prefill of `tokens` tokens through a whole layer with the preset's checkpoint weights,
-/// the projections in `precision`.
+/// projections and attention in `precision`; in one call, or (chunk > 0) in calls of `chunk`
+/// tokens, each after the earlier ones are cached (the path each call takes is kAuto's).
 void prefill(benchmark::State& state, std::string preset_name, Index tokens,
-             mla::Precision precision) {
+             mla::Precision precision, Index chunk) {
   const MlaConfig c = preset(preset_name).config;
   const mla::MlaLayer<float> layer(c, checkpoint_weights(preset_name, c));
   mla::LatentCacheOptions o;
@@ -358,9 +361,16 @@ void prefill(benchmark::State& state, std::string preset_name, Index tokens,
   mla::MlaWorkspace<float> ws;
   ws.set_thread_pool(&pool());
   ws.set_projection_precision(precision);
+  mla::DecodeOptions d;
+  d.precision = precision;
+  ws.set_decode_options(d);
   auto step = [&] {
     const mla::SequenceId seq = cache.add_sequence();
-    layer.forward(x, 0, cache, seq, y, ws);
+    const Index n = chunk > 0 ? chunk : tokens;
+    for (Index t0 = 0; t0 < tokens; t0 += n) {
+      const Index m = std::min(n, tokens - t0);
+      layer.forward(x.middleRows(t0, m), t0, cache, seq, y.middleRows(t0, m), ws);
+    }
     cache.remove_sequence(seq);
   };
   step();
@@ -496,7 +506,20 @@ void register_all() {
         const std::string name =
             std::string(precision == mla::Precision::kBf16 ? "prefill_bf16/" : "prefill/") + p +
             "/" + std::to_string(tokens);
-        benchmark::RegisterBenchmark(name.c_str(), prefill, p, tokens, precision)
+        benchmark::RegisterBenchmark(name.c_str(), prefill, p, tokens, precision, Index{0})
+            ->UseManualTime()
+            ->Unit(benchmark::kMillisecond)
+            ->MinTime(0.2);
+      }
+    }
+    // The same prompt in chunks of 512 after the earlier ones are cached.
+    for (Index tokens : {2048, 4096}) {
+      for (mla::Precision precision : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+        const std::string name =
+            std::string(precision == mla::Precision::kBf16 ? "prefill_chunked_bf16/"
+                                                           : "prefill_chunked/") +
+            p + "/" + std::to_string(tokens) + "/512";
+        benchmark::RegisterBenchmark(name.c_str(), prefill, p, tokens, precision, Index{512})
             ->UseManualTime()
             ->Unit(benchmark::kMillisecond)
             ->MinTime(0.2);
