@@ -10,8 +10,7 @@
 // every remaining token as one decode step through the latent cache. FP8 checkpoints run W8A32
 // (activations stay FP32) or, with --fp8 w8a8, W8A8 as DeepSeek's fp8_gemm (power-of-two
 // activation scales when config.json's quantization_config.scale_fmt is "ue8m0"). --threads sets
-// the threads of the projections' GEMMs (OpenMP) and of the decode steps' attention over the latent
-// cache (a thread pool).
+// the threads (an mla::ThreadPool) of the projections and of the attention.
 //
 // On success the output ([tokens, hidden_size], float32) is written to Y and the line
 // `cache_bytes_per_token_per_layer: <n>` is printed. On any error the program prints

@@ -22,11 +22,11 @@
 #include "mla/config.hpp"
 #include "mla/detail/isa/dispatch.hpp"
 #include "mla/error.hpp"
+#include "mla/executor.hpp"
 #include "mla/latent_cache.hpp"
 #include "mla/matrix.hpp"
 #include "mla/precision.hpp"
 #include "mla/projection.hpp"
-#include "mla/thread_pool.hpp"
 
 namespace mla {
 
@@ -208,8 +208,8 @@ void attention_expanded(const MlaConfig& c, const LatentView& cache,
   out.setZero();
   if constexpr (std::is_same_v<T, float>) {
     // The per-target kernel, one task per head and block of keys.
-    ThreadPool* pool = projection.pool;
-    const int threads = pool ? pool->size() : 1;
+    Executor* pool = projection.pool;
+    const int threads = mla::concurrency(pool);
     ws.reserve_threads(c, threads);
     const auto& kernels = detail::isa::kernels();
     // Keys [j0, j0 + n), gathered in c_block and kpe_block: rebuild their keys and values,
@@ -248,11 +248,7 @@ void attention_expanded(const MlaConfig& c, const LatentView& cache,
         a.scratch = ws.thread_scratch[static_cast<std::size_t>(thread)].data();
         kernels.attention_tile(a);
       };
-      if (pool && threads > 1) {
-        pool->run(H, head);
-      } else {
-        for (Index h = 0; h < H; ++h) head(h, 0);
-      }
+      mla::parallel_for(pool, H, head);
     };
     Index j0 = 0, gathered = 0;
     detail::for_each_key_tile(cache, ws, [&](Index first, Index n, auto c_tile, auto kpe) {

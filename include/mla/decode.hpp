@@ -14,9 +14,9 @@
 #include "mla/detail/decode_workspace.hpp"
 #include "mla/detail/isa/dispatch.hpp"
 #include "mla/error.hpp"
+#include "mla/executor.hpp"
 #include "mla/latent_cache.hpp"
 #include "mla/matrix.hpp"
-#include "mla/thread_pool.hpp"
 
 namespace mla {
 
@@ -50,7 +50,7 @@ inline constexpr Index kMaxDecodeTokens = 64;
 inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
                             ConstMatrixRef<float> q_latent, double scale,
                             MatrixRef<float> out_latent, MatrixRef<float> lse, DecodeWorkspace& ws,
-                            ThreadPool* pool = nullptr, const DecodeOptions& options = {},
+                            Executor* pool = nullptr, const DecodeOptions& options = {},
                             Index keys = -1) {
   const Index H = c.num_attention_heads, D = c.kv_lora_rank, R = c.qk_rope_head_dim, K = D + R;
   if (keys < 0) keys = cache.tokens();
@@ -75,7 +75,7 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
                   "splits in [0, 4096] and head_groups >= 1; got ",
                   options.tile_tokens, ", ", options.splits, ", ", options.head_groups);
   const detail::isa::Kernels& k = detail::isa::kernels();
-  const int threads = pool ? pool->size() : 1;
+  const int threads = mla::concurrency(pool);
   ws.buffers().reserve(c, options, threads, k.width, T);
 
   detail::isa::DecodeArgs a;

@@ -13,12 +13,12 @@
 #include "mla/config.hpp"
 #include "mla/decode.hpp"
 #include "mla/error.hpp"
+#include "mla/executor.hpp"
 #include "mla/latent_cache.hpp"
 #include "mla/matrix.hpp"
 #include "mla/norm.hpp"
 #include "mla/projection.hpp"
 #include "mla/rope.hpp"
-#include "mla/thread_pool.hpp"
 #include "mla/weights.hpp"
 
 namespace mla {
@@ -47,7 +47,7 @@ class MlaWorkspace {
     grow(lse, tokens, H);
     grow(rope_scratch, 1, c.qk_rope_head_dim);
     attention.reserve(c, tokens, path);
-    const int threads = pool_ ? pool_->size() : 1;
+    const int threads = mla::concurrency(pool_);
     if (static_cast<int>(per_thread.size()) < threads) {
       per_thread.resize(static_cast<std::size_t>(threads));
     }
@@ -61,7 +61,7 @@ class MlaWorkspace {
     if constexpr (std::is_same_v<T, float>) {
       if (path != AttentionPath::kAbsorbed) attention.reserve_threads(c, threads);
       if (path != AttentionPath::kExpanded) {
-        decode.reserve(c, decode_options_, pool_ ? pool_->size() : 1, std::min<Index>(tokens, 8));
+        decode.reserve(c, decode_options_, mla::concurrency(pool_), std::min<Index>(tokens, 8));
       }
     }
   }
@@ -72,8 +72,10 @@ class MlaWorkspace {
   /// Threads for the projections, the absorbed per-head products and the decode attention of
   /// float layers: the pool is used, not owned, and must outlive the calls; nullptr (the
   /// default) runs on the calling thread.
-  void set_thread_pool(ThreadPool* pool) { pool_ = pool; }
-  ThreadPool* thread_pool() const { return pool_; }
+  void set_executor(Executor* executor) { pool_ = executor; }
+  Executor* executor() const { return pool_; }
+  /// The same as set_executor (an mla::ThreadPool is an Executor).
+  void set_thread_pool(Executor* pool) { pool_ = pool; }
 
   /// The arithmetic of the projections of float layers whose weights are BF16 or FP8
   /// (Precision::kFp32, the default, or kBf16: activations rounded to BF16 once). The decode
@@ -101,7 +103,7 @@ class MlaWorkspace {
   DecodeWorkspace decode;
   ProjectionWorkspace projection;
   std::vector<ProjectionWorkspace> per_thread;  // the per-head products on the pool's threads
-  ThreadPool* pool_ = nullptr;
+  Executor* pool_ = nullptr;
   DecodeOptions decode_options_;
   Precision projection_precision_ = Precision::kFp32;
 
@@ -316,11 +318,7 @@ class MlaLayer {
   template <class F>
   void for_each_head(MlaWorkspace<T>& ws, F&& f) const {
     const Index H = config_.num_attention_heads;
-    if (ws.pool_ && ws.pool_->size() > 1) {
-      ws.pool_->run(H, f);
-    } else {
-      for (Index h = 0; h < H; ++h) f(h, 0);
-    }
+    mla::parallel_for(ws.pool_, H, f);
   }
 
   /// Attention of rows [row0, row0 + n), the last n tokens of `view`.

@@ -9,6 +9,7 @@
 #include "mla/config.hpp"
 #include "mla/decode.hpp"
 #include "mla/error.hpp"
+#include "mla/executor.hpp"
 #include "mla/fp8.hpp"
 #include "mla/isa.hpp"
 #include "mla/latent_cache.hpp"

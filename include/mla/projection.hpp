@@ -6,7 +6,8 @@
 /// weight dense in the compute type, in BF16, or in DeepSeek-V3's block-scaled FP8, owned or
 /// borrowed from memory someone else keeps alive (a memory-mapped checkpoint); the call site is
 /// the same. For float every storage runs on the kernels of the active instruction set
-/// (mla/isa.hpp), threaded over output columns on a ThreadPool when one is given.
+/// (mla/isa.hpp), threaded over output columns on an Executor (e.g. an mla::ThreadPool) when one is
+/// given.
 
 #include <algorithm>
 #include <cstdint>
@@ -21,10 +22,10 @@
 #include "mla/detail/fp8_gemm.hpp"
 #include "mla/detail/isa/dispatch.hpp"
 #include "mla/error.hpp"
+#include "mla/executor.hpp"
 #include "mla/matrix.hpp"
 #include "mla/precision.hpp"
 #include "mla/quant.hpp"
-#include "mla/thread_pool.hpp"
 
 namespace mla {
 
@@ -60,14 +61,10 @@ inline float round_bf16(float x) {
 
 /// Calls f(i0, i1) for [0, n) in blocks of `block`, on the pool when it has several threads.
 template <class F>
-void for_blocks(ThreadPool* pool, Index n, Index block, F&& f) {
+void for_blocks(Executor* pool, Index n, Index block, F&& f) {
   const Index blocks = (n + block - 1) / block;
   const auto task = [&](Index b, int) { f(b * block, std::min(n, (b + 1) * block)); };
-  if (pool && pool->size() > 1 && blocks > 1) {
-    pool->run(blocks, task);
-  } else {
-    for (Index b = 0; b < blocks; ++b) task(b, 0);
-  }
+  mla::parallel_for(pool, blocks, task);
 }
 
 }  // namespace detail
@@ -86,6 +83,7 @@ class ProjectionWorkspace {
     detail::AlignedVector<float> xt_scales;            // W8A8: [K blocks][M padded]
     std::vector<float8_e4m3fn> codes;                  // W8A8: one row's codes
     std::vector<detail::AlignedVector<float>> panels;  // per thread: the decoded weight panel
+    detail::Fp8GemmScratch<double> reference;          // FP8 weights in double (reference route)
   };
   Buffers& buffers() { return b_; }
 
@@ -111,7 +109,7 @@ class ProjectionWorkspace {
 /// Where and how a projection runs.
 struct ProjectionContext {
   /// Threads for the columns of the output (used, not owned); nullptr: the calling thread.
-  ThreadPool* pool = nullptr;
+  Executor* pool = nullptr;
   /// kFp32 (the default: FP32 products of the stored values) or kBf16 (activations rounded to
   /// BF16 once, then BF16 dot products; for BF16 and FP8 weights: dense weights always
   /// multiply in the compute type).
@@ -310,7 +308,13 @@ class Linear {
     } else {
       // Other compute types (double): the reference route, dequantise then Eigen.
       if (fp8_ && whole) {
-        detail::fp8_block_gemm<T>(x, *fp8_, matmul_ == Fp8Matmul::kW8A8, activation_scales_, y);
+        detail::Fp8GemmScratch<T> local;
+        detail::Fp8GemmScratch<T>* scratch = &local;
+        if constexpr (std::is_same_v<T, double>) {
+          if (ctx.workspace) scratch = &ctx.workspace->buffers().reference;
+        }
+        detail::fp8_block_gemm<T>(x, *fp8_, matmul_ == Fp8Matmul::kW8A8, activation_scales_, y,
+                                  *scratch);
       } else if (storage() == WeightStorage::kDense) {
         if (layout == Layout::kTransposedRows) {
           y.noalias() = x * dense_.middleRows(row0, n).transpose();
@@ -472,7 +476,7 @@ class Linear {
     }
     // Output columns over the threads: streaming splits them evenly (memory-bound), panels in
     // chunks of 64.
-    const int threads = ctx.pool ? ctx.pool->size() : 1;
+    const int threads = mla::concurrency(ctx.pool);
     (ctx.workspace ? *ctx.workspace : local).reserve(threads, 0, 0, false);
     const Index N = a.N;
     const Index chunk =
@@ -487,11 +491,7 @@ class Linear {
       at.scratch = b.panels[static_cast<std::size_t>(thread)].data();
       k.gemm(at);
     };
-    if (ctx.pool && tasks > 1) {
-      ctx.pool->run(tasks, task);
-    } else {
-      for (Index t = 0; t < tasks; ++t) task(t, 0);
-    }
+    mla::parallel_for(ctx.pool, tasks, task);
   }
 
   RowMatrix<T> dense_;

@@ -1,8 +1,8 @@
 #pragma once
 /// \file
-/// `ThreadPool`: a small fixed pool of worker threads for the library's parallel kernels. The
-/// calling thread works too, so a pool of n threads starts n - 1 workers. Running a batch of
-/// tasks allocates nothing, which keeps decode steps allocation-free.
+/// `ThreadPool`: a small fixed pool of worker threads, the library's own Executor. The calling
+/// thread works too, so a pool of n threads starts n - 1 workers. Running a batch of tasks
+/// allocates nothing, which keeps decode steps allocation-free.
 
 #include <algorithm>
 #include <atomic>
@@ -15,13 +15,15 @@
 #include <vector>
 
 #include "mla/error.hpp"
+#include "mla/executor.hpp"
 #include "mla/matrix.hpp"
 
 namespace mla {
 
-/// Fixed set of threads that run batches of independent tasks. One batch at a time: run() is
-/// not reentrant and a pool must not be shared by threads that call run() concurrently.
-class ThreadPool {
+/// Fixed set of threads that run batches of independent tasks, one batch at a time: callers on
+/// different threads take turns (the second waits), and a task that calls run() on its own
+/// pool runs that inner batch itself, on its thread.
+class ThreadPool final : public Executor {
  public:
   /// A pool of `threads` threads in all (the caller of run() counts as one). 0 means
   /// std::thread::hardware_concurrency(). Throws mla::Error for a negative or absurd count.
@@ -32,6 +34,7 @@ class ThreadPool {
     size_ = threads;
     workers_.reserve(static_cast<std::size_t>(threads - 1));
     for (int w = 1; w < threads; ++w) workers_.emplace_back([this, w] { work(w); });
+    for (const std::thread& t : workers_) worker_ids_.push_back(t.get_id());
   }
 
   ThreadPool(const ThreadPool&) = delete;
@@ -48,6 +51,11 @@ class ThreadPool {
 
   /// Threads in the pool, the caller included.
   int size() const { return size_; }
+  int concurrency() const override { return size_; }
+
+  void parallel_for(Index n, TaskRef task) override {
+    run(n, [&](Index i, int thread) { task(i, thread); });
+  }
 
   /// Calls f(task, thread) for every task in [0, tasks), spread over the pool's threads, and
   /// returns when all have finished. `thread` in [0, size()) identifies the thread that runs
@@ -61,10 +69,19 @@ class ThreadPool {
     batch.tasks = tasks;
     batch.context = const_cast<void*>(static_cast<const void*>(&f));
     batch.call = [](void* ctx, Index task, int thread) { (*static_cast<Fn*>(ctx))(task, thread); };
-    if (size_ == 1 || tasks == 1) {
-      for (Index t = 0; t < tasks; ++t) batch.call(batch.context, t, 0);
+    const int inner = inside();
+    if (size_ == 1 || tasks == 1 || inner >= 0) {
+      // Alone, or inside one of this pool's tasks (whose thread id it keeps): in place.
+      const int thread = inner >= 0 ? inner : 0;
+      for (Index t = 0; t < tasks; ++t) batch.call(batch.context, t, thread);
       return;
     }
+    std::lock_guard<std::mutex> turn(run_mutex_);  // one batch at a time
+    owner_.store(std::this_thread::get_id(), std::memory_order_relaxed);
+    struct Release {
+      std::atomic<std::thread::id>& owner;
+      ~Release() { owner.store(std::thread::id(), std::memory_order_relaxed); }
+    } release{owner_};
     {
       std::lock_guard<std::mutex> lock(mutex_);
       batch_ = &batch;
@@ -89,6 +106,17 @@ class ThreadPool {
     std::exception_ptr error;
     std::mutex error_mutex;
   };
+
+  /// The pool thread id of the calling thread when it is running one of this pool's batches
+  /// (0: the caller of run(); w: worker w), else -1.
+  int inside() const {
+    const std::thread::id me = std::this_thread::get_id();
+    if (owner_.load(std::memory_order_relaxed) == me) return 0;
+    for (std::size_t w = 0; w < worker_ids_.size(); ++w) {
+      if (worker_ids_[w] == me) return static_cast<int>(w) + 1;
+    }
+    return -1;
+  }
 
   static void drain(Batch& b, int thread) {
     for (Index t = b.next.fetch_add(1, std::memory_order_relaxed); t < b.tasks;
@@ -125,6 +153,9 @@ class ThreadPool {
 
   int size_ = 1;
   std::vector<std::thread> workers_;
+  std::vector<std::thread::id> worker_ids_;
+  std::mutex run_mutex_;                  // held by the thread whose batch is running
+  std::atomic<std::thread::id> owner_{};  // that thread
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable done_;

@@ -16,8 +16,9 @@
 
 namespace mla::detail {
 
-/// Scratch of the FP8 matmul, one per thread: it grows to the largest call seen and is then
-/// reused, so repeated calls of the same shape do not allocate.
+/// Scratch of the FP8 matmul (the reference route): it grows to the largest call seen and is
+/// then reused, so repeated calls of the same shape do not allocate. The caller owns it (a
+/// projection workspace); the library keeps no hidden per-thread state.
 template <class T>
 struct Fp8GemmScratch {
   std::vector<T> weights;      // a decoded panel [rows, block_cols], unscaled
@@ -27,10 +28,6 @@ struct Fp8GemmScratch {
   std::vector<float8_e4m3fn> act_codes;
   std::vector<float> row;  // one row as float (for T = double)
 
-  static Fp8GemmScratch& local() {
-    thread_local Fp8GemmScratch s;
-    return s;
-  }
   template <class V>
   static auto* grow(std::vector<V>& v, Index n) {
     mla::detail::grow(v, n);
@@ -62,12 +59,11 @@ void decode_codes(const float8_e4m3fn* q, Index n, T* out, float* row) {
 /// as they are used; the full matrix is never dequantised.
 template <class T>
 void fp8_block_gemm(ConstMatrixRef<T> x, const BlockFp8Matrix& w, bool quantize_x,
-                    ScaleFormat x_scales, MatrixRef<T> y) {
+                    ScaleFormat x_scales, MatrixRef<T> y, Fp8GemmScratch<T>& s) {
   using RowMap = Eigen::Map<RowMatrix<T>>;
   using ConstRowMap = Eigen::Map<const RowMatrix<T>>;
   const Index M = x.rows(), K = x.cols(), N = w.rows();
   const Index bn = w.block_rows(), bk = w.block_cols(), kblocks = w.col_blocks();
-  Fp8GemmScratch<T>& s = Fp8GemmScratch<T>::local();
   float* row = Fp8GemmScratch<T>::grow(s.row, std::max(K, bk));
   y.setZero();
   if (M == 0 || N == 0) return;

@@ -311,7 +311,7 @@ struct Part {
 
 inline void run(const DecodeArgs& a) {
   const LatentBlocks& cache = a.cache;
-  const int threads = a.pool ? a.pool->size() : 1;
+  const int threads = mla::concurrency(a.pool);
   const Rows q = decode_kernel::rows_of(a);
   const decode::Geometry geo(a.tokens * q.h_pad1, a.options, threads, kW);
   const Index tile = a.options.tile_tokens;

@@ -9,9 +9,9 @@
 
 #include "mla/detail/decode_workspace.hpp"
 #include "mla/detail/latent_blocks.hpp"
+#include "mla/executor.hpp"
 #include "mla/isa.hpp"
 #include "mla/matrix.hpp"
-#include "mla/thread_pool.hpp"
 
 namespace mla::detail::isa {
 
@@ -30,7 +30,7 @@ struct DecodeArgs {
   float* lse = nullptr;  ///< [tokens][H], rows lse_stride apart
   Index lse_stride = 0;
   decode::Buffers* buffers = nullptr;
-  ThreadPool* pool = nullptr;
+  Executor* pool = nullptr;
   DecodeOptions options;
   Index keys = 0;
 };

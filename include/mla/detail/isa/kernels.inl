@@ -481,7 +481,7 @@ template <class Part>
 void run_parts(const DecodeArgs& a, const Rows& q, const decode::Geometry& geo, const Part& part) {
   const Index items = geo.splits * geo.groups;
   if (a.pool) {
-    a.pool->run(items, part);
+    mla::parallel_for(a.pool, items, part);
   } else {
     for (Index i = 0; i < items; ++i) part(i, 0);
   }
@@ -489,7 +489,7 @@ void run_parts(const DecodeArgs& a, const Rows& q, const decode::Geometry& geo, 
   const Merge merge{&a, &q, &geo};
   const Index outputs = a.tokens * a.heads;
   if (a.pool) {
-    a.pool->run(outputs, merge);
+    mla::parallel_for(a.pool, outputs, merge);
   } else {
     for (Index i = 0; i < outputs; ++i) merge(i, 0);
   }
@@ -578,7 +578,7 @@ struct Part {
 inline void run(const DecodeArgs& a) {
   const LatentBlocks& cache = a.cache;
   const Index D = cache.layout.kv_lora_rank, R = cache.layout.rope_dim, K = D + R;
-  const int threads = a.pool ? a.pool->size() : 1;
+  const int threads = mla::concurrency(a.pool);
   const Rows q = rows_of(a);
   const decode::Geometry geo(a.tokens * q.h_pad1, a.options, threads, kW);
   const Index tile = a.options.tile_tokens;
