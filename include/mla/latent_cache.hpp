@@ -11,6 +11,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <type_traits>
 #include <unordered_map>
@@ -48,14 +49,13 @@ using SequenceId = std::int64_t;
 namespace detail {
 
 /// The record codec: encodes one token, c [d_c] and k [R] of T, into its record. Quantisation
-/// (FP8) and rounding (BF16) happen here, once.
+/// (FP8) and rounding (BF16) happen here, once. Uses no heap memory.
 template <class T>
-void write_record(const LatentLayout& l, const T* c, const T* k, unsigned char* rec,
-                  float* scratch) {
+void write_record(const LatentLayout& l, const T* c, const T* k, unsigned char* rec) {
   const Index D = l.kv_lora_rank, R = l.rope_dim;
   const auto store_as = [&](auto zero) {
     using S = decltype(zero);
-    S* out = reinterpret_cast<S*>(rec);  // records of S are aligned for S (pool is 64-aligned)
+    S* out = reinterpret_cast<S*>(rec);  // records of S are aligned for S (checked for buffers)
     const auto narrow = [](T x) {
       if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
         return to_bfloat16(x);
@@ -78,18 +78,23 @@ void write_record(const LatentLayout& l, const T* c, const T* k, unsigned char* 
       break;
     case CacheStorage::kFp8E4M3: {
       // The latent is quantised from its float value, in 128-value tiles.
-      const float* cf = nullptr;
-      if constexpr (std::is_same_v<T, float>) {
-        cf = c;
-      } else {
-        for (Index i = 0; i < D; ++i) scratch[i] = static_cast<float>(c[i]);
-        cf = scratch;
+      constexpr Index kTile = LatentLayout::kFp8Tile;
+      auto* codes = reinterpret_cast<float8_e4m3fn*>(rec);
+      for (Index t = 0, first = 0; first < D; ++t, first += kTile) {
+        const Index n = std::min(kTile, D - first);
+        const float* cf = nullptr;
+        float tile[kTile];
+        if constexpr (std::is_same_v<T, float>) {
+          cf = c + first;
+        } else {
+          for (Index i = 0; i < n; ++i) tile[i] = static_cast<float>(c[first + i]);
+          cf = tile;
+        }
+        float scale = 0.0f;
+        quantize_e4m3_tiles(cf, n, kTile, 0.0f, l.fp8_scales, codes + first, &scale);
+        std::memcpy(rec + l.scales_offset + sizeof(float) * static_cast<std::size_t>(t), &scale,
+                    sizeof(float));
       }
-      float scales[64];  // one per tile; d_c <= 8192 is checked at construction
-      quantize_e4m3_tiles(cf, D, LatentLayout::kFp8Tile, 0.0f, l.fp8_scales,
-                          reinterpret_cast<float8_e4m3fn*>(rec), scales);
-      std::memcpy(rec + l.scales_offset, scales,
-                  sizeof(float) * static_cast<std::size_t>(LatentLayout::fp8_tiles(D)));
       // k^R stays BF16: RoPE phases do not survive 3 mantissa bits.
       for (Index i = 0; i < R; ++i) {
         const Eigen::bfloat16 b = to_bfloat16(k[i]);
@@ -180,13 +185,152 @@ struct AlignedBytes {
 
 }  // namespace detail
 
-/// One sequence's cached tokens for one layer, as the attention kernels read them. Valid until
-/// that sequence is appended to or removed, or the cache is destroyed.
+/// The bytes of one token's record of one layer, in every storage format: the public form of
+/// the record codec, for engines that keep the latent cache in memory of their own.
+///
+/// Records are packed, with no padding (bytes() from one token to the next):
+///  - kFloat32: c^KV [d_c] then k^R [R], FP32 (4 (d_c + R) bytes; 2304 at DeepSeek sizes);
+///  - kBFloat16: the same in BF16 (2 (d_c + R); 1152: vLLM's [num_blocks, block_size, 576]
+///    BF16 MLA cache, token by token);
+///  - kFp8E4M3: FlashMLA's "fp8 with scale" record: d_c E4M3 codes at offset 0, one FP32 scale
+///    per 128 codes at offset d_c, k^R in BF16 at rope_offset() (656 bytes at DeepSeek sizes);
+///  - kFloat64: c^KV then k^R in double (for verification).
+class LatentRecordFormat {
+ public:
+  LatentRecordFormat() = default;
+  /// Throws mla::Error for non-positive widths, or FP8 with d_c above 8192.
+  LatentRecordFormat(Index kv_lora_rank, Index rope_dim, CacheStorage storage,
+                     ScaleFormat fp8_scales = ScaleFormat::kFloat32) {
+    detail::require(kv_lora_rank > 0 && kv_lora_rank <= (Index{1} << 20) && rope_dim >= 0 &&
+                        rope_dim <= (Index{1} << 20),
+                    "LatentRecordFormat: kv_lora_rank must be in [1, 2^20] and rope_dim in "
+                    "[0, 2^20], got ",
+                    kv_lora_rank, " and ", rope_dim);
+    detail::require(storage != CacheStorage::kFp8E4M3 || kv_lora_rank <= 8192,
+                    "LatentRecordFormat: FP8 records support kv_lora_rank up to 8192, got ",
+                    kv_lora_rank);
+    layout_ = detail::LatentLayout::make(kv_lora_rank, rope_dim, storage, fp8_scales);
+  }
+
+  Index kv_lora_rank() const { return layout_.kv_lora_rank; }
+  Index rope_dim() const { return layout_.rope_dim; }
+  CacheStorage storage() const { return layout_.storage; }
+  /// How FP8 scales are rounded when records are written (reading accepts either).
+  ScaleFormat fp8_scales() const { return layout_.fp8_scales; }
+  /// Bytes of one record.
+  std::size_t bytes() const { return layout_.token_bytes; }
+  /// FP8: byte offset of the scales; 0 otherwise.
+  std::size_t scales_offset() const { return layout_.scales_offset; }
+  /// Byte offset of k^R in the record.
+  std::size_t rope_offset() const { return layout_.kpe_offset; }
+  /// The alignment in bytes that buffers of these records must have: their element's size
+  /// (FP8: 4, for the FP32 scales).
+  std::size_t alignment() const {
+    return layout_.storage == CacheStorage::kFp8E4M3
+               ? sizeof(float)
+               : detail::LatentLayout::element_bytes(layout_.storage);
+  }
+
+  /// Writes one token, c [d_c] and k [R] (RoPE applied), into `record` (bytes() bytes):
+  /// rounded to BF16 or quantised to FP8 here, once.
+  template <class T>
+  void encode(const T* c, const T* k, void* record) const {
+    detail::write_record(layout_, c, k, static_cast<unsigned char*>(record));
+  }
+  /// Reads one record into c [d_c] and k [R] (exact in float and double). Allocates d_c floats
+  /// of scratch for BF16 and FP8 into a T other than float.
+  template <class T>
+  void decode(const void* record, T* c, T* k) const {
+    std::vector<float> scratch;
+    if (!std::is_same_v<T, float>) scratch.resize(static_cast<std::size_t>(kv_lora_rank()));
+    detail::read_record(layout_, static_cast<const unsigned char*>(record), c, k, scratch.data());
+  }
+
+  /// (internal) The layout the kernels read.
+  const detail::LatentLayout& layout() const { return layout_; }
+
+ private:
+  detail::LatentLayout layout_;
+};
+
+/// One layer's paged latent cache in memory the library does not own (an engine's buffer):
+/// block b's records start at data + b * block_stride, block_tokens records of
+/// format.bytes() each, back to back. A vLLM / FlashMLA-style tensor
+/// [num_blocks, block_size, 576] BF16 (or [num_blocks, block_size, 656] bytes of FP8 records)
+/// is {format, tensor.data_ptr(), num_blocks, block_size} with the default stride. When the
+/// layers of a model share one tensor [layers, num_blocks, ...], each layer is its own buffer.
+struct PagedLatentBuffer {
+  LatentRecordFormat format;
+  void* data = nullptr;
+  Index num_blocks = 0;
+  Index block_tokens = 0;
+  /// Bytes from one block to the next; 0 means block_tokens * format.bytes() (packed).
+  std::size_t block_stride = 0;
+
+  std::size_t stride() const {
+    return block_stride ? block_stride : static_cast<std::size_t>(block_tokens) * format.bytes();
+  }
+  /// Throws mla::Error naming what is wrong: no data, non-positive sizes, a stride smaller than
+  /// a block, or data or stride not aligned to format.alignment().
+  void validate() const {
+    detail::require(format.bytes() > 0, "PagedLatentBuffer: the record format is empty");
+    detail::require(data != nullptr, "PagedLatentBuffer: data is null");
+    detail::require(num_blocks > 0 && num_blocks <= std::numeric_limits<std::int32_t>::max() &&
+                        block_tokens > 0 && block_tokens <= (Index{1} << 20),
+                    "PagedLatentBuffer: num_blocks must be in [1, 2^31) and block_tokens in "
+                    "[1, 2^20], got ",
+                    num_blocks, " and ", block_tokens);
+    const std::size_t packed = static_cast<std::size_t>(block_tokens) * format.bytes();
+    detail::require(block_stride == 0 || block_stride >= packed, "PagedLatentBuffer: block_stride ",
+                    block_stride, " is smaller than a block of ", block_tokens, " records of ",
+                    format.bytes(), " bytes");
+    const std::size_t a = format.alignment();
+    detail::require(reinterpret_cast<std::uintptr_t>(data) % a == 0 && stride() % a == 0,
+                    "PagedLatentBuffer: data and block_stride must be aligned to ", a,
+                    " bytes for ", to_string(format.storage()), " records");
+  }
+  /// The record of slot `slot` of block `block`.
+  unsigned char* record(Index block, Index slot) const {
+    return static_cast<unsigned char*>(data) + static_cast<std::size_t>(block) * stride() +
+           static_cast<std::size_t>(slot) * format.bytes();
+  }
+};
+
+/// One sequence's cached tokens for one layer, as the attention kernels read them: a record
+/// format, the layer's blocks, the sequence's block table and its length. Non-owning.
+/// A view from LatentCache::view is valid until that sequence is changed or removed or the
+/// cache is destroyed; a view over a PagedLatentBuffer while the buffer and the table live and
+/// their records do not change.
 class LatentView {
  public:
   /// A tile of keys as T: rows are tokens.
   template <class T>
   using Tile = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
+
+  /// An empty view (no tokens).
+  LatentView() = default;
+
+  /// A view of `tokens` records of an engine's buffer: token t is slot t % block_tokens of
+  /// block block_table[t / block_tokens]. Throws mla::Error for an invalid buffer, a negative
+  /// length, a null table, or a table entry outside [0, num_blocks) (the
+  /// ceil(tokens / block_tokens) entries used are checked).
+  LatentView(const PagedLatentBuffer& buffer, const std::int32_t* block_table, Index tokens) {
+    buffer.validate();
+    detail::require(tokens >= 0, "LatentView: negative length ", tokens);
+    const Index used = (tokens + buffer.block_tokens - 1) / buffer.block_tokens;
+    detail::require(used == 0 || block_table != nullptr, "LatentView: the block table is null");
+    for (Index b = 0; b < used; ++b) {
+      detail::require(block_table[b] >= 0 && block_table[b] < buffer.num_blocks,
+                      "LatentView: block table entry ", b, " is ", block_table[b],
+                      ", outside the buffer's [0, ", buffer.num_blocks, ") blocks");
+    }
+    b_.layer_base = static_cast<const unsigned char*>(buffer.data);
+    b_.block_table = block_table;
+    b_.block_bytes = buffer.stride();
+    b_.block_tokens = buffer.block_tokens;
+    b_.tokens = tokens;
+    b_.layout = buffer.format.layout();
+  }
 
   /// Tokens cached for this layer.
   Index tokens() const { return b_.tokens; }
@@ -290,12 +434,21 @@ class LatentView {
 ///
 /// Per token and layer it stores exactly d_c latent values and R rotary-key values, in the
 /// chosen storage format. The pool holds `num_blocks` blocks of `block_tokens` tokens for every
-/// layer; a block belongs to one sequence for all layers. Not copyable (it can be large): use
-/// clone(). Not safe for concurrent mutation.
+/// layer; a block serves one position range of its sequences in all layers. Blocks are
+/// reference-counted: fork() lets sequences share full blocks (a common prefix is stored once),
+/// and a write into a shared block first copies it (copy on write). Not copyable (it can be
+/// large): use clone().
+///
+/// Threads: different sequences may be appended to, viewed and decoded from different threads
+/// at the same time (the pool, the block tables' bookkeeping and the accounting are behind one
+/// mutex, and no two sequences ever write the same block). Operations on one sequence must not
+/// overlap each other, and a view must not be read while its sequence is appended to,
+/// truncated or removed. clone(), moves and destruction need the cache to be otherwise idle.
 class LatentCache {
  public:
   /// Allocates the whole pool. Throws mla::Error for an invalid config or options.
-  LatentCache(const MlaConfig& config, const LatentCacheOptions& options) : options_(options) {
+  LatentCache(const MlaConfig& config, const LatentCacheOptions& options)
+      : options_(options), mutex_(std::make_unique<std::mutex>()) {
     config.validate();
     detail::require(options.num_layers > 0 && options.num_layers <= (Index{1} << 16),
                     "LatentCacheOptions.num_layers must be in [1, 65536], got ",
@@ -309,8 +462,9 @@ class LatentCache {
     detail::require(options.storage != CacheStorage::kFp8E4M3 || config.kv_lora_rank <= 8192,
                     "LatentCache: FP8 storage supports kv_lora_rank up to 8192, got ",
                     config.kv_lora_rank);
-    layout_ = detail::LatentLayout::make(config.kv_lora_rank, config.qk_rope_head_dim,
-                                         options.storage, options.fp8_scales);
+    format_ = LatentRecordFormat(config.kv_lora_rank, config.qk_rope_head_dim, options.storage,
+                                 options.fp8_scales);
+    layout_ = format_.layout();
     block_bytes_ = layout_.token_bytes * static_cast<std::size_t>(options.block_tokens);
     // The pool size in double first, so that an absurd request fails with a clear message
     // instead of wrapping around.
@@ -327,7 +481,7 @@ class LatentCache {
       detail::fail("LatentCache: cannot allocate ", pool_bytes / (1 << 20), " MiB for ",
                    options.num_blocks, " blocks x ", options.num_layers, " layers");
     }
-    scratch_.resize(static_cast<std::size_t>(config.kv_lora_rank));
+    refs_.assign(static_cast<std::size_t>(options.num_blocks), 0);
     free_blocks_.reserve(static_cast<std::size_t>(options.num_blocks));
     // Hand out low block ids first.
     for (Index b = options.num_blocks - 1; b >= 0; --b) {
@@ -340,12 +494,26 @@ class LatentCache {
   LatentCache(const LatentCache&) = delete;
   LatentCache& operator=(const LatentCache&) = delete;
 
-  /// A deep copy (pool, block tables, lengths). Sequence ids stay valid in the copy.
+  /// A deep copy (pool, block tables, sharing, lengths). Sequence ids stay valid in the copy.
   LatentCache clone() const { return LatentCache(*this, CloneTag{}); }
 
   const LatentCacheOptions& options() const { return options_; }
   Index kv_lora_rank() const { return layout_.kv_lora_rank; }
   Index rope_dim() const { return layout_.rope_dim; }
+  /// The records' byte layout (see LatentRecordFormat).
+  const LatentRecordFormat& record_format() const { return format_; }
+  /// One layer's part of the pool as a PagedLatentBuffer (block ids are those of block_table);
+  /// the cache stays its owner. For reading: writes go through append.
+  PagedLatentBuffer buffer(Index layer) const {
+    check_layer(layer, "buffer");
+    PagedLatentBuffer b;
+    b.format = format_;
+    b.data = const_cast<unsigned char*>(layer_base(layer));
+    b.num_blocks = options_.num_blocks;
+    b.block_tokens = options_.block_tokens;
+    b.block_stride = block_bytes_;
+    return b;
+  }
 
   // ------------------------------------------------------------------------------------------
   // Accounting
@@ -367,22 +535,43 @@ class LatentCache {
   Index capacity_tokens() const { return options_.num_blocks * options_.block_tokens; }
   /// Bytes of the pool: capacity_tokens() * bytes_per_token().
   std::size_t capacity_bytes() const { return pool_.size; }
-  /// Blocks held by sequences.
+  /// Blocks held by sequences (a block shared by several counts once).
   Index blocks_in_use() const { return options_.num_blocks - free_blocks(); }
   /// Blocks not held by any sequence.
-  Index free_blocks() const { return static_cast<Index>(free_blocks_.size()); }
-  /// Bytes of the blocks held by sequences (all layers): what is taken from the pool.
+  Index free_blocks() const {
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    return static_cast<Index>(free_blocks_.size());
+  }
+  /// Blocks held by more than one sequence.
+  Index shared_blocks() const {
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    return static_cast<Index>(
+        std::count_if(refs_.begin(), refs_.end(), [](std::int32_t r) { return r > 1; }));
+  }
+  /// Bytes of the blocks held by sequences (all layers): what is taken from the pool. Shared
+  /// blocks count once.
   std::size_t bytes_in_use() const {
     return block_bytes_ * static_cast<std::size_t>(blocks_in_use()) *
            static_cast<std::size_t>(options_.num_layers);
   }
-  /// Bytes holding cached tokens (sum over sequences and layers of length * record bytes):
-  /// bytes_in_use() minus the unfilled ends of the last blocks.
+  /// Bytes holding cached tokens: for every block in use and every layer, the records filled
+  /// by the sequences that hold it (a shared record counts once). bytes_in_use() minus the
+  /// unfilled ends of blocks.
   std::size_t bytes_of_tokens() const {
+    const std::lock_guard<std::mutex> lock(*mutex_);
     std::size_t total = 0;
-    for (const auto& entry : sequences_) {
-      for (Index len : entry.second.lengths)
-        total += static_cast<std::size_t>(len) * layout_.token_bytes;
+    std::vector<Index> filled(static_cast<std::size_t>(options_.num_blocks));
+    for (Index layer = 0; layer < options_.num_layers; ++layer) {
+      std::fill(filled.begin(), filled.end(), 0);
+      for (const auto& entry : sequences_) {
+        const Sequence& s = entry.second;
+        const Index len = s.lengths[static_cast<std::size_t>(layer)];
+        for (Index b = 0; b * options_.block_tokens < len; ++b) {
+          Index& f = filled[static_cast<std::size_t>(s.blocks[static_cast<std::size_t>(b)])];
+          f = std::max(f, std::min(options_.block_tokens, len - b * options_.block_tokens));
+        }
+      }
+      for (Index f : filled) total += static_cast<std::size_t>(f) * layout_.token_bytes;
     }
     return total;
   }
@@ -395,31 +584,105 @@ class LatentCache {
     Sequence s;
     s.blocks.reserve(static_cast<std::size_t>(options_.num_blocks));  // no allocation on append
     s.lengths.assign(static_cast<std::size_t>(options_.num_layers), 0);
+    const std::lock_guard<std::mutex> lock(*mutex_);
     const SequenceId id = next_id_++;
     sequences_.emplace(id, std::move(s));
     return id;
   }
 
-  /// Removes a sequence and returns its blocks to the pool. Throws for an unknown id.
+  /// Removes a sequence and returns the blocks only it held to the pool. Throws for an unknown
+  /// id.
   void remove_sequence(SequenceId id) {
+    const std::lock_guard<std::mutex> lock(*mutex_);
     Sequence& s = find(id, "remove_sequence");
-    free_blocks_.insert(free_blocks_.end(), s.blocks.begin(), s.blocks.end());
+    release_blocks(s, 0);
     sequences_.erase(id);
   }
 
-  bool contains(SequenceId id) const { return sequences_.count(id) != 0; }
-  Index num_sequences() const { return static_cast<Index>(sequences_.size()); }
+  /// A new sequence holding the first `tokens` tokens of `parent` in every layer (each layer:
+  /// min(tokens, its length); all of them by default), at the parent's positions. Full blocks
+  /// of that prefix are shared by reference count; a partly filled last block is copied, so
+  /// that parent and child write only blocks of their own (a later write into a shared block,
+  /// after truncate, copies it first). Forking one prompt many times stores its full blocks
+  /// once (prefix sharing). Atomic: throws mla::Error for an unknown parent, a negative
+  /// `tokens`, or a pool without a free block for the copy, and then changes nothing.
+  SequenceId fork(SequenceId parent, Index tokens = std::numeric_limits<Index>::max()) {
+    detail::require(tokens >= 0, "LatentCache::fork: negative token count ", tokens);
+    Sequence child;
+    child.blocks.reserve(static_cast<std::size_t>(options_.num_blocks));
+    child.lengths.assign(static_cast<std::size_t>(options_.num_layers), 0);
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    const Sequence& p = find(parent, "fork");
+    Index shortest = std::numeric_limits<Index>::max(), longest = 0;
+    for (std::size_t l = 0; l < child.lengths.size(); ++l) {
+      child.lengths[l] = std::min(tokens, p.lengths[l]);
+      shortest = std::min(shortest, child.lengths[l]);
+      longest = std::max(longest, child.lengths[l]);
+    }
+    const Index bt = options_.block_tokens;
+    const Index shared = shortest / bt;          // full in every layer
+    const Index used = (longest + bt - 1) / bt;  // blocks the child's tokens touch
+    const Index copies = used - shared;
+    detail::require(copies <= static_cast<Index>(free_blocks_.size()),
+                    "LatentCache::fork: ", "sequence ", parent, " needs ", copies,
+                    " free blocks for its partly filled blocks, but the pool has ",
+                    free_blocks_.size(), " of ", options_.num_blocks, " free");
+    // Nothing fails from here on.
+    for (Index b = 0; b < shared; ++b) {
+      const std::int32_t id = p.blocks[static_cast<std::size_t>(b)];
+      ++refs_[static_cast<std::size_t>(id)];
+      child.blocks.push_back(id);
+    }
+    for (Index b = shared; b < used; ++b) {
+      const std::int32_t id = take_block();
+      copy_block(p.blocks[static_cast<std::size_t>(b)], id);
+      child.blocks.push_back(id);
+    }
+    child.first_position = p.first_position;
+    const SequenceId id = next_id_++;
+    sequences_.emplace(id, std::move(child));
+    return id;
+  }
+
+  /// Drops the tokens from index `tokens` on in every layer (speculative decoding's rejected
+  /// drafts): each layer keeps min(tokens, its length); blocks no longer used go back to the
+  /// pool (or lose one reference when shared). Truncating to 0 leaves an empty sequence whose
+  /// next token may again be at any position. Atomic: throws mla::Error for an unknown id or a
+  /// `tokens` outside [0, the longest layer's length], and then changes nothing.
+  void truncate(SequenceId id, Index tokens) {
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    Sequence& s = find(id, "truncate");
+    const Index longest = *std::max_element(s.lengths.begin(), s.lengths.end());
+    detail::require(tokens >= 0 && tokens <= longest, "LatentCache::truncate: sequence ", id,
+                    " holds ", longest, " tokens (longest layer), cannot truncate to ", tokens);
+    Index kept = 0;
+    for (Index& len : s.lengths) {
+      len = std::min(len, tokens);
+      kept = std::max(kept, len);
+    }
+    release_blocks(s, (kept + options_.block_tokens - 1) / options_.block_tokens);
+  }
+
+  bool contains(SequenceId id) const {
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    return sequences_.count(id) != 0;
+  }
+  Index num_sequences() const {
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    return static_cast<Index>(sequences_.size());
+  }
 
   /// Tokens cached for a sequence in one layer. Throws for an unknown id or layer.
   Index length(SequenceId id, Index layer) const {
-    const Sequence& s = find(id, "length");
     check_layer(layer, "length");
-    return s.lengths[static_cast<std::size_t>(layer)];
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    return find(id, "length").lengths[static_cast<std::size_t>(layer)];
   }
 
   /// Position of the sequence's first cached token (the same for every layer), or -1 while the
   /// sequence holds no token in any layer. Throws for an unknown id.
   std::int64_t first_position(SequenceId id) const {
+    const std::lock_guard<std::mutex> lock(*mutex_);
     const Sequence& s = find(id, "first_position");
     return holds_tokens(s) ? s.first_position : -1;
   }
@@ -427,29 +690,24 @@ class LatentCache {
   /// The position the next token of (id, layer) must have: first_position + length(id, layer),
   /// or -1 (any position >= 0) while the sequence holds no token in any layer.
   std::int64_t next_position(SequenceId id, Index layer) const {
-    const Sequence& s = find(id, "next_position");
     check_layer(layer, "next_position");
-    return holds_tokens(s) ? s.first_position + s.lengths[static_cast<std::size_t>(layer)] : -1;
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    return next_position_locked(find(id, "next_position"), layer);
   }
 
   /// Throws mla::Error unless `pos` may be the position of the next token of (id, layer):
   /// positions of a sequence are contiguous, so pos must equal next_position(id, layer); the
   /// first token of a sequence that holds nothing may be at any position >= 0.
   void require_position(SequenceId id, Index layer, std::int64_t pos) const {
-    const std::int64_t next = next_position(id, layer);
-    detail::require(pos >= 0, "LatentCache: sequence ", id, " layer ", layer,
-                    ": positions must be >= 0, got ", pos);
-    if (next < 0 || pos == next) return;
-    const Sequence& s = find(id, "append");
-    detail::fail("LatentCache: sequence ", id, " layer ", layer, " holds ",
-                 s.lengths[static_cast<std::size_t>(layer)], " tokens from position ",
-                 s.first_position, ", so its next token is at position ", next, ", got ", pos,
-                 " (positions of a sequence are contiguous)");
+    check_layer(layer, "append");
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    require_position_locked(id, find(id, "append"), layer, pos);
   }
 
   /// Throws mla::Error unless `count` more tokens fit for (id, layer), counting free blocks.
   void require_room(SequenceId id, Index layer, Index count) const {
-    require_room(&id, 1, layer, count);
+    const Index counts[1] = {count};
+    require_room(&id, counts, 1, layer);
   }
 
   /// Throws mla::Error unless `count` more tokens fit for each of the `n` distinct sequences
@@ -457,25 +715,36 @@ class LatentCache {
   void require_room(const SequenceId* ids, Index n, Index layer, Index count) const {
     check_layer(layer, "append");
     detail::require(count >= 0, "LatentCache::append: negative token count ", count);
-    Index needed = 0;
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    (void)blocks_for(
+        ids, [count](Index) { return count; }, n, layer);
+  }
+
+  /// Throws mla::Error unless counts[i] more tokens fit for each of the `n` distinct sequences
+  /// `ids` in `layer` at the same time.
+  void require_room(const SequenceId* ids, const Index* counts, Index n, Index layer) const {
+    check_layer(layer, "append");
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    (void)blocks_for(
+        ids, [counts](Index i) { return counts[i]; }, n, layer);
+  }
+
+  /// Makes sure counts[i] more tokens of ids[i] (distinct sequences) can be appended to
+  /// `layer` at positions positions[i], ... without taking more blocks: checks every position
+  /// and the room first, then takes the blocks (and copies shared blocks the tokens will
+  /// write), all under one lock, so that a batch either gets all its blocks or none even with
+  /// other threads allocating. The appends that follow cannot fail for want of room. Throws
+  /// mla::Error (nothing changed) as append would.
+  void reserve_append(const SequenceId* ids, const Index* counts, const std::int64_t* positions,
+                      Index n, Index layer) {
+    check_layer(layer, "append");
+    const std::lock_guard<std::mutex> lock(*mutex_);
     for (Index i = 0; i < n; ++i) {
-      for (Index j = 0; j < i; ++j) {
-        detail::require(ids[i] != ids[j], "LatentCache::append: sequence ", ids[i],
-                        " appears twice in one batch");
-      }
-      needed += blocks_needed(find(ids[i], "append"), layer, count);
+      require_position_locked(ids[i], find(ids[i], "append"), layer, positions[i]);
     }
-    if (needed <= free_blocks()) return;
-    if (n == 1) {
-      detail::fail("LatentCache::append: sequence ", ids[0], " layer ", layer, " needs ", needed,
-                   " more blocks of ", options_.block_tokens, " tokens for ", count,
-                   " tokens, but only ", free_blocks(), " of the pool's ", options_.num_blocks,
-                   " blocks are free");
-    }
-    detail::fail("LatentCache::append: ", n, " sequences, layer ", layer, ", need ", needed,
-                 " more blocks of ", options_.block_tokens, " tokens for ", count,
-                 " tokens each, but only ", free_blocks(), " of the pool's ", options_.num_blocks,
-                 " blocks are free");
+    (void)blocks_for(
+        ids, [counts](Index i) { return counts[i]; }, n, layer);
+    for (Index i = 0; i < n; ++i) prepare_blocks(find(ids[i], "append"), layer, counts[i]);
   }
 
   /// Appends tokens to (id, layer) at positions start_pos, start_pos + 1, ...: c_kv [n, d_c]
@@ -492,29 +761,31 @@ class LatentCache {
         k_pe.rows(), ", ", k_pe.cols(), "]; expected [n, ", kv_lora_rank(), "] and [n, ",
         rope_dim(), "]");
     const Index count = c_kv.rows();
-    require_room(id, layer, count);
-    require_position(id, layer, start_pos);
-    // Everything that can fail has been checked; from here on nothing throws.
-    Sequence& s = find(id, "append");
-    if (count > 0 && !holds_tokens(s)) s.first_position = start_pos;
-    const Index needed = blocks_needed(s, layer, count);
-    for (Index b = 0; b < needed; ++b) {
-      s.blocks.push_back(free_blocks_.back());  // capacity reserved: no allocation
-      free_blocks_.pop_back();
+    reserve_append(&id, &count, &start_pos, 1, layer);
+    if (count == 0) return;
+    // The blocks are there and private to this sequence: write without the lock (another
+    // thread may write other sequences' blocks meanwhile), then publish the length.
+    Sequence* s = nullptr;
+    Index cached = 0;
+    {
+      const std::lock_guard<std::mutex> lock(*mutex_);
+      s = &find(id, "append");
+      cached = s->lengths[static_cast<std::size_t>(layer)];
     }
-    Index& cached = s.lengths[static_cast<std::size_t>(layer)];
-    unsigned char* base = pool_.data.get() + static_cast<std::size_t>(layer) * layer_bytes_;
+    unsigned char* base = layer_base(layer);
     for (Index i = 0; i < count; ++i) {
       const Index token = cached + i;
       unsigned char* rec =
           base +
           static_cast<std::size_t>(
-              s.blocks[static_cast<std::size_t>(token / options_.block_tokens)]) *
+              s->blocks[static_cast<std::size_t>(token / options_.block_tokens)]) *
               block_bytes_ +
           static_cast<std::size_t>(token % options_.block_tokens) * layout_.token_bytes;
-      detail::write_record(layout_, c_kv.row(i).data(), k_pe.row(i).data(), rec, scratch_.data());
+      detail::write_record(layout_, c_kv.row(i).data(), k_pe.row(i).data(), rec);
     }
-    cached += count;
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    if (!holds_tokens(*s)) s->first_position = start_pos;
+    s->lengths[static_cast<std::size_t>(layer)] += count;
   }
 
   /// Appends tokens at the sequence's next position (position 0 for a sequence that holds
@@ -527,16 +798,24 @@ class LatentCache {
 
   /// The cached tokens of (id, layer) for reading. Throws for an unknown id or layer.
   LatentView view(SequenceId id, Index layer) const {
-    const Sequence& s = find(id, "view");
     check_layer(layer, "view");
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    const Sequence& s = find(id, "view");
     LatentView v;
-    v.b_.layer_base = pool_.data.get() + static_cast<std::size_t>(layer) * layer_bytes_;
+    v.b_.layer_base = layer_base(layer);
     v.b_.block_table = s.blocks.data();
     v.b_.block_bytes = block_bytes_;
     v.b_.tokens = s.lengths[static_cast<std::size_t>(layer)];
     v.b_.block_tokens = options_.block_tokens;
     v.b_.layout = layout_;
     return v;
+  }
+
+  /// The block ids of a sequence, in order (valid until it is changed or removed), for
+  /// inspection and for building views of one's own.
+  std::vector<std::int32_t> block_table(SequenceId id) const {
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    return find(id, "block_table").blocks;
   }
 
  private:
@@ -553,14 +832,17 @@ class LatentCache {
 
   LatentCache(const LatentCache& other, CloneTag)
       : options_(other.options_),
+        format_(other.format_),
         layout_(other.layout_),
         block_bytes_(other.block_bytes_),
         layer_bytes_(other.layer_bytes_),
         pool_(detail::AlignedBytes::allocate(other.pool_.size)),
-        free_blocks_(other.free_blocks_),
-        sequences_(other.sequences_),
-        scratch_(other.scratch_),
-        next_id_(other.next_id_) {
+        mutex_(std::make_unique<std::mutex>()) {
+    const std::lock_guard<std::mutex> lock(*other.mutex_);
+    refs_ = other.refs_;
+    free_blocks_ = other.free_blocks_;
+    sequences_ = other.sequences_;
+    next_id_ = other.next_id_;
     std::memcpy(pool_.data.get(), other.pool_.data.get(), pool_.size);
     free_blocks_.reserve(static_cast<std::size_t>(options_.num_blocks));
     for (auto& entry : sequences_) {
@@ -568,10 +850,108 @@ class LatentCache {
     }
   }
 
+  unsigned char* layer_base(Index layer) const {
+    return pool_.data.get() + static_cast<std::size_t>(layer) * layer_bytes_;
+  }
+
+  std::int64_t next_position_locked(const Sequence& s, Index layer) const {
+    return holds_tokens(s) ? s.first_position + s.lengths[static_cast<std::size_t>(layer)] : -1;
+  }
+
+  void require_position_locked(SequenceId id, const Sequence& s, Index layer,
+                               std::int64_t pos) const {
+    detail::require(pos >= 0, "LatentCache: sequence ", id, " layer ", layer,
+                    ": positions must be >= 0, got ", pos);
+    const std::int64_t next = next_position_locked(s, layer);
+    if (next < 0 || pos == next) return;
+    detail::fail("LatentCache: sequence ", id, " layer ", layer, " holds ",
+                 s.lengths[static_cast<std::size_t>(layer)], " tokens from position ",
+                 s.first_position, ", so its next token is at position ", next, ", got ", pos,
+                 " (positions of a sequence are contiguous)");
+  }
+
+  /// Blocks that `count` more tokens of (s, layer) take from the pool: new blocks past the
+  /// table's end, and copies of shared blocks the tokens would write.
   Index blocks_needed(const Sequence& s, Index layer, Index count) const {
-    const Index total = s.lengths[static_cast<std::size_t>(layer)] + count;
-    const Index blocks = (total + options_.block_tokens - 1) / options_.block_tokens;
-    return std::max<Index>(0, blocks - static_cast<Index>(s.blocks.size()));
+    if (count <= 0) return 0;
+    const Index bt = options_.block_tokens;
+    const Index len = s.lengths[static_cast<std::size_t>(layer)];
+    const Index have = static_cast<Index>(s.blocks.size());
+    const Index last = (len + count - 1) / bt;  // last block written
+    Index needed = std::max<Index>(0, last + 1 - have);
+    for (Index b = len / bt; b <= last && b < have; ++b) {
+      if (refs_[static_cast<std::size_t>(s.blocks[static_cast<std::size_t>(b)])] > 1) ++needed;
+    }
+    return needed;
+  }
+
+  /// The blocks a batch of appends needs (lock held); throws when they are not free.
+  template <class Count>
+  Index blocks_for(const SequenceId* ids, Count&& counts, Index n, Index layer) const {
+    Index needed = 0;
+    for (Index i = 0; i < n; ++i) {
+      detail::require(counts(i) >= 0, "LatentCache::append: negative token count ", counts(i));
+      for (Index j = 0; j < i; ++j) {
+        detail::require(ids[i] != ids[j], "LatentCache::append: sequence ", ids[i],
+                        " appears twice in one batch");
+      }
+      needed += blocks_needed(find(ids[i], "append"), layer, counts(i));
+    }
+    const Index free = static_cast<Index>(free_blocks_.size());
+    if (needed <= free) return needed;
+    if (n == 1) {
+      detail::fail("LatentCache::append: sequence ", ids[0], " layer ", layer, " needs ", needed,
+                   " more blocks of ", options_.block_tokens, " tokens for ", counts(0),
+                   " tokens, but only ", free, " of the pool's ", options_.num_blocks,
+                   " blocks are free");
+    }
+    detail::fail("LatentCache::append: ", n, " sequences, layer ", layer, ", need ", needed,
+                 " more blocks of ", options_.block_tokens, " tokens, but only ", free,
+                 " of the pool's ", options_.num_blocks, " blocks are free");
+  }
+
+  /// Takes and copies the blocks `count` more tokens of (s, layer) write (lock held; room was
+  /// checked).
+  void prepare_blocks(Sequence& s, Index layer, Index count) {
+    if (count <= 0) return;
+    const Index bt = options_.block_tokens;
+    const Index len = s.lengths[static_cast<std::size_t>(layer)];
+    const Index last = (len + count - 1) / bt;
+    for (Index b = len / bt; b <= last && b < static_cast<Index>(s.blocks.size()); ++b) {
+      std::int32_t& id = s.blocks[static_cast<std::size_t>(b)];
+      if (refs_[static_cast<std::size_t>(id)] > 1) {  // copy on write
+        const std::int32_t fresh = take_block();
+        copy_block(id, fresh);
+        --refs_[static_cast<std::size_t>(id)];
+        id = fresh;
+      }
+    }
+    while (static_cast<Index>(s.blocks.size()) <= last) s.blocks.push_back(take_block());
+  }
+
+  std::int32_t take_block() {
+    const std::int32_t id = free_blocks_.back();
+    free_blocks_.pop_back();
+    refs_[static_cast<std::size_t>(id)] = 1;
+    return id;
+  }
+
+  /// Copies block `from` to block `to` in every layer.
+  void copy_block(std::int32_t from, std::int32_t to) {
+    for (Index layer = 0; layer < options_.num_layers; ++layer) {
+      unsigned char* base = layer_base(layer);
+      std::memcpy(base + static_cast<std::size_t>(to) * block_bytes_,
+                  base + static_cast<std::size_t>(from) * block_bytes_, block_bytes_);
+    }
+  }
+
+  /// Gives up the sequence's blocks from index `keep` on (lock held).
+  void release_blocks(Sequence& s, Index keep) {
+    for (std::size_t b = static_cast<std::size_t>(keep); b < s.blocks.size(); ++b) {
+      const std::int32_t id = s.blocks[b];
+      if (--refs_[static_cast<std::size_t>(id)] == 0) free_blocks_.push_back(id);
+    }
+    s.blocks.resize(std::min(s.blocks.size(), static_cast<std::size_t>(keep)));
   }
 
   const Sequence& find(SequenceId id, const char* what) const {
@@ -588,13 +968,15 @@ class LatentCache {
   }
 
   LatentCacheOptions options_;
+  LatentRecordFormat format_;
   detail::LatentLayout layout_;
   std::size_t block_bytes_ = 0;
   std::size_t layer_bytes_ = 0;
   detail::AlignedBytes pool_;
+  std::unique_ptr<std::mutex> mutex_;  // guards everything below
+  std::vector<std::int32_t> refs_;     // per block: sequences holding it
   std::vector<std::int32_t> free_blocks_;
   std::unordered_map<SequenceId, Sequence> sequences_;
-  std::vector<float> scratch_;  // d_c floats for converting a token on append
   SequenceId next_id_ = 0;
 };
 

@@ -26,6 +26,26 @@ namespace mla {
 template <class T>
 class MlaLayer;
 
+/// One sequence's share of a mixed batch (MlaLayer::forward_batch): the next `tokens` rows of
+/// x, the next tokens of sequence `seq`, at positions start_pos, start_pos + 1, ... A prefill
+/// chunk has many tokens, a decode step one.
+struct BatchEntry {
+  SequenceId seq = 0;
+  std::int64_t start_pos = 0;
+  Index tokens = 1;
+};
+
+/// One sequence's share of a batch over an engine's own cache (MlaLayer::forward_paged): its
+/// block table (it must already hold the blocks of the new tokens: the engine allocates them),
+/// the `cached` tokens it holds before the call, and `tokens` new ones at positions start_pos,
+/// start_pos + 1, ... The new tokens' records are written into slots cached, cached + 1, ...
+struct PagedEntry {
+  const std::int32_t* block_table = nullptr;
+  Index cached = 0;
+  std::int64_t start_pos = 0;
+  Index tokens = 1;
+};
+
 /// Scratch memory of MlaLayer::forward: sized by the longest chunk seen so far and reused.
 /// Once it has been sized (by a call or by reserve), a call with a chunk that fits allocates
 /// nothing. One workspace can serve every layer of a model, one call at a time.
@@ -47,6 +67,12 @@ class MlaWorkspace {
     grow(lse, tokens, H);
     grow(rope_scratch, 1, c.qk_rope_head_dim);
     attention.reserve(c, tokens, path);
+    // A batch has at most one sequence per token.
+    const auto entries = static_cast<std::size_t>(std::max<Index>(tokens, 1));
+    parts.reserve(entries);
+    part_ids.reserve(entries);
+    part_counts.reserve(entries);
+    part_positions.reserve(entries);
     const int threads = mla::concurrency(pool_);
     if (static_cast<int>(per_thread.size()) < threads) {
       per_thread.resize(static_cast<std::size_t>(threads));
@@ -103,6 +129,15 @@ class MlaWorkspace {
   DecodeWorkspace decode;
   ProjectionWorkspace projection;
   std::vector<ProjectionWorkspace> per_thread;  // the per-head products on the pool's threads
+  struct Part {
+    Index row0 = 0, tokens = 0;
+    std::int64_t start_pos = 0;
+    AttentionPath path = AttentionPath::kAbsorbed;
+  };
+  std::vector<Part> parts;  // the sequences of a batch, in row order
+  std::vector<SequenceId> part_ids;
+  std::vector<Index> part_counts;
+  std::vector<std::int64_t> part_positions;
   Executor* pool_ = nullptr;
   DecodeOptions decode_options_;
   Precision projection_precision_ = Precision::kFp32;
@@ -178,32 +213,43 @@ class MlaLayer {
   void forward(ConstMatrixRef<T> x, std::int64_t start_pos, LatentCache& cache, SequenceId seq,
                MatrixRef<T> y, MlaWorkspace<T>& ws,
                AttentionPath path = AttentionPath::kAuto) const {
-    const Index tokens = x.rows();
     check_io(x, y, cache, "forward");
-    detail::require(start_pos >= 0 && start_pos <= kMaxPosition - tokens,
+    detail::require(start_pos >= 0 && start_pos <= kMaxPosition - x.rows(),
                     "MlaLayer::forward: start_pos must be in [0, 2^52 - tokens], got ", start_pos);
-    if (tokens == 0) return;
-    // Before anything changes: room for the tokens, and positions that continue the sequence.
-    cache.require_room(seq, layer_index_, tokens);
-    cache.require_position(seq, layer_index_, start_pos);
-    if (path == AttentionPath::kAuto) {
-      path = choose_path(tokens, cache.length(seq, layer_index_));
-    }
-    ws.reserve(config_, tokens, path);
-    project_queries_and_latents(x, ws, [&](Index t) { return start_pos + t; });
-    append_latents(cache, seq, 0, tokens, start_pos, ws);
-    if (path == AttentionPath::kAbsorbed) absorb_queries(tokens, ws);
-    attend(cache.view(seq, layer_index_), 0, tokens, path, ws);
-    finish(y, tokens, path, ws);
+    if (x.rows() == 0) return;
+    ws.parts.assign(1, {0, x.rows(), start_pos, path});
+    ws.part_ids.assign(1, seq);
+    run_on_cache(x, cache, y, ws, path);
+  }
+
+  /// A mixed ragged batch (continuous batching): entry i owns the next entries[i].tokens rows
+  /// of `x` [sum of tokens, hidden_size] and of `y`, the next tokens of its sequence. Prefill
+  /// chunks and decode tokens may be mixed freely; the sequences must be distinct. The
+  /// projections run once for all rows; each sequence attends only to its own cache, on the
+  /// path that suits its chunk (kAuto: choose_path(tokens, cached), so decode tokens take the
+  /// absorbed path) or on `path` for all. Each entry's result equals a forward() of it alone.
+  /// Atomic: every entry's position and the room for all of them are checked, and their blocks
+  /// taken, under the cache's lock before anything is written; on an error (mla::Error naming
+  /// the entry) the cache is left as it was.
+  void forward_batch(ConstMatrixRef<T> x, const std::vector<BatchEntry>& entries,
+                     LatentCache& cache, MatrixRef<T> y, MlaWorkspace<T>& ws,
+                     AttentionPath path = AttentionPath::kAuto) const {
+    check_io(x, y, cache, "forward_batch");
+    set_parts(
+        x.rows(), entries.size(),
+        [&](std::size_t i) {
+          return std::pair<std::int64_t, Index>(entries[i].start_pos, entries[i].tokens);
+        },
+        path, ws);
+    if (x.rows() == 0) return;
+    ws.part_ids.resize(entries.size());
+    for (std::size_t i = 0; i < entries.size(); ++i) ws.part_ids[i] = entries[i].seq;
+    run_on_cache(x, cache, y, ws, path);
   }
 
   /// One decode step for several sequences at once: row b of `x` [batch, hidden_size] is the
-  /// next token of `seqs[b]`, at position `positions[b]`, and row b of `y` receives its output.
-  /// The sequences must be distinct and may have any lengths; each attends only to its own
-  /// cached tokens, and each position must continue its sequence (as for forward()). The
-  /// projections run once for the whole batch, the attention per sequence (absorbed unless `path`
-  /// says kExpanded). Atomic like forward(): room for every sequence is checked before anything
-  /// changes.
+  /// next token of `seqs[b]`, at position `positions[b]`, and row b of `y` receives its output
+  /// (the mixed forward_batch with one token per entry).
   void forward_batch(ConstMatrixRef<T> x, const std::vector<std::int64_t>& positions,
                      LatentCache& cache, const std::vector<SequenceId>& seqs, MatrixRef<T> y,
                      MlaWorkspace<T>& ws, AttentionPath path = AttentionPath::kAuto) const {
@@ -213,55 +259,179 @@ class MlaLayer {
         static_cast<Index>(positions.size()) == batch && static_cast<Index>(seqs.size()) == batch,
         "MlaLayer::forward_batch: x has ", batch, " rows but ", seqs.size(), " sequences and ",
         positions.size(), " positions were given");
-    for (std::int64_t p : positions) {
-      detail::require(p >= 0 && p < kMaxPosition,
-                      "MlaLayer::forward_batch: positions must be in [0, 2^52), got ", p);
-    }
+    set_parts(
+        batch, seqs.size(),
+        [&](std::size_t i) { return std::pair<std::int64_t, Index>(positions[i], 1); }, path, ws);
     if (batch == 0) return;
-    // All of them, before any change: room, and each position continuing its sequence.
-    cache.require_room(seqs.data(), batch, layer_index_, 1);
-    for (Index b = 0; b < batch; ++b) {
-      cache.require_position(seqs[static_cast<std::size_t>(b)], layer_index_,
-                             positions[static_cast<std::size_t>(b)]);
+    ws.part_ids.assign(seqs.begin(), seqs.end());
+    run_on_cache(x, cache, y, ws, path);
+  }
+
+  /// The layer over an engine's own paged cache (`buffer`: this layer's blocks, see
+  /// PagedLatentBuffer): for each entry, its new tokens' records are written into its blocks
+  /// (slots entry.cached, ...) and its rows attend over its entry.cached + entry.tokens
+  /// records; otherwise as forward_batch. The engine keeps positions and block tables: the
+  /// layer checks that every table entry used is a block of the buffer and that the format
+  /// matches this layer, and writes only the new tokens' slots (distinct entries must not share
+  /// those blocks). Throws mla::Error before writing anything when a check fails.
+  void forward_paged(ConstMatrixRef<T> x, const PagedLatentBuffer& buffer,
+                     const std::vector<PagedEntry>& entries, MatrixRef<T> y, MlaWorkspace<T>& ws,
+                     AttentionPath path = AttentionPath::kAuto) const {
+    const MlaConfig& c = config_;
+    check_shapes(x, y, "forward_paged");
+    detail::require(buffer.format.kv_lora_rank() == c.kv_lora_rank &&
+                        buffer.format.rope_dim() == c.qk_rope_head_dim,
+                    "MlaLayer::forward_paged: the buffer's records hold [",
+                    buffer.format.kv_lora_rank(), " + ", buffer.format.rope_dim(),
+                    "] per token, this layer [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
+    set_parts(
+        x.rows(), entries.size(),
+        [&](std::size_t i) {
+          return std::pair<std::int64_t, Index>(entries[i].start_pos, entries[i].tokens);
+        },
+        path, ws);
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      detail::require(entries[i].cached >= 0, "MlaLayer::forward_paged: entry ", i,
+                      " has a negative cached length ", entries[i].cached);
+      // Checks the buffer and the table over the records the call writes and reads.
+      (void)LatentView(buffer, entries[i].block_table, entries[i].cached + entries[i].tokens);
     }
-    if (path == AttentionPath::kAuto) path = AttentionPath::kAbsorbed;
-    ws.reserve(config_, batch, path);
-    project_queries_and_latents(x, ws,
-                                [&](Index b) { return positions[static_cast<std::size_t>(b)]; });
-    for (Index b = 0; b < batch; ++b) {
-      const auto i = static_cast<std::size_t>(b);
-      append_latents(cache, seqs[i], b, 1, positions[i], ws);
+    if (x.rows() == 0) return;
+    auto past = [&](std::size_t i) { return entries[i].cached; };
+    choose_paths(past, path, ws);
+    ws.reserve(config_, x.rows(), batch_path(ws));
+    project_queries_and_latents(x, ws);
+    const Index D = c.kv_lora_rank;
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      const auto& part = ws.parts[i];
+      const PagedEntry& e = entries[i];
+      for (Index t = 0; t < part.tokens; ++t) {
+        const Index token = e.cached + t;
+        buffer.format.encode<T>(
+            ws.kv.row(part.row0 + t).data(), ws.kv.row(part.row0 + t).data() + D,
+            buffer.record(e.block_table[token / buffer.block_tokens], token % buffer.block_tokens));
+      }
     }
-    if (path == AttentionPath::kAbsorbed) absorb_queries(batch, ws);
-    for (Index b = 0; b < batch; ++b) {
-      attend(cache.view(seqs[static_cast<std::size_t>(b)], layer_index_), b, 1, path, ws);
-    }
-    finish(y, batch, path, ws);
+    attend_parts(ws, [&](std::size_t i) {
+      return LatentView(buffer, entries[i].block_table, entries[i].cached + entries[i].tokens);
+    });
+    finish(y, x.rows(), ws);
   }
 
  private:
   static constexpr std::int64_t kMaxPosition = std::int64_t{1} << 52;  // exact in double
   /// Query tokens per decode_absorbed call on the absorbed path of float layers.
   static constexpr Index kDecodeChunk = 8;
+  using Part = typename MlaWorkspace<T>::Part;
 
-  void check_io(const ConstMatrixRef<T>& x, const MatrixRef<T>& y, const LatentCache& cache,
-                const char* what) const {
+  /// Fills ws.parts from n entries (entry(i) = {start_pos, tokens}), checking that they cover
+  /// the `rows` rows and that the positions are in range.
+  template <class Entry>
+  void set_parts(Index rows, std::size_t n, Entry&& entry, AttentionPath path,
+                 MlaWorkspace<T>& ws) const {
+    ws.parts.resize(n);
+    Index row = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto [pos, tokens] = entry(i);
+      detail::require(tokens >= 1, "MlaLayer: batch entry ", i, " has ", tokens,
+                      " tokens; every entry needs at least one");
+      detail::require(pos >= 0 && pos <= kMaxPosition - tokens, "MlaLayer: batch entry ", i,
+                      ": positions must be in [0, 2^52), got ", pos, " + ", tokens, " tokens");
+      ws.parts[i] = {row, tokens, pos, path};
+      row += tokens;
+    }
+    detail::require(row == rows, "MlaLayer: the batch entries hold ", row, " tokens but x has ",
+                    rows, " rows");
+  }
+
+  /// Each part's path: `path`, or for kAuto the cheaper one for its chunk after past(i) tokens.
+  template <class Past>
+  void choose_paths(Past&& past, AttentionPath path, MlaWorkspace<T>& ws) const {
+    for (std::size_t i = 0; i < ws.parts.size(); ++i) {
+      Part& p = ws.parts[i];
+      p.path = path == AttentionPath::kAuto ? choose_path(p.tokens, past(i)) : path;
+    }
+  }
+
+  /// The path the workspace must be sized for: the parts' common path, or kAuto (both).
+  static AttentionPath batch_path(const MlaWorkspace<T>& ws) {
+    AttentionPath common = ws.parts.front().path;
+    for (const Part& p : ws.parts) {
+      if (p.path != common) return AttentionPath::kAuto;
+    }
+    return common;
+  }
+
+  /// The batch in ws.parts (sequences in ws.part_ids) over a LatentCache.
+  void run_on_cache(const ConstMatrixRef<T>& x, LatentCache& cache, MatrixRef<T> y,
+                    MlaWorkspace<T>& ws, AttentionPath path) const {
+    const std::size_t n = ws.parts.size();
+    ws.part_counts.resize(n);
+    ws.part_positions.resize(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      ws.part_counts[i] = ws.parts[i].tokens;
+      ws.part_positions[i] = ws.parts[i].start_pos;
+    }
+    choose_paths([&](std::size_t i) { return cache.length(ws.part_ids[i], layer_index_); }, path,
+                 ws);
+    ws.reserve(config_, x.rows(), batch_path(ws));
+    // Before anything changes: positions, room, and the blocks, atomically (under the cache's
+    // lock); the appends below cannot fail.
+    cache.reserve_append(ws.part_ids.data(), ws.part_counts.data(), ws.part_positions.data(),
+                         static_cast<Index>(n), layer_index_);
+    project_queries_and_latents(x, ws);
+    const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim;
+    for (std::size_t i = 0; i < n; ++i) {
+      const Part& p = ws.parts[i];
+      cache.append<T>(ws.part_ids[i], layer_index_, ws.kv.block(p.row0, 0, p.tokens, D),
+                      ws.kv.block(p.row0, D, p.tokens, R), p.start_pos);
+    }
+    attend_parts(ws, [&](std::size_t i) { return cache.view(ws.part_ids[i], layer_index_); });
+    finish(y, x.rows(), ws);
+  }
+
+  /// The attention of every part (view(i): its cache after the append), absorbing the queries
+  /// of runs of absorbed parts together.
+  template <class View>
+  void attend_parts(MlaWorkspace<T>& ws, View&& view) const {
+    const std::size_t n = ws.parts.size();
+    for (std::size_t i = 0; i < n;) {
+      std::size_t j = i + 1;
+      const bool absorbed = ws.parts[i].path == AttentionPath::kAbsorbed;
+      if (absorbed) {
+        while (j < n && ws.parts[j].path == AttentionPath::kAbsorbed) ++j;
+        const Index row0 = ws.parts[i].row0;
+        absorb_queries(row0, ws.parts[j - 1].row0 + ws.parts[j - 1].tokens - row0, ws);
+      }
+      for (std::size_t k = i; k < j; ++k) {
+        const Part& p = ws.parts[k];
+        attend(view(k), p.row0, p.tokens, p.path, ws);
+      }
+      i = j;
+    }
+  }
+
+  void check_shapes(const ConstMatrixRef<T>& x, const MatrixRef<T>& y, const char* what) const {
     const MlaConfig& c = config_;
     detail::require(x.cols() == c.hidden_size, "MlaLayer::", what, ": x has ", x.cols(),
                     " columns, expected hidden_size = ", c.hidden_size);
     detail::require(y.rows() == x.rows() && y.cols() == c.hidden_size, "MlaLayer::", what,
                     ": y is [", y.rows(), ", ", y.cols(), "], expected [", x.rows(), ", ",
                     c.hidden_size, "]");
+  }
+
+  void check_io(const ConstMatrixRef<T>& x, const MatrixRef<T>& y, const LatentCache& cache,
+                const char* what) const {
+    const MlaConfig& c = config_;
+    check_shapes(x, y, what);
     detail::require(
         cache.kv_lora_rank() == c.kv_lora_rank && cache.rope_dim() == c.qk_rope_head_dim,
         "MlaLayer::", what, ": the cache stores [", cache.kv_lora_rank(), " + ", cache.rope_dim(),
         "] per token, this layer [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
   }
 
-  /// q and [c^KV ; k^R] for every row of x, RoPE applied at position pos(row).
-  template <class Pos>
-  void project_queries_and_latents(const ConstMatrixRef<T>& x, MlaWorkspace<T>& ws,
-                                   Pos&& pos) const {
+  /// q and [c^KV ; k^R] for every row of x, RoPE applied at the positions of ws.parts.
+  void project_queries_and_latents(const ConstMatrixRef<T>& x, MlaWorkspace<T>& ws) const {
     const MlaConfig& c = config_;
     const Index tokens = x.rows();
     const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, D = c.kv_lora_rank;
@@ -281,29 +451,26 @@ class MlaLayer {
     project(weights_.wkv_a, x, kv, ws.context());
     if (c.kv_latent_norm) rms_norm<T>(kv.leftCols(D), weights_.kv_norm, c.rms_norm_eps);
     T* scratch = ws.rope_scratch.data();
-    for (Index t = 0; t < tokens; ++t) {
-      rope_.apply<T>(kv.middleRows(t, 1), pos(t), D, 1, 0, scratch);
-      rope_.apply<T>(q.middleRows(t, 1), pos(t), P, H, c.qk_head_dim(), scratch);  // q^pe
+    for (const Part& part : ws.parts) {
+      for (Index i = 0; i < part.tokens; ++i) {
+        const Index t = part.row0 + i;
+        const std::int64_t pos = part.start_pos + i;
+        rope_.apply<T>(kv.middleRows(t, 1), pos, D, 1, 0, scratch);
+        rope_.apply<T>(q.middleRows(t, 1), pos, P, H, c.qk_head_dim(), scratch);  // q^pe
+      }
     }
   }
 
-  /// Appends rows [row0, row0 + n) of the latents to the cache at positions pos, pos + 1, ...
-  /// (room and position were checked).
-  void append_latents(LatentCache& cache, SequenceId seq, Index row0, Index n, std::int64_t pos,
-                      MlaWorkspace<T>& ws) const {
-    const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim;
-    cache.append<T>(seq, layer_index_, ws.kv.block(row0, 0, n, D), ws.kv.block(row0, D, n, R), pos);
-  }
-
-  /// q~_h = W_UK^(h)^T q_h^nope and q^pe for every row: q_latent [tokens * H, d_c + R]. The
-  /// heads run on the pool's threads, each multiplying its rows of wkv_b in place.
-  void absorb_queries(Index tokens, MlaWorkspace<T>& ws) const {
+  /// q~_h = W_UK^(h)^T q_h^nope and q^pe for rows [row0, row0 + tokens): q_latent
+  /// [tokens * H, d_c + R] from row row0 * H. The heads run on the pool's threads, each
+  /// multiplying its rows of wkv_b in place.
+  void absorb_queries(Index row0, Index tokens, MlaWorkspace<T>& ws) const {
     const Index H = config_.num_attention_heads, P = config_.qk_nope_head_dim;
     const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim, QK = P + R;
     const Index V = config_.v_head_dim;
     const Eigen::OuterStride<> per_token(H * (D + R));
-    auto q = ws.q.topRows(tokens);
-    auto q_latent = ws.q_latent.topRows(tokens * H);
+    auto q = ws.q.middleRows(row0, tokens);
+    auto q_latent = ws.q_latent.middleRows(row0 * H, tokens * H);
     // Absorb W_UK into the query: <q, W_UK c> = <W_UK^T q, c>, so scores read the cache.
     for_each_head(ws, [&](Index h, int thread) {
       Strided q_abs(q_latent.data() + h * (D + R), tokens, D, per_token);
@@ -348,19 +515,30 @@ class MlaLayer {
   }
 
   /// Absorbed path: o_h = W_UV^(h) o~_h for every row. Then u = W_o o.
-  void finish(MatrixRef<T> y, Index tokens, AttentionPath path, MlaWorkspace<T>& ws) const {
+  void finish(MatrixRef<T> y, Index tokens, MlaWorkspace<T>& ws) const {
     const Index H = config_.num_attention_heads, D = config_.kv_lora_rank, V = config_.v_head_dim;
+    const Index P = config_.qk_nope_head_dim;
     auto o = ws.o.topRows(tokens);  // (T, H * V)
-    if (path == AttentionPath::kAbsorbed) {
-      // Apply W_UV after the weighted sum: sum_j p W c = W sum_j p c (W_UV^(h): the V rows of
-      // wkv_b after the head's P rows of W_UK, multiplied in place).
-      const Index P = config_.qk_nope_head_dim;
+    // Absorbed parts: apply W_UV after the weighted sum: sum_j p W c = W sum_j p c (W_UV^(h):
+    // the V rows of wkv_b after the head's P rows of W_UK, multiplied in place), over runs of
+    // consecutive absorbed parts.
+    const std::size_t n = ws.parts.size();
+    for (std::size_t i = 0; i < n;) {
+      if (ws.parts[i].path != AttentionPath::kAbsorbed) {
+        ++i;
+        continue;
+      }
+      std::size_t j = i + 1;
+      while (j < n && ws.parts[j].path == AttentionPath::kAbsorbed) ++j;
+      const Index row0 = ws.parts[i].row0;
+      const Index rows = ws.parts[j - 1].row0 + ws.parts[j - 1].tokens - row0;
       const Eigen::OuterStride<> per_token(H * D);
       for_each_head(ws, [&](Index h, int thread) {
-        const Strided o_lat(ws.o_latent.data() + h * D, tokens, D, per_token);
-        weights_.wkv_b.apply_rows(h * (P + V) + P, V, o_lat, o.middleCols(h * V, V),
+        const Strided o_lat(ws.o_latent.data() + row0 * H * D + h * D, rows, D, per_token);
+        weights_.wkv_b.apply_rows(h * (P + V) + P, V, o_lat, o.block(row0, h * V, rows, V),
                                   ws.thread_context(thread));
       });
+      i = j;
     }
     project(weights_.wo, o, y, ws.context());  // (T, hidden)
   }
