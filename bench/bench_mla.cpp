@@ -359,7 +359,7 @@ void prefill(benchmark::State& state, std::string preset_name, Index tokens,
   const RowMatrix<float> x = random_matrix(tokens, c.hidden_size, 2);
   RowMatrix<float> y(tokens, c.hidden_size);
   mla::MlaWorkspace<float> ws;
-  ws.set_thread_pool(&pool());
+  ws.set_executor(&pool());
   ws.set_projection_precision(precision);
   mla::DecodeOptions d;
   d.precision = precision;

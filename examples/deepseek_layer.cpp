@@ -136,7 +136,7 @@ int run(const Args& a) {
   const mla::SequenceId seq = cache.add_sequence();
   mla::ThreadPool pool(static_cast<int>(a.threads));
   mla::MlaWorkspace<float> ws;
-  ws.set_thread_pool(&pool);
+  ws.set_executor(&pool);
   mla::RowMatrix<float> y(tokens, config.hidden_size);
   if (prefill > 0) {
     layer.forward(x.topRows(prefill), a.start, cache, seq, y.topRows(prefill), ws);

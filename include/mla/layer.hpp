@@ -318,6 +318,33 @@ class MlaLayer {
     finish(y, x.rows(), ws);
   }
 
+  /// The layer with an attention of the caller's own, for layers whose cache lives elsewhere
+  /// (mla::mpi shards it over processes): the projections and RoPE of `x`'s tokens at
+  /// positions start_pos, ..., the absorbed queries, then
+  ///   attend(latents, q_latent, o_latent, lse)
+  /// with latents [tokens, d_c + R] (the new tokens' c^KV and k^R, RoPE applied: what a cache
+  /// would store), q_latent [tokens * H, d_c + R] (as decode_absorbed takes them, with the
+  /// scale softmax_scale()), and o_latent [tokens * H, d_c] and lse [tokens, H] to be filled
+  /// (token t attends to its own key and everything before it); then W_UV and W_o into y.
+  template <class Attend>
+  void forward_with_attention(ConstMatrixRef<T> x, std::int64_t start_pos, MatrixRef<T> y,
+                              MlaWorkspace<T>& ws, Attend&& attend) const {
+    check_shapes(x, y, "forward_with_attention");
+    if (x.rows() == 0) return;
+    set_parts(
+        x.rows(), 1,
+        [&](std::size_t) { return std::pair<std::int64_t, Index>(start_pos, x.rows()); },
+        AttentionPath::kAbsorbed, ws);
+    const Index tokens = x.rows(), H = config_.num_attention_heads;
+    ws.reserve(config_, tokens, AttentionPath::kAbsorbed);
+    project_queries_and_latents(x, ws);
+    absorb_queries(0, tokens, ws);
+    attend(ConstMatrixRef<T>(ws.kv.topRows(tokens)),
+           ConstMatrixRef<T>(ws.q_latent.topRows(tokens * H)),
+           MatrixRef<T>(ws.o_latent.topRows(tokens * H)), MatrixRef<T>(ws.lse.topRows(tokens)));
+    finish(y, tokens, ws);
+  }
+
  private:
   static constexpr std::int64_t kMaxPosition = std::int64_t{1} << 52;  // exact in double
   /// Query tokens per decode_absorbed call on the absorbed path of float layers.
