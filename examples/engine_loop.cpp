@@ -29,9 +29,12 @@
 #include <string>
 #include <vector>
 
+#include "inputs.hpp"
 #include "mla/mla.hpp"
 
 namespace {
+
+using examples::hidden_states;
 
 using mla::Index;
 using mla::RowMatrix;
@@ -92,15 +95,6 @@ Options parse(int argc, char** argv) {
     }
   }
   return o;
-}
-
-/// Seeded stand-ins for token embeddings, entries uniform in [-1, 1].
-RowMatrix<float> hidden_states(Index tokens, Index hidden, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  RowMatrix<float> x(tokens, hidden);
-  for (Index i = 0; i < x.size(); ++i) x.data()[i] = u(rng);
-  return x;
 }
 
 /// A chunk a sequence kept: its inputs and the outputs the loop gave them.

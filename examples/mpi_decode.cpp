@@ -20,10 +20,13 @@
 #include <random>
 #include <string>
 
+#include "inputs.hpp"
 #include "mla/mla.hpp"
 #include "mla/mpi.hpp"
 
 namespace {
+
+using examples::hidden_states;
 
 using mla::Index;
 using mla::RowMatrix;
@@ -77,15 +80,6 @@ Options parse(int argc, char** argv) {
     }
   }
   return o;
-}
-
-/// Seeded stand-ins for token embeddings, entries uniform in [-1, 1] (the same on every rank).
-RowMatrix<float> hidden_states(Index tokens, Index hidden, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  RowMatrix<float> x(tokens, hidden);
-  for (Index i = 0; i < x.size(); ++i) x.data()[i] = u(rng);
-  return x;
 }
 
 }  // namespace

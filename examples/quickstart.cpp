@@ -9,23 +9,17 @@
 #include <cstdio>
 #include <random>
 
+#include "inputs.hpp"
 #include "mla/mla.hpp"
 
 namespace {
+
+using examples::hidden_states;
 
 using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-/// Seeded stand-ins for token embeddings: [tokens, hidden], entries uniform in [-1, 1].
-mla::RowMatrix<float> hidden_states(mla::Index tokens, mla::Index hidden, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  mla::RowMatrix<float> x(tokens, hidden);
-  for (mla::Index i = 0; i < x.size(); ++i) x.data()[i] = u(rng);
-  return x;
 }
 
 struct Run {
