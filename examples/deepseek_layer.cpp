@@ -10,7 +10,10 @@
 // every remaining token as one decode step through the latent cache. FP8 checkpoints run W8A32
 // (activations stay FP32) or, with --fp8 w8a8, W8A8 as DeepSeek's fp8_gemm (power-of-two
 // activation scales when config.json's quantization_config.scale_fmt is "ue8m0"). --threads sets
-// the threads (an mla::ThreadPool) of the projections and of the attention.
+// the threads (an mla::ThreadPool) of the projections and of the attention. DeepSeek-V3.2
+// checkpoints (config.json with index_topk) run their sparse attention: the indexer's keys are
+// cached beside the latent, and a token that sees more than index_topk cached tokens attends to
+// the ones the indexer selects; other checkpoints run dense MLA.
 //
 // On success the output ([tokens, hidden_size], float32) is written to Y and the line
 // `cache_bytes_per_token_per_layer: <n>` is printed. On any error the program prints
@@ -35,7 +38,8 @@ constexpr const char* kHelp =
     "\n"
     "Runs the attention of layer N of a DeepSeek checkpoint (Hugging Face format) on the hidden\n"
     "states in X.npy ([tokens, hidden_size], float32) through the latent KV cache and writes the\n"
-    "attention output to Y.npy.\n"
+    "attention output to Y.npy. DeepSeek-V3.2 checkpoints (index_topk in config.json) run\n"
+    "their sparse attention (the lightning indexer's top-k), others dense MLA.\n"
     "\n"
     "  --model DIR     config.json and model.safetensors (or an index and its shards)\n"
     "  --layer N       the layer, 0 <= N < num_hidden_layers\n"

@@ -153,6 +153,16 @@ inline Tensor f32_vector(const std::string& name, const mla::Vector<float>& v) {
   return t;
 }
 
+/// A vector stored as BF16 (as V3.2 stores the indexer's k_norm), and the values it holds.
+inline Tensor bf16_vector(const std::string& name, const mla::Vector<float>& v,
+                          mla::Vector<double>& values) {
+  const Stored st = store(name, v.transpose(), Storage::kBF16, 1);
+  Tensor t = st.weight;
+  t.shape = {v.size()};
+  values = st.values.row(0).transpose();
+  return t;
+}
+
 /// A layer's attention tensors under the checkpoint's names, and the weights they hold (decoded
 /// to double, as the reference reads them). Norms are always F32.
 struct LayerTensors {
@@ -183,6 +193,18 @@ inline LayerTensors layer_tensors(const mla::MlaConfig& c, const mla::MlaWeights
   out.values.kv_norm = w.kv_norm.cast<double>();
   add("kv_b_proj", w.wkv_b, out.values.wkv_b);
   add("o_proj", w.wo, out.values.wo);
+  if (c.has_indexer()) {  // DeepSeek-V3.2: wq_b and wk as the projections, the rest BF16
+    add("indexer.wq_b", w.indexer.wq_b, out.values.indexer.wq_b);
+    add("indexer.wk", w.indexer.wk, out.values.indexer.wk);
+    out.tensors.push_back(
+        bf16_vector(p + "indexer.k_norm.weight", w.indexer.k_norm, out.values.indexer.k_norm));
+    out.tensors.push_back(bf16_vector(p + "indexer.k_norm.bias", w.indexer.k_norm_bias,
+                                      out.values.indexer.k_norm_bias));
+    const Stored wp = store(p + "indexer.weights_proj.weight", w.indexer.weights_proj.to_dense(),
+                            Storage::kBF16, block);
+    out.tensors.push_back(wp.weight);
+    out.values.indexer.weights_proj = mla::Linear<double>(wp.values);
+  }
   return out;
 }
 
@@ -215,6 +237,14 @@ inline nlohmann::json config_json(const mla::MlaConfig& c, bool fp8, int block) 
                                 {"fmt", "e4m3"},
                                 {"quant_method", "fp8"},
                                 {"weight_block_size", {block, block}}};
+  }
+  if (c.has_indexer()) {  // DeepSeek-V3.2's config: the indexer and ue8m0 scales
+    j["architectures"] = {"DeepseekV32ForCausalLM"};
+    j["model_type"] = "deepseek_v32";
+    j["index_n_heads"] = c.index_n_heads;
+    j["index_head_dim"] = c.index_head_dim;
+    j["index_topk"] = c.index_topk;
+    if (fp8) j["quantization_config"]["scale_fmt"] = "ue8m0";
   }
   return j;
 }

@@ -743,6 +743,61 @@ TEST(Npy, BadArraysAreClearErrors) {
       std::string::npos);
 }
 
+TEST(LayerFromCheckpoint, BadIndexerTensorsAndFieldsAreNamed) {
+  const MlaConfig c = MlaConfig::small_v32();
+  TempDir dir;
+  const auto w = mla::MlaWeights<float>::random(c, 3);
+  fixture::LayerTensors t = fixture::layer_tensors(c, w, 0, Storage::kBF16, 16);
+  const auto write = [&](const std::vector<fixture::Tensor>& tensors) {
+    fixture::write_text(dir / "config.json", fixture::config_json(c, false, 16).dump());
+    fixture::write_bytes(dir / "model.safetensors", fixture::safetensors_bytes(tensors));
+  };
+  const auto load = [&] {
+    const auto ckpt = mla::io::Checkpoint::open(dir.path());
+    (void)mla::io::load_attention_weights<float>(ckpt, mla::io::read_config(dir / "config.json"),
+                                                 0);
+  };
+  write(t.tensors);
+  EXPECT_NO_THROW(load());
+  for (const char* name : {"indexer.wk.weight", "indexer.k_norm.bias",
+                           "indexer.weights_proj.weight", "indexer.wq_b.weight"}) {
+    std::vector<fixture::Tensor> missing;
+    for (const auto& x : t.tensors) {
+      if (x.name.find(name) == std::string::npos) missing.push_back(x);
+    }
+    write(missing);
+    EXPECT_TRUE(test::throws_error_containing(
+        load, std::string("missing tensor 'model.layers.0.self_attn.") + name))
+        << name;
+  }
+  std::vector<fixture::Tensor> wrong = t.tensors;
+  for (auto& x : wrong) {
+    if (x.name.find("indexer.wk.weight") != std::string::npos) {
+      x.shape = {8, c.hidden_size * 2};  // same bytes, wrong shape
+    }
+  }
+  write(wrong);
+  EXPECT_TRUE(test::throws_error_containing(load, "indexer.wk.weight"));
+
+  // Config fields: index_topk without the others, and impossible values.
+  nlohmann::json j = fixture::config_json(c, false, 16);
+  j.erase("index_head_dim");
+  EXPECT_TRUE(test::throws_error_containing([&] { mla::io::parse_config(j.dump()); },
+                                            "missing field 'index_head_dim'"));
+  j = fixture::config_json(c, false, 16);
+  j["index_head_dim"] = 24;
+  EXPECT_TRUE(test::throws_error_containing([&] { mla::io::parse_config(j.dump()); },
+                                            "index_head_dim must be a power of two"));
+  j = fixture::config_json(c, false, 16);
+  j["index_topk"] = "2048";
+  EXPECT_TRUE(test::throws_error_containing([&] { mla::io::parse_config(j.dump()); },
+                                            "'index_topk' must be an integer"));
+  j = fixture::config_json(c, false, 16);
+  j.erase("index_topk");
+  const auto dense = mla::io::parse_config(j.dump());
+  EXPECT_FALSE(dense.mla.has_indexer());
+}
+
 // ---------------------------------------------------------------------------------------------
 // deepseek_layer, end to end (built with the examples)
 
@@ -852,6 +907,36 @@ TEST(DeepSeekLayer, ErrorsSayWhatAndWhereAndWriteNothing) {
         << "stderr: " << r.err << " expected: " << k.message;
     EXPECT_TRUE(r.out.empty()) << r.out;
     EXPECT_FALSE(std::ifstream(dir / "y.npy").good()) << "Y written after: " << k.args;
+  }
+}
+
+/// A DeepSeek-V3.2-format checkpoint (FP8 indexer wq_b / wk with block scales, BF16 k_norm and
+/// weights_proj, index_* config fields, ue8m0) runs through deepseek_layer like the double
+/// reference of sparse attention; its config without index_topk runs dense.
+TEST(DeepSeekLayer, RunsV32SparseLayersLikeTheReference) {
+  for (Storage s : {Storage::kBF16, Storage::kFp8}) {
+    SCOPED_TRACE(storage_name(s));
+    const MlaConfig c = MlaConfig::small_v32();
+    TempDir dir;
+    const auto stored =
+        fixture::write_checkpoint(dir / "", c, {mla::MlaWeights<float>::random(c, 21)}, s, 1);
+    const RowMatrix<float> x = test::random_input<float>(24, c.hidden_size, 5);
+    mla::io::write_npy(dir / "x.npy", x);
+    const CliResult r =
+        run_cli(dir, "--model " + dir.path() + " --layer 0 --input " + (dir / "x.npy") +
+                         " --output " + (dir / "y.npy") + " --start 100 --prefill 14 --threads 2");
+    ASSERT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(r.out, "cache_bytes_per_token_per_layer: 180\n");  // 160 + 16 + 4
+    const RowMatrix<float> y = mla::io::read_npy(dir / "y.npy");
+    const mla::io::CheckpointConfig cfg = mla::io::read_config(dir / "config.json");
+    EXPECT_EQ(cfg.mla.index_scales,
+              s == Storage::kFp8 ? mla::ScaleFormat::kPowerOfTwo : mla::ScaleFormat::kFloat32);
+    ref::IndexerTrace tr;
+    const std::vector<double> want = ref::dsa_forward(
+        test::to_ref(cfg.mla), test::to_ref(stored[0]), test::to_ref_indexer(cfg.mla),
+        test::to_ref_indexer(stored[0].indexer), test::to_vec(x), 24, 100, nullptr, nullptr, &tr);
+    EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-5);
+    EXPECT_EQ(tr.selected.back().size(), 8u);  // sparse for the later tokens
   }
 }
 

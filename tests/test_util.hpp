@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "mla/mla.hpp"
+#include "reference/dsa_reference.hpp"
 #include "reference/mla_reference.hpp"
 
 namespace test {
@@ -103,6 +104,26 @@ ref::MlaWeights to_ref(const mla::MlaWeights<T>& w) {
   r.kv_norm = to_vec(w.kv_norm.transpose());
   r.wkv_b = to_vec(w.wkv_b.to_dense());
   r.wo = to_vec(w.wo.to_dense());
+  return r;
+}
+
+inline ref::IndexerSpec to_ref_indexer(const mla::MlaConfig& c) {
+  ref::IndexerSpec s;
+  s.heads = static_cast<int>(c.index_n_heads);
+  s.dim = static_cast<int>(c.index_head_dim);
+  s.topk = static_cast<int>(c.index_topk);
+  s.pow2_scales = c.index_scales == mla::ScaleFormat::kPowerOfTwo;
+  return s;
+}
+
+template <class T>
+ref::IndexerWeights to_ref_indexer(const mla::IndexerWeights<T>& w) {
+  ref::IndexerWeights r;
+  r.wq_b = test::to_vec(w.wq_b.to_dense());
+  r.wk = test::to_vec(w.wk.to_dense());
+  r.k_norm = test::to_vec(w.k_norm.transpose());
+  r.k_norm_bias = test::to_vec(w.k_norm_bias.transpose());
+  r.weights_proj = test::to_vec(w.weights_proj.to_dense());
   return r;
 }
 

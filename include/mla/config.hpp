@@ -8,6 +8,7 @@
 #include <limits>
 #include <string>
 
+#include "mla/detail/record_layout.hpp"
 #include "mla/error.hpp"
 #include "mla/matrix.hpp"
 
@@ -60,12 +61,24 @@ struct MlaConfig {
   /// no linear map and would make the conversion inexact.
   bool kv_latent_norm = true;
 
+  /// DeepSeek-V3.2's sparse attention (DSA, mla/sparse.hpp): the lightning indexer's heads
+  /// H_I, their width d_I (a power of two: the Hadamard rotation), and the positions each query
+  /// attends to, k. All 0 (the default) means dense MLA; DeepSeek-V3.2: 64, 128, 2048.
+  std::int64_t index_n_heads = 0;
+  std::int64_t index_head_dim = 0;
+  std::int64_t index_topk = 0;
+  /// How the indexer's FP8 scales of queries and keys are rounded (config.json's
+  /// quantization_config.scale_fmt: "ue8m0" in V3.2 gives powers of two).
+  ScaleFormat index_scales = ScaleFormat::kPowerOfTwo;
+
   /// P + R, the per-head query/key width of the expanded path.
   Index qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   /// True when the query goes through its own latent (q_lora_rank > 0).
   bool has_q_lora() const { return q_lora_rank > 0; }
   /// Numbers cached per token and layer: d_c + R.
   Index latent_cache_width() const { return kv_lora_rank + qk_rope_head_dim; }
+  /// True for DeepSeek-V3.2-style sparse attention (index_topk > 0).
+  bool has_indexer() const { return index_topk > 0; }
 
   /// Throws mla::Error naming the first field that holds an impossible value.
   void validate() const;
@@ -76,12 +89,16 @@ struct MlaConfig {
   static MlaConfig deepseek_v2();
   /// DeepSeek-V3 / R1: 128 heads, q_lora_rank 1536, YaRN (factor 40, mscale 1.0).
   static MlaConfig deepseek_v3();
+  /// DeepSeek-V3.2: V3's attention plus the lightning indexer (64 heads of 128, top-2048).
+  static MlaConfig deepseek_v32();
   /// Test-sized config shaped like V2-Lite (no query compression, mscale 0.707): hidden 64,
   /// 4 heads, d_c 32, P 16, R 8, V 16.
   static MlaConfig small_v2_lite();
   /// Test-sized config shaped like V3 (query compression, mscale 1.0): hidden 64, 4 heads,
   /// d_c' 24, d_c 32, P 16, R 8, V 12.
   static MlaConfig small_v3();
+  /// small_v3 with a test-sized indexer: 4 index heads of 16, top-8.
+  static MlaConfig small_v32();
 };
 
 /// YaRN's magnitude correction (DeepSeek/HF `yarn_get_mscale`): 0.1 * mscale * ln(factor) + 1
@@ -136,6 +153,20 @@ inline void MlaConfig::validate() const {
   detail::require_finite(rope_theta, 0.0, "rope_theta");
   detail::require_dim(max_position_embeddings, 1, "max_position_embeddings");
   detail::require_dim(num_hidden_layers, 1, "num_hidden_layers");
+  if (index_n_heads != 0 || index_head_dim != 0 || index_topk != 0) {
+    detail::require_dim(index_n_heads, 1, "index_n_heads");
+    detail::require_dim(index_head_dim, 1, "index_head_dim");
+    detail::require_dim(index_topk, 1, "index_topk");
+    require((index_head_dim & (index_head_dim - 1)) == 0 && index_head_dim <= 8192,
+            "MlaConfig.index_head_dim must be a power of two up to 8192 (the indexer's Hadamard "
+            "rotation), got ",
+            index_head_dim);
+    require(index_head_dim >= qk_rope_head_dim, "MlaConfig.index_head_dim (", index_head_dim,
+            ") must hold the rotary part of qk_rope_head_dim = ", qk_rope_head_dim, " values");
+    require(q_lora_rank > 0,
+            "MlaConfig: the indexer (index_topk > 0) reads the query latent, so q_lora_rank must "
+            "be > 0");
+  }
   if (rope_scaling.type == RopeScaling::Type::kYarn) {
     // What DeepSeek's and HF's YaRN accept: every logarithm and quotient in the frequency ramp
     // and the mscale factors defined. No order between beta_fast and beta_slow is required
@@ -194,6 +225,14 @@ inline MlaConfig MlaConfig::deepseek_v3() {
   return c;
 }
 
+inline MlaConfig MlaConfig::deepseek_v32() {
+  MlaConfig c = deepseek_v3();
+  c.index_n_heads = 64;
+  c.index_head_dim = 128;
+  c.index_topk = 2048;
+  return c;
+}
+
 inline MlaConfig MlaConfig::small_v2_lite() {
   MlaConfig c;
   c.hidden_size = 64;
@@ -213,6 +252,14 @@ inline MlaConfig MlaConfig::small_v3() {
   c.q_lora_rank = 24;
   c.v_head_dim = 12;  // differs from P, so a mix-up of the two is caught
   c.rope_scaling = detail::deepseek_yarn(1.0);
+  return c;
+}
+
+inline MlaConfig MlaConfig::small_v32() {
+  MlaConfig c = small_v3();
+  c.index_n_heads = 4;
+  c.index_head_dim = 16;
+  c.index_topk = 8;
   return c;
 }
 

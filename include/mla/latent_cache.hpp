@@ -28,6 +28,7 @@
 #include "mla/detail/record_layout.hpp"
 #include "mla/error.hpp"
 #include "mla/fp8.hpp"
+#include "mla/index_keys.hpp"
 #include "mla/matrix.hpp"
 #include "mla/quant.hpp"
 
@@ -433,11 +434,13 @@ class LatentView {
 /// Paged latent KV cache for the layers of one model and any number of sequences.
 ///
 /// Per token and layer it stores exactly d_c latent values and R rotary-key values, in the
-/// chosen storage format. The pool holds `num_blocks` blocks of `block_tokens` tokens for every
-/// layer; a block serves one position range of its sequences in all layers. Blocks are
-/// reference-counted: fork() lets sequences share full blocks (a common prefix is stored once),
-/// and a write into a shared block first copies it (copy on write). Not copyable (it can be
-/// large): use clone().
+/// chosen storage format. For a config with DeepSeek-V3.2's indexer (MlaConfig::has_indexer)
+/// every block also holds the index keys of its tokens (mla/index_keys.hpp: codes, then
+/// scales, after the block's latent records), written by the same append. The pool holds
+/// `num_blocks` blocks of `block_tokens` tokens for every layer; a block serves one position range
+/// of its sequences in all layers. Blocks are reference-counted: fork() lets sequences share full
+/// blocks (a common prefix is stored once), and a write into a shared block first copies it (copy
+/// on write). Not copyable (it can be large): use clone().
 ///
 /// Threads: different sequences may be appended to, viewed and decoded from different threads
 /// at the same time (the pool, the block tables' bookkeeping and the accounting are behind one
@@ -466,6 +469,15 @@ class LatentCache {
                                  options.fp8_scales);
     layout_ = format_.layout();
     block_bytes_ = layout_.token_bytes * static_cast<std::size_t>(options.block_tokens);
+    if (config.has_indexer()) {
+      // [latent records][index codes][index scales], each part 64-byte aligned.
+      const auto bt = static_cast<std::size_t>(options.block_tokens);
+      index_format_ = IndexKeyFormat(config.index_head_dim, config.index_scales);
+      index_codes_offset_ = align64(block_bytes_);
+      index_scales_offset_ =
+          align64(index_codes_offset_ + bt * static_cast<std::size_t>(config.index_head_dim));
+      block_bytes_ = align64(index_scales_offset_ + sizeof(float) * bt);
+    }
     // The pool size in double first, so that an absurd request fails with a clear message
     // instead of wrapping around.
     const double pool_bytes = static_cast<double>(block_bytes_) *
@@ -519,17 +531,20 @@ class LatentCache {
   // Accounting
 
   /// Bytes of one token's record in one layer for a config and storage: (d_c + R) * 4 for FP32,
-  /// * 2 for BF16, d_c + 4 * ceil(d_c / 128) + 2 * R for FP8 (2304 / 1152 / 656 for DeepSeek).
+  /// * 2 for BF16, d_c + 4 * ceil(d_c / 128) + 2 * R for FP8 (2304 / 1152 / 656 for DeepSeek),
+  /// plus index_head_dim + 4 for the index key of a config with an indexer (V3.2 with the FP8
+  /// latent: 656 + 132 = 788).
   static std::size_t bytes_per_token_per_layer(const MlaConfig& config, CacheStorage storage) {
     return detail::LatentLayout::make(config.kv_lora_rank, config.qk_rope_head_dim, storage,
                                       ScaleFormat::kFloat32)
-        .token_bytes;
+               .token_bytes +
+           (config.has_indexer() ? static_cast<std::size_t>(config.index_head_dim) + 4 : 0);
   }
-  /// Bytes of one token's record in one layer of this cache.
-  std::size_t bytes_per_token_per_layer() const { return layout_.token_bytes; }
+  /// Bytes of one token's record (and index key) in one layer of this cache.
+  std::size_t bytes_per_token_per_layer() const { return layout_.token_bytes + index_key_bytes(); }
   /// Bytes of one token over all layers of this cache.
   std::size_t bytes_per_token() const {
-    return layout_.token_bytes * static_cast<std::size_t>(options_.num_layers);
+    return bytes_per_token_per_layer() * static_cast<std::size_t>(options_.num_layers);
   }
   /// Tokens the pool can hold (per layer), all sequences together.
   Index capacity_tokens() const { return options_.num_blocks * options_.block_tokens; }
@@ -571,7 +586,7 @@ class LatentCache {
           f = std::max(f, std::min(options_.block_tokens, len - b * options_.block_tokens));
         }
       }
-      for (Index f : filled) total += static_cast<std::size_t>(f) * layout_.token_bytes;
+      for (Index f : filled) total += static_cast<std::size_t>(f) * bytes_per_token_per_layer();
     }
     return total;
   }
@@ -752,9 +767,71 @@ class LatentCache {
   /// here. start_pos must continue the sequence (see require_position). Atomic: when the pool
   /// cannot hold the tokens, the position does not follow, or an argument is wrong, it throws
   /// mla::Error and leaves every sequence as it was.
+  ///
+  /// A cache with index keys (has_index_keys) needs them: use the append below.
   template <class T>
   void append(SequenceId id, Index layer, ConstMatrixRef<detail::identity_t<T>> c_kv,
               ConstMatrixRef<detail::identity_t<T>> k_pe, std::int64_t start_pos) {
+    detail::require(!has_index_keys(), "LatentCache::append: this cache keeps DeepSeek-V3.2 ",
+                    "index keys (index_head_dim ", index_format_.dim(),
+                    "); append them with the tokens");
+    append_records<T>(id, layer, c_kv, k_pe, nullptr, 0, start_pos);
+  }
+
+  /// Appends tokens with their index keys (caches of configs with an indexer): index_keys
+  /// [n, index_head_dim] in FP32 (RoPE and the Hadamard rotation applied), quantised to E4M3
+  /// with one scale per key here, written with the latent records, atomically.
+  template <class T>
+  void append(SequenceId id, Index layer, ConstMatrixRef<detail::identity_t<T>> c_kv,
+              ConstMatrixRef<detail::identity_t<T>> k_pe, ConstMatrixRef<float> index_keys,
+              std::int64_t start_pos) {
+    detail::require(has_index_keys(), "LatentCache::append: index keys given, but this cache ",
+                    "keeps none (its config has no indexer)");
+    detail::require(index_keys.rows() == c_kv.rows() && index_keys.cols() == index_format_.dim(),
+                    "LatentCache::append: index_keys is [", index_keys.rows(), ", ",
+                    index_keys.cols(), "], expected [", c_kv.rows(), ", ", index_format_.dim(),
+                    "]");
+    append_records<T>(id, layer, c_kv, k_pe, index_keys.data(), index_keys.outerStride(),
+                      start_pos);
+  }
+
+  /// True when the cache keeps DeepSeek-V3.2 index keys beside the latent.
+  bool has_index_keys() const { return index_format_.dim() > 0; }
+  /// The index keys' codec (dim() 0 without index keys).
+  const IndexKeyFormat& index_key_format() const { return index_format_; }
+  /// Bytes of one token's index key (0 without).
+  std::size_t index_key_bytes() const {
+    return has_index_keys() ? index_format_.bytes_per_token() : 0;
+  }
+  /// One layer's index keys as a PagedIndexBuffer (block ids as in block_table). Throws
+  /// without index keys.
+  PagedIndexBuffer index_buffer(Index layer) const {
+    check_layer(layer, "index_buffer");
+    detail::require(has_index_keys(), "LatentCache::index_buffer: this cache keeps no index keys");
+    PagedIndexBuffer b;
+    b.format = index_format_;
+    b.data = const_cast<unsigned char*>(layer_base(layer));
+    b.num_blocks = options_.num_blocks;
+    b.block_tokens = options_.block_tokens;
+    b.block_stride = block_bytes_;
+    b.codes_offset = index_codes_offset_;
+    b.scales_offset = index_scales_offset_;
+    return b;
+  }
+  /// The index keys of (id, layer), as many as the layer's cached tokens. Throws for an unknown
+  /// id or layer, or a cache without index keys.
+  IndexKeyView index_view(SequenceId id, Index layer) const {
+    const PagedIndexBuffer b = index_buffer(layer);
+    const std::lock_guard<std::mutex> lock(*mutex_);
+    const Sequence& s = find(id, "index_view");
+    return IndexKeyView(b, s.blocks.data(), s.lengths[static_cast<std::size_t>(layer)]);
+  }
+
+ private:
+  template <class T>
+  void append_records(SequenceId id, Index layer, ConstMatrixRef<detail::identity_t<T>> c_kv,
+                      ConstMatrixRef<detail::identity_t<T>> k_pe, const float* keys,
+                      Index key_stride, std::int64_t start_pos) {
     detail::require(
         c_kv.cols() == kv_lora_rank() && k_pe.cols() == rope_dim() && c_kv.rows() == k_pe.rows(),
         "LatentCache::append: c_kv is [", c_kv.rows(), ", ", c_kv.cols(), "] and k_pe is [",
@@ -782,14 +859,26 @@ class LatentCache {
               block_bytes_ +
           static_cast<std::size_t>(token % options_.block_tokens) * layout_.token_bytes;
       detail::write_record(layout_, c_kv.row(i).data(), k_pe.row(i).data(), rec);
+      if (keys) {
+        unsigned char* block =
+            base + static_cast<std::size_t>(
+                       s->blocks[static_cast<std::size_t>(token / options_.block_tokens)]) *
+                       block_bytes_;
+        const Index slot = token % options_.block_tokens;
+        index_format_.encode(
+            keys + i * key_stride,
+            block + index_codes_offset_ + static_cast<std::size_t>(slot * index_format_.dim()),
+            reinterpret_cast<float*>(block + index_scales_offset_) + slot);
+      }
     }
     const std::lock_guard<std::mutex> lock(*mutex_);
     if (!holds_tokens(*s)) s->first_position = start_pos;
     s->lengths[static_cast<std::size_t>(layer)] += count;
   }
 
+ public:
   /// Appends tokens at the sequence's next position (position 0 for a sequence that holds
-  /// nothing); otherwise as the append above.
+  /// nothing); otherwise as the first append above.
   template <class T>
   void append(SequenceId id, Index layer, ConstMatrixRef<detail::identity_t<T>> c_kv,
               ConstMatrixRef<detail::identity_t<T>> k_pe) {
@@ -825,6 +914,8 @@ class LatentCache {
     std::int64_t first_position = 0;   // position of token 0 (meaningful while holds_tokens)
   };
 
+  static std::size_t align64(std::size_t n) { return (n + 63) / 64 * 64; }
+
   static bool holds_tokens(const Sequence& s) {
     return std::any_of(s.lengths.begin(), s.lengths.end(), [](Index n) { return n > 0; });
   }
@@ -834,6 +925,9 @@ class LatentCache {
       : options_(other.options_),
         format_(other.format_),
         layout_(other.layout_),
+        index_format_(other.index_format_),
+        index_codes_offset_(other.index_codes_offset_),
+        index_scales_offset_(other.index_scales_offset_),
         block_bytes_(other.block_bytes_),
         layer_bytes_(other.layer_bytes_),
         pool_(detail::AlignedBytes::allocate(other.pool_.size)),
@@ -970,6 +1064,8 @@ class LatentCache {
   LatentCacheOptions options_;
   LatentRecordFormat format_;
   detail::LatentLayout layout_;
+  IndexKeyFormat index_format_;                                   // dim() 0: no index keys
+  std::size_t index_codes_offset_ = 0, index_scales_offset_ = 0;  // within a block
   std::size_t block_bytes_ = 0;
   std::size_t layer_bytes_ = 0;
   detail::AlignedBytes pool_;

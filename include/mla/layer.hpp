@@ -19,6 +19,7 @@
 #include "mla/norm.hpp"
 #include "mla/projection.hpp"
 #include "mla/rope.hpp"
+#include "mla/sparse.hpp"
 #include "mla/weights.hpp"
 
 namespace mla {
@@ -66,6 +67,19 @@ class MlaWorkspace {
     grow(o, tokens, H * c.v_head_dim);
     grow(lse, tokens, H);
     grow(rope_scratch, 1, c.qk_rope_head_dim);
+    if (c.has_indexer()) {
+      const Index HI = c.index_n_heads, DI = c.index_head_dim;
+      grow(index_q, tokens * HI, DI);
+      grow(index_w, tokens, HI);
+      grow(index_k, tokens, DI);
+      if constexpr (!std::is_same_v<T, float>) {
+        grow(index_t, tokens, std::max(HI * DI, HI));
+      }
+      grow(index_codes, DI);
+      grow(index_rope, std::max<Index>(c.qk_rope_head_dim, 1));
+      grow(index_visible, kSparseChunk);
+      grow(selected, c.index_topk);
+    }
     attention.reserve(c, tokens, path);
     // A batch has at most one sequence per token.
     const auto entries = static_cast<std::size_t>(std::max<Index>(tokens, 1));
@@ -91,6 +105,9 @@ class MlaWorkspace {
       }
     }
   }
+
+  /// Query tokens whose indexer scores are computed together (DeepSeek-V3.2 layers).
+  static constexpr Index kSparseChunk = 8;
 
   /// Log-sum-exp of the last forward call's attention, [tokens, H] in the top rows.
   const RowMatrix<T>& last_lse() const { return lse; }
@@ -125,6 +142,20 @@ class MlaWorkspace {
   RowMatrix<T> o;         // [tokens, H * V]              o
   RowMatrix<T> lse;       // [tokens, H]
   RowMatrix<T> rope_scratch;
+  // DeepSeek-V3.2's indexer (layers with one): FP32, as the reference computes it.
+  RowMatrix<float> index_q;       // [tokens * H_I, d_I]  E4M3 query values per (token, head)
+  RowMatrix<float> index_w;       // [tokens, H_I]        folded head weights
+  RowMatrix<float> index_k;       // [tokens, d_I]        keys before quantisation
+  RowMatrix<T> index_t;           // projections in T (non-float layers)
+  RowMatrix<float> index_scores;  // [kSparseChunk, context]
+  std::vector<unsigned char> index_codes;
+  std::vector<float> index_rope;
+  std::vector<Index> index_visible;
+  std::vector<std::int32_t> selected;
+  std::vector<std::uint64_t> topk_scratch;
+  IndexerWorkspace indexer;
+  SparseWorkspace<T> sparse;
+  bool index_queries = false;  // whether this call needs the index queries (sparse rows)
   AttentionWorkspace<T> attention;
   DecodeWorkspace decode;
   ProjectionWorkspace projection;
@@ -158,7 +189,7 @@ class MlaLayer {
   /// Checks the config and the weights' shapes (throws mla::Error naming what is wrong).
   /// `layer_index` selects this layer's slots in a LatentCache shared by the layers of a model.
   MlaLayer(const MlaConfig& config, MlaWeights<T> weights, Index layer_index = 0)
-      : config_(config), rope_(config), layer_index_(layer_index) {
+      : config_(config), rope_(config), index_rope_(index_rope(config)), layer_index_(layer_index) {
     detail::require(layer_index >= 0, "MlaLayer: layer_index must be >= 0, got ", layer_index);
     set_weights(std::move(weights));
   }
@@ -183,12 +214,14 @@ class MlaLayer {
   /// borrowed) plus its norm vectors.
   std::size_t weight_bytes() const {
     std::size_t n = 0;
+    const IndexerWeights<T>& ix = weights_.indexer;
     for (const Linear<T>* l : {&weights_.wq, &weights_.wq_a, &weights_.wq_b, &weights_.wkv_a,
-                               &weights_.wkv_b, &weights_.wo}) {
+                               &weights_.wkv_b, &weights_.wo, &ix.wq_b, &ix.wk, &ix.weights_proj}) {
       n += l->weight_bytes();
     }
     return n +
-           sizeof(T) * static_cast<std::size_t>(weights_.q_norm.size() + weights_.kv_norm.size());
+           sizeof(T) * static_cast<std::size_t>(weights_.q_norm.size() + weights_.kv_norm.size() +
+                                                ix.k_norm.size() + ix.k_norm_bias.size());
   }
 
   /// The path kAuto takes for `tokens` new tokens after `past` cached ones (see
@@ -206,6 +239,12 @@ class MlaLayer {
   /// Positions are contiguous: the first call on a sequence that holds nothing may start at any
   /// position p0 >= 0; after that start_pos must be p0 + length(seq, layer_index())
   /// (LatentCache::next_position).
+  ///
+  /// DeepSeek-V3.2 layers (config.has_indexer()) also cache each token's index key, and a token
+  /// that sees more than index_topk cached tokens attends only to the index_topk the indexer
+  /// selects (mla/sparse.hpp), on the absorbed path whatever `path` says; tokens that see at
+  /// most index_topk attend densely on `path`, which is the same thing. The cache must then keep
+  /// index keys (a LatentCache made with the same config does).
   ///
   /// Throws mla::Error for wrong shapes, an unknown sequence, a layer index the cache does not
   /// have, a cache of other dimensions, a start_pos that does not continue the sequence, or a
@@ -279,6 +318,7 @@ class MlaLayer {
                      AttentionPath path = AttentionPath::kAuto) const {
     const MlaConfig& c = config_;
     check_shapes(x, y, "forward_paged");
+    require_dense("forward_paged");
     detail::require(buffer.format.kv_lora_rank() == c.kv_lora_rank &&
                         buffer.format.rope_dim() == c.qk_rope_head_dim,
                     "MlaLayer::forward_paged: the buffer's records hold [",
@@ -312,9 +352,12 @@ class MlaLayer {
             buffer.record(e.block_table[token / buffer.block_tokens], token % buffer.block_tokens));
       }
     }
-    attend_parts(ws, [&](std::size_t i) {
-      return LatentView(buffer, entries[i].block_table, entries[i].cached + entries[i].tokens);
-    });
+    attend_parts(
+        ws,
+        [&](std::size_t i) {
+          return LatentView(buffer, entries[i].block_table, entries[i].cached + entries[i].tokens);
+        },
+        [](std::size_t) { return IndexKeyView(); });
     finish(y, x.rows(), ws);
   }
 
@@ -330,6 +373,7 @@ class MlaLayer {
   void forward_with_attention(ConstMatrixRef<T> x, std::int64_t start_pos, MatrixRef<T> y,
                               MlaWorkspace<T>& ws, Attend&& attend) const {
     check_shapes(x, y, "forward_with_attention");
+    require_dense("forward_with_attention");
     if (x.rows() == 0) return;
     set_parts(
         x.rows(), 1,
@@ -372,12 +416,24 @@ class MlaLayer {
   }
 
   /// Each part's path: `path`, or for kAuto the cheaper one for its chunk after past(i) tokens.
+  /// Parts with sparse rows (DeepSeek-V3.2: more than index_topk keys) take the absorbed path.
   template <class Past>
   void choose_paths(Past&& past, AttentionPath path, MlaWorkspace<T>& ws) const {
+    ws.index_queries = false;
     for (std::size_t i = 0; i < ws.parts.size(); ++i) {
       Part& p = ws.parts[i];
       p.path = path == AttentionPath::kAuto ? choose_path(p.tokens, past(i)) : path;
+      if (config_.has_indexer() && past(i) + p.tokens > config_.index_topk) {
+        p.path = AttentionPath::kAbsorbed;
+        ws.index_queries = true;
+      }
     }
+  }
+
+  void require_dense(const char* what) const {
+    detail::require(!config_.has_indexer(), "MlaLayer::", what,
+                    ": DeepSeek-V3.2 sparse attention (index_topk ", config_.index_topk,
+                    ") needs the index keys of a LatentCache: use forward or forward_batch");
   }
 
   /// The path the workspace must be sized for: the parts' common path, or kAuto (both).
@@ -410,17 +466,25 @@ class MlaLayer {
     const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim;
     for (std::size_t i = 0; i < n; ++i) {
       const Part& p = ws.parts[i];
-      cache.append<T>(ws.part_ids[i], layer_index_, ws.kv.block(p.row0, 0, p.tokens, D),
-                      ws.kv.block(p.row0, D, p.tokens, R), p.start_pos);
+      if (config_.has_indexer()) {
+        cache.append<T>(ws.part_ids[i], layer_index_, ws.kv.block(p.row0, 0, p.tokens, D),
+                        ws.kv.block(p.row0, D, p.tokens, R),
+                        ws.index_k.middleRows(p.row0, p.tokens), p.start_pos);
+      } else {
+        cache.append<T>(ws.part_ids[i], layer_index_, ws.kv.block(p.row0, 0, p.tokens, D),
+                        ws.kv.block(p.row0, D, p.tokens, R), p.start_pos);
+      }
     }
-    attend_parts(ws, [&](std::size_t i) { return cache.view(ws.part_ids[i], layer_index_); });
+    attend_parts(
+        ws, [&](std::size_t i) { return cache.view(ws.part_ids[i], layer_index_); },
+        [&](std::size_t i) { return cache.index_view(ws.part_ids[i], layer_index_); });
     finish(y, x.rows(), ws);
   }
 
   /// The attention of every part (view(i): its cache after the append), absorbing the queries
   /// of runs of absorbed parts together.
-  template <class View>
-  void attend_parts(MlaWorkspace<T>& ws, View&& view) const {
+  template <class View, class IndexView>
+  void attend_parts(MlaWorkspace<T>& ws, View&& view, IndexView&& index_view) const {
     const std::size_t n = ws.parts.size();
     for (std::size_t i = 0; i < n;) {
       std::size_t j = i + 1;
@@ -432,7 +496,12 @@ class MlaLayer {
       }
       for (std::size_t k = i; k < j; ++k) {
         const Part& p = ws.parts[k];
-        attend(view(k), p.row0, p.tokens, p.path, ws);
+        const LatentView v = view(k);
+        if (config_.has_indexer() && v.tokens() > config_.index_topk) {
+          attend_sparse(v, index_view(k), p.row0, p.tokens, ws);
+        } else {
+          attend(v, p.row0, p.tokens, p.path, ws);
+        }
       }
       i = j;
     }
@@ -455,6 +524,11 @@ class MlaLayer {
         cache.kv_lora_rank() == c.kv_lora_rank && cache.rope_dim() == c.qk_rope_head_dim,
         "MlaLayer::", what, ": the cache stores [", cache.kv_lora_rank(), " + ", cache.rope_dim(),
         "] per token, this layer [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
+    const Index keys = c.has_indexer() ? c.index_head_dim : 0;
+    detail::require(cache.index_key_format().dim() == keys, "MlaLayer::", what,
+                    ": the cache keeps index keys of width ", cache.index_key_format().dim(),
+                    ", this layer's indexer needs ", keys,
+                    " (0: none; make the cache with the layer's config)");
   }
 
   /// q and [c^KV ; k^R] for every row of x, RoPE applied at the positions of ws.parts.
@@ -484,6 +558,60 @@ class MlaLayer {
         const std::int64_t pos = part.start_pos + i;
         rope_.apply<T>(kv.middleRows(t, 1), pos, D, 1, 0, scratch);
         rope_.apply<T>(q.middleRows(t, 1), pos, P, H, c.qk_head_dim(), scratch);  // q^pe
+      }
+    }
+    if (c.has_indexer()) project_indexer(x, ws);
+  }
+
+  /// DeepSeek-V3.2's indexer for every row: the index keys (always: the cache keeps them) and,
+  /// when a row attends sparsely, the index queries and head weights.
+  void project_indexer(const ConstMatrixRef<T>& x, MlaWorkspace<T>& ws) const {
+    const MlaConfig& c = config_;
+    const IndexerWeights<T>& ix = weights_.indexer;
+    const Index tokens = x.rows(), HI = c.index_n_heads, DI = c.index_head_dim;
+    // Projections into FP32 (through T for other layers).
+    const auto into_float = [&](const Linear<T>& w, const auto& in, Index cols,
+                                RowMatrix<float>& out, auto&& before_cast) {
+      if constexpr (std::is_same_v<T, float>) {
+        auto o = out.topRows(tokens);
+        project(w, in, o, ws.context());
+        before_cast(o);
+      } else {
+        auto t = ws.index_t.block(0, 0, tokens, cols);
+        project(w, in, t, ws.context());
+        before_cast(t);
+        out.topRows(tokens) = t.template cast<float>();
+      }
+    };
+    // k = LayerNorm(wk x) (in T), RoPE and the rotation (in FP32).
+    into_float(ix.wk, x, DI, ws.index_k,
+               [&](auto& k) { layer_norm<T>(k, ix.k_norm, ix.k_norm_bias, 1e-6); });
+    float* rs = ws.index_rope.data();
+    for (const Part& part : ws.parts) {
+      for (Index i = 0; i < part.tokens; ++i) {
+        prepare_index_key(c, index_rope_, part.start_pos + i, ws.index_k.row(part.row0 + i).data(),
+                          rs);
+      }
+    }
+    if (!ws.index_queries) return;
+    const auto none = [](auto&) {};
+    // q [tokens, H_I * d_I] viewed as [tokens * H_I, d_I]: rows are contiguous.
+    {
+      Eigen::Map<RowMatrix<float>> qrows(ws.index_q.data(), tokens, HI * DI);
+      if constexpr (std::is_same_v<T, float>) {
+        project(ix.wq_b, ws.cq.topRows(tokens), qrows, ws.context());
+      } else {
+        auto t = ws.index_t.block(0, 0, tokens, HI * DI);
+        project(ix.wq_b, ws.cq.topRows(tokens), t, ws.context());
+        qrows = t.template cast<float>();
+      }
+    }
+    into_float(ix.weights_proj, x, HI, ws.index_w, none);
+    for (const Part& part : ws.parts) {
+      for (Index i = 0; i < part.tokens; ++i) {
+        const Index t = part.row0 + i;
+        prepare_index_queries(c, index_rope_, part.start_pos + i, ws.index_q.data() + t * HI * DI,
+                              ws.index_w.row(t).data(), rs, ws.index_codes.data());
       }
     }
   }
@@ -541,6 +669,39 @@ class MlaLayer {
     }
   }
 
+  /// Attention of rows [row0, row0 + n), the last n tokens of `view`, in a DeepSeek-V3.2 layer:
+  /// rows that see at most index_topk keys densely, the others over the positions the indexer
+  /// selects from `keys` (the index keys of the same tokens).
+  void attend_sparse(const LatentView& view, const IndexKeyView& keys, Index row0, Index n,
+                     MlaWorkspace<T>& ws) const {
+    const Index H = config_.num_attention_heads, HI = config_.index_n_heads;
+    const Index topk = config_.index_topk, past = view.tokens() - n;
+    const Index dense = std::clamp<Index>(topk - past, 0, n);
+    if (dense > 0) attend(view.subview(0, past + dense), row0, dense, AttentionPath::kAbsorbed, ws);
+    if (ws.index_scores.cols() < view.tokens()) {  // grows geometrically with the context
+      ws.index_scores.resize(MlaWorkspace<T>::kSparseChunk,
+                             std::max(view.tokens(), 2 * ws.index_scores.cols()));
+    }
+    for (Index t0 = dense; t0 < n; t0 += MlaWorkspace<T>::kSparseChunk) {
+      const Index rows = std::min(MlaWorkspace<T>::kSparseChunk, n - t0);
+      for (Index r = 0; r < rows; ++r)
+        ws.index_visible[static_cast<std::size_t>(r)] = past + t0 + r + 1;
+      const Index row = row0 + t0;
+      index_scores(keys, ws.index_q.middleRows(row * HI, rows * HI),
+                   ws.index_w.middleRows(row, rows), ws.index_visible.data(), ws.index_scores,
+                   ws.indexer, ws.pool_);
+      for (Index r = 0; r < rows; ++r) {
+        const Index count = select_top_k(ws.index_scores.row(r).data(),
+                                         ws.index_visible[static_cast<std::size_t>(r)], topk,
+                                         ws.selected.data(), ws.topk_scratch);
+        sparse_attention_absorbed<T>(
+            config_, view, ws.selected.data(), count, ws.q_latent.middleRows((row + r) * H, H),
+            softmax_scale_, ws.o_latent.middleRows((row + r) * H, H), ws.lse.middleRows(row + r, 1),
+            ws.sparse, ws.pool_, ws.decode_options_);
+      }
+    }
+  }
+
   /// Absorbed path: o_h = W_UV^(h) o~_h for every row. Then u = W_o o.
   void finish(MatrixRef<T> y, Index tokens, MlaWorkspace<T>& ws) const {
     const Index H = config_.num_attention_heads, D = config_.kv_lora_rank, V = config_.v_head_dim;
@@ -574,6 +735,7 @@ class MlaLayer {
 
   MlaConfig config_;
   Rope rope_;
+  Rope index_rope_;  // DeepSeek-V3.2's indexer: half-split pairs
   Index layer_index_;
   MlaWeights<T> weights_;
   double softmax_scale_ = 0.0;

@@ -93,10 +93,10 @@ inline std::uint64_t fingerprint(const MlaConfig& c) {
     std::memcpy(&u, &d, sizeof(u));
     return u;
   };
-  for (std::int64_t v :
-       {c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim,
-        c.qk_rope_head_dim, c.v_head_dim, c.max_position_embeddings,
-        c.rope_scaling.original_max_position_embeddings}) {
+  for (std::int64_t v : {c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank,
+                         c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
+                         c.max_position_embeddings, c.rope_scaling.original_max_position_embeddings,
+                         c.index_n_heads, c.index_head_dim, c.index_topk}) {
     mix(static_cast<std::uint64_t>(v));
   }
   for (double d :
@@ -107,6 +107,7 @@ inline std::uint64_t fingerprint(const MlaConfig& c) {
   mix(static_cast<std::uint64_t>(c.rope_scaling.type));
   mix(static_cast<std::uint64_t>(c.rope_layout));
   mix(c.kv_latent_norm ? 1u : 0u);
+  mix(static_cast<std::uint64_t>(c.index_scales));
   return h;
 }
 

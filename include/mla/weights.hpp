@@ -15,18 +15,37 @@
 
 namespace mla {
 
+/// The lightning indexer of DeepSeek-V3.2's sparse attention (checkpoint names under
+/// `self_attn.indexer.`). No projection has a bias; k_norm is a LayerNorm with bias.
+template <class T>
+struct IndexerWeights {
+  Linear<T> wq_b;          ///< [index_n_heads * index_head_dim, q_lora_rank]  (wq_b)
+  Linear<T> wk;            ///< [index_head_dim, hidden]                       (wk)
+  Vector<T> k_norm;        ///< [index_head_dim]                               (k_norm.weight)
+  Vector<T> k_norm_bias;   ///< [index_head_dim]                               (k_norm.bias)
+  Linear<T> weights_proj;  ///< [index_n_heads, hidden]                        (weights_proj)
+
+  /// True when no tensor is set (a dense MLA layer).
+  bool empty() const {
+    return wq_b.empty() && wk.empty() && weights_proj.empty() && k_norm.size() == 0 &&
+           k_norm_bias.size() == 0;
+  }
+};
+
 /// Weights of one MLA layer (names as in DeepSeek's inference code; checkpoint names in
-/// brackets). Either wq (no query compression) or wq_a, q_norm and wq_b are set.
+/// brackets). Either wq (no query compression) or wq_a, q_norm and wq_b are set; `indexer` is
+/// set exactly when the config has one (MlaConfig::has_indexer).
 template <class T>
 struct MlaWeights {
-  Linear<T> wq;       ///< [H * (P + R), hidden]            (q_proj), when q_lora_rank == 0
-  Linear<T> wq_a;     ///< [q_lora_rank, hidden]            (q_a_proj)
-  Vector<T> q_norm;   ///< [q_lora_rank]                    (q_a_layernorm)
-  Linear<T> wq_b;     ///< [H * (P + R), q_lora_rank]       (q_b_proj)
-  Linear<T> wkv_a;    ///< [kv_lora_rank + R, hidden]       (kv_a_proj_with_mqa)
-  Vector<T> kv_norm;  ///< [kv_lora_rank], empty without kv_latent_norm (kv_a_layernorm)
-  Linear<T> wkv_b;    ///< [H * (P + V), kv_lora_rank]      (kv_b_proj)
-  Linear<T> wo;       ///< [hidden, H * V]                  (o_proj)
+  Linear<T> wq;               ///< [H * (P + R), hidden]            (q_proj), when q_lora_rank == 0
+  Linear<T> wq_a;             ///< [q_lora_rank, hidden]            (q_a_proj)
+  Vector<T> q_norm;           ///< [q_lora_rank]                    (q_a_layernorm)
+  Linear<T> wq_b;             ///< [H * (P + R), q_lora_rank]       (q_b_proj)
+  Linear<T> wkv_a;            ///< [kv_lora_rank + R, hidden]       (kv_a_proj_with_mqa)
+  Vector<T> kv_norm;          ///< [kv_lora_rank], empty without kv_latent_norm (kv_a_layernorm)
+  Linear<T> wkv_b;            ///< [H * (P + V), kv_lora_rank]      (kv_b_proj)
+  Linear<T> wo;               ///< [hidden, H * V]                  (o_proj)
+  IndexerWeights<T> indexer;  ///< DeepSeek-V3.2's indexer           (indexer.*)
 
   /// Throws mla::Error naming the first tensor whose shape does not match `config`, with the
   /// expected and the given shape.
@@ -43,6 +62,8 @@ struct MlaWeights {
   /// Which projections quantize_fp8 converts (all by default).
   struct Fp8Selection {
     bool wq = true, wq_a = true, wq_b = true, wkv_a = true, wkv_b = true, wo = true;
+    /// The indexer's wq_b and wk (FP8 in V3.2's checkpoint; weights_proj stays as it is).
+    bool indexer = true;
   };
 
   /// A copy with the selected projections in block FP8 (DeepSeek-V3's 128 x 128 blocks by
@@ -58,13 +79,16 @@ struct MlaWeights {
     q(which.wkv_a, w.wkv_a);
     q(which.wkv_b, w.wkv_b);
     q(which.wo, w.wo);
+    q(which.indexer, w.indexer.wq_b);
+    q(which.indexer, w.indexer.wk);
     return w;
   }
 
   /// A copy with every projection in plain dense T (FP8 ones dequantised).
   MlaWeights dequantized() const {
     MlaWeights w = *this;
-    for (Linear<T>* l : {&w.wq, &w.wq_a, &w.wq_b, &w.wkv_a, &w.wkv_b, &w.wo}) {
+    for (Linear<T>* l : {&w.wq, &w.wq_a, &w.wq_b, &w.wkv_a, &w.wkv_b, &w.wo, &w.indexer.wq_b,
+                         &w.indexer.wk, &w.indexer.weights_proj}) {
       if (l->is_fp8()) *l = Linear<T>(l->to_dense());
     }
     return w;
@@ -148,6 +172,20 @@ void MlaWeights<T>::check(const MlaConfig& c) const {
                        "[heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]");
   detail::check_linear(wo, c.hidden_size, H * c.v_head_dim, "wo",
                        "[hidden_size, heads * v_head_dim]");
+  if (!c.has_indexer()) {
+    detail::require(indexer.empty(), "MlaWeights.indexer must be empty when the config has no ",
+                    "indexer (index_topk == 0)");
+    return;
+  }
+  const Index HI = c.index_n_heads, DI = c.index_head_dim;
+  detail::check_linear(indexer.wq_b, HI * DI, c.q_lora_rank, "indexer.wq_b",
+                       "[index_n_heads * index_head_dim, q_lora_rank]");
+  detail::check_linear(indexer.wk, DI, c.hidden_size, "indexer.wk",
+                       "[index_head_dim, hidden_size]");
+  detail::check_vector(indexer.k_norm, DI, "indexer.k_norm", "index_head_dim");
+  detail::check_vector(indexer.k_norm_bias, DI, "indexer.k_norm_bias", "index_head_dim");
+  detail::check_linear(indexer.weights_proj, HI, c.hidden_size, "indexer.weights_proj",
+                       "[index_n_heads, hidden_size]");
 }
 
 template <class T>
@@ -167,6 +205,15 @@ MlaWeights<T> MlaWeights<T>::random(const MlaConfig& c, std::uint64_t seed) {
   if (c.kv_latent_norm) w.kv_norm = detail::random_norm<T>(rng, c.kv_lora_rank);
   w.wkv_b = detail::random_linear<T>(rng, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
   w.wo = detail::random_linear<T>(rng, c.hidden_size, H * c.v_head_dim);
+  if (c.has_indexer()) {
+    const Index HI = c.index_n_heads, DI = c.index_head_dim;
+    w.indexer.wq_b = detail::random_linear<T>(rng, HI * DI, c.q_lora_rank);
+    w.indexer.wk = detail::random_linear<T>(rng, DI, c.hidden_size);
+    w.indexer.k_norm = detail::random_norm<T>(rng, DI);
+    w.indexer.k_norm_bias = detail::random_norm<T>(rng, DI);
+    for (Index i = 0; i < DI; ++i) w.indexer.k_norm_bias(i) -= T(1);  // [-0.5, 0.5)
+    w.indexer.weights_proj = detail::random_linear<T>(rng, HI, c.hidden_size);
+  }
   return w;
 }
 
@@ -183,6 +230,11 @@ MlaWeights<U> MlaWeights<T>::cast() const {
   w.kv_norm = kv_norm.template cast<U>();
   w.wkv_b = lin(wkv_b);
   w.wo = lin(wo);
+  w.indexer.wq_b = lin(indexer.wq_b);
+  w.indexer.wk = lin(indexer.wk);
+  w.indexer.k_norm = indexer.k_norm.template cast<U>();
+  w.indexer.k_norm_bias = indexer.k_norm_bias.template cast<U>();
+  w.indexer.weights_proj = lin(indexer.weights_proj);
   return w;
 }
 

@@ -125,16 +125,26 @@ inline double mla_softmax_scale(const MlaSpec& s) {
   return scale;
 }
 
+/// Per query token, the key tokens it attends to (sparse attention); empty: causal, all j <= i.
+using KeySets = std::vector<std::vector<int>>;
+
 /// Causal attention of one head: q [n, dk], k [n, dk], v [n, dv] for the n tokens of a
-/// sequence, query i seeing keys 0..i. Returns [n, dv]; lse[i] = log sum_j exp(scale q_i.k_j).
+/// sequence, query i seeing keys 0..i (or only keys_of[i], when given). Returns [n, dv];
+/// lse[i] = log sum_j exp(scale q_i.k_j).
 inline Vec causal_attention(const Vec& q, const Vec& k, const Vec& v, int n, int dk, int dv,
-                            double scale, Vec* lse) {
+                            double scale, Vec* lse, const KeySets* keys_of = nullptr) {
   Vec out(static_cast<std::size_t>(n) * dv, 0.0);
   if (lse) lse->assign(n, 0.0);
   for (int i = 0; i < n; ++i) {
-    Vec s(i + 1);
+    std::vector<int> keys;
+    if (keys_of) {
+      keys = (*keys_of)[static_cast<std::size_t>(i)];
+    } else {
+      for (int j = 0; j <= i; ++j) keys.push_back(j);
+    }
+    Vec s(static_cast<std::size_t>(i) + 1, -INFINITY);
     double mx = -INFINITY;
-    for (int j = 0; j <= i; ++j) {
+    for (int j : keys) {
       double dot = 0.0;
       for (int d = 0; d < dk; ++d) {
         dot += q[static_cast<std::size_t>(i) * dk + d] * k[static_cast<std::size_t>(j) * dk + d];
@@ -143,8 +153,8 @@ inline Vec causal_attention(const Vec& q, const Vec& k, const Vec& v, int n, int
       mx = std::max(mx, s[j]);
     }
     double sum = 0.0;
-    for (int j = 0; j <= i; ++j) sum += std::exp(s[j] - mx);
-    for (int j = 0; j <= i; ++j) {
+    for (int j : keys) sum += std::exp(s[j] - mx);
+    for (int j : keys) {
       const double p = std::exp(s[j] - mx) / sum;
       for (int d = 0; d < dv; ++d) {
         out[static_cast<std::size_t>(i) * dv + d] += p * v[static_cast<std::size_t>(j) * dv + d];
@@ -168,8 +178,11 @@ struct MlaTrace {
 /// With `latents` ([n, kv_lora + R], [c^KV ; k^R] per token), attention uses those cached
 /// values instead of the ones computed from x: the reference run on a given (e.g. dequantised)
 /// cache.
+///
+/// With `keys_of`, token i attends only to the tokens keys_of[i] (all <= i): sparse attention.
 inline Vec mla_forward(const MlaSpec& s, const MlaWeights& w, const Vec& x, int n, long long pos0,
-                       MlaTrace* trace = nullptr, const Vec* latents = nullptr) {
+                       MlaTrace* trace = nullptr, const Vec* latents = nullptr,
+                       const KeySets* keys_of = nullptr) {
   const int H = s.heads, P = s.nope, R = s.rope.dim, V = s.v, D = s.kv_lora;
   const int QK = P + R;
   Vec q(static_cast<std::size_t>(n) * H * QK), c_kv(static_cast<std::size_t>(n) * D),
@@ -233,7 +246,7 @@ inline Vec mla_forward(const MlaSpec& s, const MlaWeights& w, const Vec& x, int 
       }
     }
     Vec lse_h;
-    const Vec oh = causal_attention(qh, kh, vh, n, QK, V, scale, &lse_h);
+    const Vec oh = causal_attention(qh, kh, vh, n, QK, V, scale, &lse_h, keys_of);
     for (int t = 0; t < n; ++t) {
       for (int e = 0; e < V; ++e) {
         o[(static_cast<std::size_t>(t) * H + h) * V + e] = oh[static_cast<std::size_t>(t) * V + e];

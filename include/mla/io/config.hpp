@@ -138,6 +138,13 @@ inline CheckpointConfig parse_config(const std::string& text,
   c.rope_layout = r.boolean_or(j, "rope_interleave", true, "rope_interleave")
                       ? RopeLayout::kInterleaved
                       : RopeLayout::kHalfSplit;
+  // DeepSeek-V3.2's sparse attention: models with an indexer are those with index_topk; then
+  // index_n_heads and index_head_dim are required too.
+  if (const nlohmann::json* k = r.find(j, "index_topk"); k != nullptr && !k->is_null()) {
+    c.index_topk = r.integer("index_topk");
+    c.index_n_heads = r.integer("index_n_heads");
+    c.index_head_dim = r.integer("index_head_dim");
+  }
 
   // RoPE: rope_theta and rope_scaling (the common form), or transformers' newer
   // rope_parameters, which holds both.
@@ -171,6 +178,7 @@ inline CheckpointConfig parse_config(const std::string& text,
     }
   }
 
+  c.index_scales = ScaleFormat::kFloat32;  // no scale_fmt: any FP32 scale (ue8m0 below)
   if (const nlohmann::json* q = r.find(j, "quantization_config"); q != nullptr && !q->is_null()) {
     mla::detail::require(q->is_object(), source, ": field 'quantization_config' must be an object");
     const std::string method =
@@ -190,6 +198,8 @@ inline CheckpointConfig parse_config(const std::string& text,
                          ": quantization_config.scale_fmt '", scale_fmt,
                          "' is not supported (only 'ue8m0', power-of-two scales)");
     out.activation_scales = scale_fmt == "ue8m0" ? ScaleFormat::kPowerOfTwo : ScaleFormat::kFloat32;
+    // The indexer quantises its queries and keys with the same act_quant (and scale_fmt).
+    c.index_scales = out.activation_scales;
     out.fp8_weights = true;
     if (const nlohmann::json* bs = r.find(*q, "weight_block_size"); bs != nullptr) {
       mla::detail::require(bs->is_array() && bs->size() == 2 && (*bs)[0].is_number_integer() &&

@@ -2,7 +2,9 @@
 /// \file
 /// Loading one layer's attention weights from a DeepSeek checkpoint, by the checkpoint's names
 /// `model.layers.{i}.self_attn.{q_proj | q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa,
-/// kv_a_layernorm, kv_b_proj, o_proj}.weight` (+ `.weight_scale_inv` for FP8 weights).
+/// kv_a_layernorm, kv_b_proj, o_proj}.weight` (+ `.weight_scale_inv` for FP8 weights), and for
+/// DeepSeek-V3.2 the indexer's `self_attn.indexer.{wq_b, wk, weights_proj}.weight` and
+/// `indexer.k_norm.{weight, bias}`.
 
 #include <optional>
 #include <string>
@@ -88,6 +90,16 @@ MlaWeights<T> load_attention_weights(const Checkpoint& ckpt, const CheckpointCon
                  "num_attention_heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank");
   w.wo = proj("o_proj", c.hidden_size, H * c.v_head_dim,
               "hidden_size, num_attention_heads * v_head_dim");
+  if (c.has_indexer()) {
+    const Index HI = c.index_n_heads, DI = c.index_head_dim;
+    IndexerWeights<T>& ix = w.indexer;
+    ix.wq_b =
+        proj("indexer.wq_b", HI * DI, c.q_lora_rank, "index_n_heads * index_head_dim, q_lora_rank");
+    ix.wk = proj("indexer.wk", DI, c.hidden_size, "index_head_dim, hidden_size");
+    ix.k_norm = to_vector<T>(ckpt.tensor(p + "indexer.k_norm.weight"), DI, "index_head_dim");
+    ix.k_norm_bias = to_vector<T>(ckpt.tensor(p + "indexer.k_norm.bias"), DI, "index_head_dim");
+    ix.weights_proj = proj("indexer.weights_proj", HI, c.hidden_size, "index_n_heads, hidden_size");
+  }
   return w;
 }
 
