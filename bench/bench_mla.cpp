@@ -45,6 +45,7 @@
 #include "baseline_kv.hpp"
 #include "machine.hpp"
 #include "mla/mla.hpp"
+#include "mla/sparse.hpp"
 
 namespace {
 
@@ -69,6 +70,7 @@ struct Preset {
   MlaConfig config;
 };
 Preset preset(const std::string& name) {
+  if (name == "v32") return {"v32", MlaConfig::deepseek_v32()};
   return {name == "v3" ? "v3" : "v2lite",
           name == "v3" ? MlaConfig::deepseek_v3() : MlaConfig::deepseek_v2_lite()};
 }
@@ -95,10 +97,19 @@ FilledCache fill_cache(const MlaConfig& c, CacheStorage storage, Index tokens) {
   FilledCache f{mla::LatentCache(c, o), 0};
   f.seq = f.cache.add_sequence();
   const RowMatrix<float> chunk = random_matrix(1024, c.latent_cache_width(), 7);
+  // V3.2: random index keys (distinct per chunk, so that the selection moves around).
+  RowMatrix<float> keys(1024, std::max<Index>(c.index_head_dim, 1));
   for (Index t = 0; t < tokens; t += 1024) {
     const Index n = std::min<Index>(1024, tokens - t);
-    f.cache.append<float>(f.seq, 0, chunk.topLeftCorner(n, c.kv_lora_rank),
-                          chunk.block(0, c.kv_lora_rank, n, c.qk_rope_head_dim));
+    if (c.has_indexer()) {
+      fill_random(keys.data(), keys.size(), static_cast<std::uint32_t>(11 + t));
+      f.cache.append<float>(f.seq, 0, chunk.topLeftCorner(n, c.kv_lora_rank),
+                            chunk.block(0, c.kv_lora_rank, n, c.qk_rope_head_dim), keys.topRows(n),
+                            t);
+    } else {
+      f.cache.append<float>(f.seq, 0, chunk.topLeftCorner(n, c.kv_lora_rank),
+                            chunk.block(0, c.kv_lora_rank, n, c.qk_rope_head_dim));
+    }
   }
   return f;
 }
@@ -194,6 +205,76 @@ void decode_absorbed(benchmark::State& state, std::string preset_name, std::stri
   const double flops = 2.0 * static_cast<double>(H) * pairs * static_cast<double>(D + R + D);
   const double bytes = static_cast<double>(ctx) * static_cast<double>(view.token_bytes());
   run_steps(state, flops, bytes, step);
+}
+
+/// DeepSeek-V3.2's sparse decode step over a `ctx`-token cache: the indexer's scores (64 heads
+/// x 128 over every cached index key), top-2048, and the absorbed attention over the selected
+/// records; and, in the same run, the dense absorbed step over the same latent records, for the
+/// ratio. Projections are excluded from both (as in decode/absorbed).
+void decode_sparse(benchmark::State& state, std::string preset_name, std::string cache, Index ctx) {
+  const MlaConfig c = preset(preset_name).config;
+  const Index H = c.num_attention_heads, D = c.kv_lora_rank, R = c.qk_rope_head_dim;
+  const Index HI = c.index_n_heads, DI = c.index_head_dim;
+  const FilledCache f = fill_cache(c, storage_of(cache), ctx);
+  const mla::LatentView view = f.cache.view(f.seq, 0);
+  const mla::IndexKeyView keys = f.cache.index_view(f.seq, 0);
+  const RowMatrix<float> q = random_matrix(H, D + R, 3);
+  // Index queries as prepare_index_queries leaves them: E4M3 values, folded head weights.
+  RowMatrix<float> iq = random_matrix(HI, DI, 4), iw = random_matrix(1, HI, 5);
+  {
+    const mla::Rope rope = mla::index_rope(c);
+    std::vector<float> scratch(static_cast<std::size_t>(R));
+    std::vector<unsigned char> codes(static_cast<std::size_t>(DI));
+    mla::prepare_index_queries(c, rope, ctx - 1, iq.data(), iw.data(), scratch.data(),
+                               codes.data());
+  }
+  RowMatrix<float> out(H, D), lse(1, H), scores(1, ctx);
+  mla::IndexerWorkspace iws;
+  mla::SparseWorkspace<float> sws;
+  mla::DecodeWorkspace dws;
+  std::vector<std::int32_t> selected(static_cast<std::size_t>(c.index_topk));
+  std::vector<std::uint64_t> order;
+  const Index visible = ctx;
+  const double scale = mla::softmax_scale(c);
+  double t_index = 0, t_topk = 0, t_attend = 0;
+  Index count = 0;
+  auto step = [&] {
+    const auto t0 = Clock::now();
+    mla::index_scores(keys, iq, iw, &visible, scores, iws, &pool());
+    const auto t1 = Clock::now();
+    count = mla::select_top_k(scores.data(), ctx, c.index_topk, selected.data(), order);
+    const auto t2 = Clock::now();
+    mla::sparse_attention_absorbed<float>(c, view, selected.data(), count, q, scale, out, lse, sws,
+                                          &pool());
+    const auto t3 = Clock::now();
+    t_index += std::chrono::duration<double>(t1 - t0).count();
+    t_topk += std::chrono::duration<double>(t2 - t1).count();
+    t_attend += std::chrono::duration<double>(t3 - t2).count();
+  };
+  step();
+  require_finite(state, out);
+  t_index = t_topk = t_attend = 0;
+  const auto sel = static_cast<double>(count);
+  const double flops = 2.0 * static_cast<double>(HI * DI) * static_cast<double>(ctx) +
+                       2.0 * static_cast<double>(H) * sel * static_cast<double>(D + R + D);
+  const double bytes = static_cast<double>(ctx) * static_cast<double>(DI + 4) +
+                       sel * static_cast<double>(view.token_bytes());
+  run_steps(state, flops, bytes, step);
+  const auto iters = static_cast<double>(state.iterations());
+  state.counters["indexer_ms"] = t_index / iters * 1e3;
+  state.counters["topk_ms"] = t_topk / iters * 1e3;
+  state.counters["attention_ms"] = t_attend / iters * 1e3;
+  // The dense step over the same records, timed here for the ratio (same run, same machine
+  // state): the best of a few.
+  double dense = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = Clock::now();
+    mla::decode_absorbed(c, view, q, scale, out, lse, dws, &pool());
+    dense = std::min(dense, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  require_finite(state, out);
+  state.counters["dense_ms"] = dense * 1e3;
+  state.counters["dense_over_sparse"] = dense / ((t_index + t_topk + t_attend) / iters);
 }
 
 #if defined(MLA_BENCH_ONEDNN)
@@ -462,6 +543,20 @@ void register_all() {
             ->UseManualTime()
             ->Unit(benchmark::kMillisecond);
       }
+    }
+  }
+  // DeepSeek-V3.2's sparse decode against V3's dense one (same MLA dims, FP8 latent), 4K-128K.
+  for (Index ctx : {4096, 8192, 16384, 32768, 65536, 131072}) {
+    const std::string tail = "/fp8/" + std::to_string(ctx);
+    benchmark::RegisterBenchmark(("decode/sparse/v32" + tail).c_str(), decode_sparse, "v32", "fp8",
+                                 ctx)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond);
+    if (ctx > 32768) {  // the shorter ones are registered above
+      benchmark::RegisterBenchmark(("decode/absorbed/v3" + tail).c_str(), decode_absorbed, "v3",
+                                   "fp8", ctx, mla::Precision::kFp32, Index{1})
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond);
     }
   }
 #if defined(MLA_BENCH_ONEDNN)
