@@ -407,6 +407,56 @@ TEST(SparseCache, V32Fp8RecordsAre788BytesAndAppendsStayAtomic) {
       "keeps none"));
 }
 
+/// An engine's own buffers (vLLM-style: FP8 656-byte-class latent records in one tensor, the
+/// indexer's keys in another, one block table) give what the LatentCache gives.
+TEST(SparseEngine, ForwardPagedWithAnIndexBufferEqualsTheCache) {
+  const MlaConfig c = sparse_config();
+  const auto w = MlaWeights<float>::random(c, 14);
+  const MlaLayer<float> layer(c, w);
+  const Index n = 26, bt = 4, blocks = 16;
+  const RowMatrix<float> x = test::random_input<float>(n, c.hidden_size, 15);
+  const mla::LatentRecordFormat format(c.kv_lora_rank, c.qk_rope_head_dim,
+                                       mla::CacheStorage::kFp8E4M3);
+  std::vector<float> latent_mem(blocks * bt * format.bytes() / sizeof(float) + 1);
+  const mla::IndexKeyFormat key_format(c.index_head_dim, c.index_scales);
+  std::vector<float> index_mem(blocks * bt * key_format.bytes_per_token() / sizeof(float) + 1);
+  mla::PagedLatentBuffer buf{format, latent_mem.data(), blocks, bt, 0};
+  mla::PagedIndexBuffer ibuf;
+  ibuf.format = key_format;
+  ibuf.data = index_mem.data();
+  ibuf.num_blocks = blocks;
+  ibuf.block_tokens = bt;
+  const std::vector<std::int32_t> table = {9, 3, 14, 0, 7, 12, 1, 5};  // scattered blocks
+  MlaWorkspace<float> ws;
+  RowMatrix<float> y(n, c.hidden_size);
+  // A prefill chunk of 11, then decode steps and a chunk of 4.
+  Index cached = 0;
+  for (Index chunk : {11, 1, 1, 4, 1, 1, 1, 1, 1, 1, 1, 1, 1}) {
+    layer.forward_paged(x.middleRows(cached, chunk), buf, ibuf,
+                        {{table.data(), cached, cached, chunk}}, y.middleRows(cached, chunk), ws);
+    cached += chunk;
+  }
+  ASSERT_EQ(cached, n);
+  LatentCache cache = make_cache(c, mla::CacheStorage::kFp8E4M3);
+  const auto seq = cache.add_sequence();
+  RowMatrix<float> want(n, c.hidden_size);
+  layer.forward(x, 0, cache, seq, want, ws);
+  EXPECT_LT(test::rel_error(test::to_vec(y), test::to_vec(want)), 1e-6);
+  // Mismatched buffers are named; dense forward_paged refuses a V3.2 layer.
+  mla::PagedIndexBuffer wrong = ibuf;
+  wrong.block_tokens = 8;
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward_paged(x.topRows(1), buf, wrong, {{table.data(), 0, 0, 1}}, y.topRows(1), ws);
+      },
+      "one block table serves both"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward_paged(x.topRows(1), buf, {{table.data(), 0, 0, 1}}, y.topRows(1), ws);
+      },
+      "PagedIndexBuffer"));
+}
+
 TEST(SparseErrors, ConfigWeightsAndCachesAreNamed) {
   MlaConfig c = MlaConfig::small_v32();
   c.index_head_dim = 24;

@@ -312,53 +312,36 @@ class MlaLayer {
   /// records; otherwise as forward_batch. The engine keeps positions and block tables: the
   /// layer checks that every table entry used is a block of the buffer and that the format
   /// matches this layer, and writes only the new tokens' slots (distinct entries must not share
-  /// those blocks). Throws mla::Error before writing anything when a check fails.
+  /// those blocks). Throws mla::Error before writing anything when a check fails. Dense layers
+  /// only: DeepSeek-V3.2 layers take the overload with an index-key buffer.
   void forward_paged(ConstMatrixRef<T> x, const PagedLatentBuffer& buffer,
                      const std::vector<PagedEntry>& entries, MatrixRef<T> y, MlaWorkspace<T>& ws,
                      AttentionPath path = AttentionPath::kAuto) const {
-    const MlaConfig& c = config_;
     check_shapes(x, y, "forward_paged");
     require_dense("forward_paged");
-    detail::require(buffer.format.kv_lora_rank() == c.kv_lora_rank &&
-                        buffer.format.rope_dim() == c.qk_rope_head_dim,
-                    "MlaLayer::forward_paged: the buffer's records hold [",
-                    buffer.format.kv_lora_rank(), " + ", buffer.format.rope_dim(),
-                    "] per token, this layer [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
-    set_parts(
-        x.rows(), entries.size(),
-        [&](std::size_t i) {
-          return std::pair<std::int64_t, Index>(entries[i].start_pos, entries[i].tokens);
-        },
-        path, ws);
-    for (std::size_t i = 0; i < entries.size(); ++i) {
-      detail::require(entries[i].cached >= 0, "MlaLayer::forward_paged: entry ", i,
-                      " has a negative cached length ", entries[i].cached);
-      // Checks the buffer and the table over the records the call writes and reads.
-      (void)LatentView(buffer, entries[i].block_table, entries[i].cached + entries[i].tokens);
-    }
-    if (x.rows() == 0) return;
-    auto past = [&](std::size_t i) { return entries[i].cached; };
-    choose_paths(past, path, ws);
-    ws.reserve(config_, x.rows(), batch_path(ws));
-    project_queries_and_latents(x, ws);
-    const Index D = c.kv_lora_rank;
-    for (std::size_t i = 0; i < entries.size(); ++i) {
-      const auto& part = ws.parts[i];
-      const PagedEntry& e = entries[i];
-      for (Index t = 0; t < part.tokens; ++t) {
-        const Index token = e.cached + t;
-        buffer.format.encode<T>(
-            ws.kv.row(part.row0 + t).data(), ws.kv.row(part.row0 + t).data() + D,
-            buffer.record(e.block_table[token / buffer.block_tokens], token % buffer.block_tokens));
-      }
-    }
-    attend_parts(
-        ws,
-        [&](std::size_t i) {
-          return LatentView(buffer, entries[i].block_table, entries[i].cached + entries[i].tokens);
-        },
-        [](std::size_t) { return IndexKeyView(); });
-    finish(y, x.rows(), ws);
+    run_paged(x, buffer, nullptr, entries, y, ws, path);
+  }
+
+  /// forward_paged for DeepSeek-V3.2 layers: the new tokens' index keys are written into
+  /// `index_buffer` (this layer's index-key blocks, PagedIndexBuffer: the same block ids and
+  /// block size as `buffer`, one block table for both, as vLLM keeps its indexer cache), and
+  /// tokens that see more than index_topk records attend to the ones the indexer selects.
+  void forward_paged(ConstMatrixRef<T> x, const PagedLatentBuffer& buffer,
+                     const PagedIndexBuffer& index_buffer, const std::vector<PagedEntry>& entries,
+                     MatrixRef<T> y, MlaWorkspace<T>& ws,
+                     AttentionPath path = AttentionPath::kAuto) const {
+    check_shapes(x, y, "forward_paged");
+    detail::require(config_.has_indexer(), "MlaLayer::forward_paged: an index-key buffer was ",
+                    "given, but this layer has no indexer (index_topk 0)");
+    detail::require(index_buffer.format.dim() == config_.index_head_dim,
+                    "MlaLayer::forward_paged: the index-key buffer holds keys of ",
+                    index_buffer.format.dim(), " values, this layer's indexer ",
+                    config_.index_head_dim);
+    detail::require(index_buffer.block_tokens == buffer.block_tokens,
+                    "MlaLayer::forward_paged: the index-key buffer has blocks of ",
+                    index_buffer.block_tokens, " tokens, the latent buffer of ",
+                    buffer.block_tokens, " (one block table serves both)");
+    run_paged(x, buffer, &index_buffer, entries, y, ws, path);
   }
 
   /// The layer with an attention of the caller's own, for layers whose cache lives elsewhere
@@ -433,7 +416,8 @@ class MlaLayer {
   void require_dense(const char* what) const {
     detail::require(!config_.has_indexer(), "MlaLayer::", what,
                     ": DeepSeek-V3.2 sparse attention (index_topk ", config_.index_topk,
-                    ") needs the index keys of a LatentCache: use forward or forward_batch");
+                    ") needs index keys: use forward, forward_batch, or forward_paged with a "
+                    "PagedIndexBuffer");
   }
 
   /// The path the workspace must be sized for: the parts' common path, or kAuto (both).
@@ -443,6 +427,65 @@ class MlaLayer {
       if (p.path != common) return AttentionPath::kAuto;
     }
     return common;
+  }
+
+  /// forward_paged (index_buffer: V3.2 layers' index keys, else nullptr).
+  void run_paged(const ConstMatrixRef<T>& x, const PagedLatentBuffer& buffer,
+                 const PagedIndexBuffer* index_buffer, const std::vector<PagedEntry>& entries,
+                 MatrixRef<T> y, MlaWorkspace<T>& ws, AttentionPath path) const {
+    const MlaConfig& c = config_;
+    detail::require(buffer.format.kv_lora_rank() == c.kv_lora_rank &&
+                        buffer.format.rope_dim() == c.qk_rope_head_dim,
+                    "MlaLayer::forward_paged: the buffer's records hold [",
+                    buffer.format.kv_lora_rank(), " + ", buffer.format.rope_dim(),
+                    "] per token, this layer [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
+    set_parts(
+        x.rows(), entries.size(),
+        [&](std::size_t i) {
+          return std::pair<std::int64_t, Index>(entries[i].start_pos, entries[i].tokens);
+        },
+        path, ws);
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      detail::require(entries[i].cached >= 0, "MlaLayer::forward_paged: entry ", i,
+                      " has a negative cached length ", entries[i].cached);
+      // Checks the buffers and the table over the records the call writes and reads.
+      const Index n = entries[i].cached + entries[i].tokens;
+      (void)LatentView(buffer, entries[i].block_table, n);
+      if (index_buffer) (void)IndexKeyView(*index_buffer, entries[i].block_table, n);
+    }
+    if (x.rows() == 0) return;
+    auto past = [&](std::size_t i) { return entries[i].cached; };
+    choose_paths(past, path, ws);
+    ws.reserve(config_, x.rows(), batch_path(ws));
+    project_queries_and_latents(x, ws);
+    const Index D = c.kv_lora_rank, bt = buffer.block_tokens;
+    for (std::size_t i = 0; i < entries.size(); ++i) {
+      const auto& part = ws.parts[i];
+      const PagedEntry& e = entries[i];
+      for (Index t = 0; t < part.tokens; ++t) {
+        const Index token = e.cached + t, block = e.block_table[token / bt], slot = token % bt;
+        buffer.format.encode<T>(ws.kv.row(part.row0 + t).data(),
+                                ws.kv.row(part.row0 + t).data() + D, buffer.record(block, slot));
+        if (index_buffer) {
+          unsigned char* b = index_buffer->block(block);
+          index_buffer->format.encode(
+              ws.index_k.row(part.row0 + t).data(),
+              b + index_buffer->codes_offset + static_cast<std::size_t>(slot * c.index_head_dim),
+              reinterpret_cast<float*>(b + index_buffer->scales_at()) + slot);
+        }
+      }
+    }
+    attend_parts(
+        ws,
+        [&](std::size_t i) {
+          return LatentView(buffer, entries[i].block_table, entries[i].cached + entries[i].tokens);
+        },
+        [&](std::size_t i) {
+          return index_buffer ? IndexKeyView(*index_buffer, entries[i].block_table,
+                                             entries[i].cached + entries[i].tokens)
+                              : IndexKeyView();
+        });
+    finish(y, x.rows(), ws);
   }
 
   /// The batch in ws.parts (sequences in ws.part_ids) over a LatentCache.
