@@ -8,8 +8,10 @@
 #   ./run.sh bench [preset]   install what is missing, build, run the benchmarks (JSON to build/)
 #   ./run.sh format           check the sources with clang-format (exit 1 on any difference)
 #   ./run.sh plot             plot build/release/bench_mla.json (from ./run.sh bench) into docs/
-#   ./run.sh convert [args]   build and run examples/convert_mha (MHA -> MLA vs GQA), write
-#                             build/release/convert.json and plot it into docs/convert_error.png
+#   ./run.sh convert [args]   build and run examples/convert_mha (MHA -> MLA vs GQA; without
+#                             args: partial RoPE at 64, 1024, 4096 tokens), write
+#                             build/release/convert.json, plot docs/convert_error.png and
+#                             docs/partial_rope.png
 #   ./run.sh fuzz [seconds]   fuzz the safetensors, .npy and config.json parsers with libFuzzer
 #                             (clang build) for a bounded time, 60 s by default
 #
@@ -21,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 usage() {
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -117,7 +119,10 @@ case "$command" in
     ensure_packages python3-matplotlib
     cmake --preset release >/dev/null
     cmake --build --preset release --target convert_mha
-    build/release/examples/convert_mha --json build/release/convert.json "${@:2}"
+    # Without arguments: partial RoPE (every rope_keep) at three contexts, for both plots.
+    args=("${@:2}")
+    [ ${#args[@]} -eq 0 ] && args=(--rope-keep 16,8,4,0 --context 64,1024,4096)
+    build/release/examples/convert_mha --json build/release/convert.json "${args[@]}"
     /usr/bin/python3 scripts/plot_convert.py build/release/convert.json docs
     ;;
   format)

@@ -4,8 +4,8 @@
 //
 //   convert_mha [--hidden N] [--heads H] [--kv-heads G] [--head-dim D] [--v-head-dim V]
 //               [--rope-dim R] [--decay S] [--rope-shared F] [--tokens T] [--calibration N]
-//               [--seed K]
-//               [--model DIR --layer L] [--json OUT]
+//               [--seed K] [--rope-keep N[,N...]] [--rope-criterion frequency|contribution]
+//               [--context L[,L...]] [--model DIR --layer L] [--json OUT]
 //
 // Without --model the layer is random: the stacked non-rotary key and value projections have
 // singular values S^0, S^1, S^2, ... (S = --decay, 0.98 by default; trained projections decay
@@ -19,11 +19,20 @@
 // Inputs are T Gaussian tokens (64 by default) at positions 0 .. T-1; --calibration N fits the
 // factorisation to the covariance of N further samples (0, the default: unweighted). The error
 // is |y - y_MHA| / |y_MHA| over all tokens, y_MHA the source layer's output. Cache bytes are
-// per token and layer in FP32: G (D + V) * 4 for GQA with G groups, (r + R) * 4 for MLA.
+// per token and layer in FP32: G (D + V) * 4 for GQA with G groups, (r + N) * 4 for MLA keeping
+// N rotary dimensions.
+//
+// --rope-keep lists how many rotary dimensions stay rotary (partial RoPE: the other pairs join
+// the latent; default R, the conversion without partial RoPE), chosen by --rope-criterion
+// (frequency: the highest, the default; contribution: MHA2MLA's query-norm x key-norm).
+// --context lists context lengths L >= T to measure at: the T sample tokens then sit L / T
+// positions apart (RoPE frequencies scaled by L / T, the same thing), so that relative
+// distances reach L (default: T, consecutive positions).
 //
 // --json OUT writes the rows as a JSON list of objects with keys method ("mla" or "gqa"),
-// rank (null for gqa), groups (null for mla), cache_bytes_per_token and rel_error. On an error
-// the program prints `error: ...`, leaves OUT as it was and exits 1.
+// rank (null for gqa), groups (null for mla), rope_keep (null for gqa), context,
+// cache_bytes_per_token and rel_error. On an error the program prints `error: ...`, leaves OUT
+// as it was and exits 1.
 
 #include <cmath>
 #include <cstdio>
@@ -46,12 +55,15 @@ using mla::RowMatrix;
 constexpr const char* kUsage =
     "usage: convert_mha [--hidden N] [--heads H] [--kv-heads G] [--head-dim D] [--v-head-dim V] "
     "[--rope-dim R] [--decay S] [--rope-shared F] [--tokens T] [--calibration N] [--seed K] "
+    "[--rope-keep N[,N...]] [--rope-criterion frequency|contribution] [--context L[,L...]] "
     "[--model DIR --layer L] [--json OUT]";
 
 constexpr const char* kHelp =
     "usage: convert_mha [--hidden N] [--heads H] [--kv-heads G] [--head-dim D] [--v-head-dim V]\n"
     "                   [--rope-dim R] [--decay S] [--rope-shared F] [--tokens T]\n"
-    "                   [--calibration N] [--seed K] [--model DIR --layer L] [--json OUT]\n"
+    "                   [--calibration N] [--seed K] [--rope-keep N[,N...]]\n"
+    "                   [--rope-criterion frequency|contribution] [--context L[,L...]]\n"
+    "                   [--model DIR --layer L] [--json OUT]\n"
     "\n"
     "Converts an MHA/GQA attention layer to MLA at several latent ranks, and to GQA with\n"
     "mean-pooled KV heads at matching cache sizes, and prints each one's relative error of the\n"
@@ -68,6 +80,11 @@ constexpr const char* kHelp =
     "  --tokens T        sample tokens at positions 0 .. T-1 (default 64)\n"
     "  --calibration N   fit the factorisation to N further samples (default 0: unweighted)\n"
     "  --seed K          random seed (default 1)\n"
+    "  --rope-keep LIST  rotary dimensions that stay rotary, e.g. 16,8,4,0 (partial RoPE: the\n"
+    "                    other pairs join the latent; default: all of them)\n"
+    "  --rope-criterion  which stay: frequency (the highest; default) or contribution\n"
+    "  --context LIST    contexts to measure at, each >= T: the T tokens sit L/T positions\n"
+    "                    apart (default: T)\n"
     "  --model DIR       a Llama-style checkpoint instead of the random layer, with --layer L\n"
     "  --json OUT        also write the rows as JSON\n"
     "  --help            this text\n";
@@ -77,7 +94,27 @@ struct Args {
   double decay = 0.98, rope_shared = 0.0;
   long long tokens = 64, calibration = 0, seed = 1, layer = -1;
   std::string model, json;
+  std::vector<long long> rope_keep, contexts;
+  mla::RopeKeep criterion = mla::RopeKeep::kHighestFrequency;
+  long long rope_rank = 1;
 };
+
+/// A comma-separated list of integers in [lo, hi].
+std::vector<long long> parse_list(const std::string& flag, const std::string& value, long long lo,
+                                  long long hi) {
+  std::vector<long long> out;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t comma = value.find(',', start);
+    const long long v = cli::parse_integer(flag, value.substr(start, comma - start));
+    mla::detail::require(v >= lo && v <= hi, flag, " values must be in [", lo, ", ", hi, "], got ",
+                         v);
+    out.push_back(v);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
 
 Args parse_args(int argc, char** argv) {
   Args a;
@@ -126,6 +163,17 @@ Args parse_args(int argc, char** argv) {
       a.layer = count(0, 1 << 20);
     } else if (flag == "--json") {
       a.json = value;
+    } else if (flag == "--rope-keep") {
+      a.rope_keep = parse_list(flag, value, 0, 1024);
+    } else if (flag == "--context") {
+      a.contexts = parse_list(flag, value, 1, 1 << 30);
+    } else if (flag == "--rope-rank") {
+      a.rope_rank = count(1, 1024);
+    } else if (flag == "--rope-criterion") {
+      mla::detail::require(value == "frequency" || value == "contribution",
+                           "--rope-criterion must be frequency or contribution, got '", value, "'");
+      a.criterion =
+          value == "frequency" ? mla::RopeKeep::kHighestFrequency : mla::RopeKeep::kContribution;
     } else {
       mla::detail::fail("unknown option '", flag, "'\n", kUsage);
     }
@@ -192,9 +240,15 @@ RowMatrix<double> run_mla(const mla::MlaConversion<double>& m, const RowMatrix<d
 
 struct Row {
   std::string method;
-  Index rank = 0, groups = 0, bytes = 0;
+  Index rank = 0, groups = 0, rope_keep = 0, context = 0, bytes = 0;
   double error = 0;
 };
+
+/// The source's RoPE frequencies (from rope_theta, or its explicit ones).
+std::vector<double> frequencies(const mla::MhaConfig& c) {
+  if (c.rope_dim == 0) return {};
+  return mla::Rope(mla::detail::convert::mla_shape(c, 1)).inv_freq();
+}
 
 int run(const Args& a) {
   std::mt19937_64 rng(static_cast<std::uint64_t>(a.seed));
@@ -210,34 +264,66 @@ int run(const Args& a) {
   }
   const RowMatrix<double> x = gaussian(a.tokens, c.hidden_size, rng, 1.0);
   const RowMatrix<double> calibration = gaussian(a.calibration, c.hidden_size, rng, 1.0);
-  const RowMatrix<double> want = mla::mha_forward<double>(c, w, x);
-  const auto error = [&](const RowMatrix<double>& y) { return (y - want).norm() / want.norm(); };
+  std::vector<long long> keeps = a.rope_keep, contexts = a.contexts;
+  if (keeps.empty()) keeps = {c.rope_dim};
+  if (contexts.empty()) contexts = {a.tokens};
+  for (long long k : keeps) {
+    mla::detail::require(k <= c.rope_dim && k % 2 == 0,
+                         "--rope-keep values must be even and at "
+                         "most the rotary width ",
+                         c.rope_dim, ", got ", k);
+  }
+  for (long long L : contexts) {
+    mla::detail::require(L >= a.tokens, "--context values must be >= --tokens (", a.tokens,
+                         "), got ", L);
+  }
+  const std::vector<double> freq = frequencies(c);
 
   std::vector<Row> rows;
-  // GQA: every group count that divides the KV heads.
-  for (Index g = 1; g <= c.num_kv_heads; ++g) {
-    if (c.num_kv_heads % g != 0) continue;
-    mla::MhaConfig pc;
-    const auto p = mla::pool_kv_heads(c, w, g, pc);
-    rows.push_back(
-        {"gqa", 0, g, pc.cache_bytes_per_token(), error(mla::mha_forward<double>(pc, p, x))});
-  }
-  // MLA: the ranks whose cache matches each GQA row's, and powers of two, up to full rank.
-  const Index full = c.num_kv_heads * (c.head_dim - c.rope_dim + c.v_head_dim);
-  std::vector<Index> ranks;
-  for (Index r = 8; r < full; r *= 2) ranks.push_back(r);
-  for (const Row& g : rows) {
-    const Index r = g.bytes / 4 - c.rope_dim;
-    if (r >= 1 && r < full) ranks.push_back(r);
-  }
-  ranks.push_back(full);
-  std::sort(ranks.begin(), ranks.end());
-  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
-  double rotary = 1.0;
-  for (Index r : ranks) {
-    const auto m = mla::convert_to_mla(c, w, r, calibration);
-    rotary = m.rotary_retained;
-    rows.push_back({"mla", r, 0, (r + c.rope_dim) * 4, error(run_mla(m, x))});
+  double rotary = -1.0;  // with every rotary dimension kept
+  for (long long L : contexts) {
+    // The tokens L / T positions apart: every frequency times L / T.
+    const double stretch = static_cast<double>(L) / static_cast<double>(a.tokens);
+    mla::MhaConfig cs = c;
+    cs.rope_inv_freq.clear();
+    for (double f : freq) cs.rope_inv_freq.push_back(f * stretch);
+    const RowMatrix<double> want = mla::mha_forward<double>(cs, w, x);
+    const auto error = [&](const RowMatrix<double>& y) { return (y - want).norm() / want.norm(); };
+    // GQA: every group count that divides the KV heads.
+    std::vector<Row> gqa;
+    for (Index g = 1; g <= c.num_kv_heads; ++g) {
+      if (c.num_kv_heads % g != 0) continue;
+      mla::MhaConfig pc;
+      const auto p = mla::pool_kv_heads(cs, w, g, pc);
+      gqa.push_back({"gqa", 0, g, 0, L, pc.cache_bytes_per_token(),
+                     error(mla::mha_forward<double>(pc, p, x))});
+    }
+    rows.insert(rows.end(), gqa.begin(), gqa.end());
+    for (long long keep : keeps) {
+      // MLA: the ranks whose cache matches each GQA row's, and powers of two, up to full rank.
+      const Index full = c.num_kv_heads * (c.head_dim - keep + c.v_head_dim);
+      std::vector<Index> ranks;
+      for (Index r = 8; r < full; r *= 2) ranks.push_back(r);
+      for (const Row& g : gqa) {
+        const Index r = g.bytes / 4 - keep * a.rope_rank;
+        if (r >= 1 && r < full) ranks.push_back(r);
+      }
+      ranks.push_back(full);
+      std::sort(ranks.begin(), ranks.end());
+      ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+      for (Index r : ranks) {
+        auto m = mla::convert_to_mla(c, w, r, calibration, {keep, a.criterion, a.rope_rank});
+        if (keep == c.rope_dim) rotary = m.rotary_retained;
+        // The kept pairs at the stretched frequencies.
+        m.config.rope_inv_freq.clear();
+        for (Index i : m.rope_pairs_kept) {
+          for (long long d = 0; d < a.rope_rank; ++d) {
+            m.config.rope_inv_freq.push_back(freq[static_cast<std::size_t>(i)] * stretch);
+          }
+        }
+        rows.push_back({"mla", r, 0, keep, L, (r + keep * a.rope_rank) * 4, error(run_mla(m, x))});
+      }
+    }
   }
 
   std::printf(
@@ -247,12 +333,18 @@ int run(const Args& a) {
       static_cast<long long>(c.num_kv_heads), static_cast<long long>(c.head_dim),
       static_cast<long long>(c.rope_dim), static_cast<long long>(c.v_head_dim),
       static_cast<long long>(c.cache_bytes_per_token()));
-  std::printf("shared rotary key keeps %.1f%% of the rotary keys' energy\n\n", 100.0 * rotary);
-  std::printf("%-6s %6s %6s %12s %10s\n", "method", "rank", "groups", "bytes/token", "rel_error");
+  if (rotary >= 0) {
+    std::printf("shared rotary key keeps %.1f%% of the rotary keys' energy\n", 100.0 * rotary);
+  }
+  std::printf("\n");
+  std::printf("%-6s %6s %6s %9s %8s %12s %10s\n", "method", "rank", "groups", "rope_keep",
+              "context", "bytes/token", "rel_error");
   for (const Row& r : rows) {
     const std::string rank = r.method == "mla" ? std::to_string(r.rank) : "-";
     const std::string groups = r.method == "gqa" ? std::to_string(r.groups) : "-";
-    std::printf("%-6s %6s %6s %12lld %10.3e\n", r.method.c_str(), rank.c_str(), groups.c_str(),
+    const std::string keep = r.method == "mla" ? std::to_string(r.rope_keep) : "-";
+    std::printf("%-6s %6s %6s %9s %8lld %12lld %10.3e\n", r.method.c_str(), rank.c_str(),
+                groups.c_str(), keep.c_str(), static_cast<long long>(r.context),
                 static_cast<long long>(r.bytes), r.error);
   }
 
@@ -263,6 +355,8 @@ int run(const Args& a) {
       o["method"] = r.method;
       o["rank"] = r.method == "mla" ? nlohmann::json(r.rank) : nlohmann::json(nullptr);
       o["groups"] = r.method == "gqa" ? nlohmann::json(r.groups) : nlohmann::json(nullptr);
+      o["rope_keep"] = r.method == "mla" ? nlohmann::json(r.rope_keep) : nlohmann::json(nullptr);
+      o["context"] = r.context;
       o["cache_bytes_per_token"] = r.bytes;
       o["rel_error"] = r.error;
       out.push_back(o);

@@ -68,6 +68,7 @@ std::vector<double> reference_mha(const MhaConfig& c, const MhaWeights<double>& 
   s.rope.dim = static_cast<int>(c.rope_dim);
   s.rope.theta = c.rope_theta;
   s.rope.interleaved = c.rope_layout == mla::RopeLayout::kInterleaved;
+  s.rope.inv_freq = c.rope_inv_freq;
   return ref::mha_forward(s, test::to_vec(w.wq), test::to_vec(wk), test::to_vec(wv),
                           test::to_vec(w.wo), test::to_vec(x), static_cast<int>(x.rows()), pos0);
 }
@@ -251,6 +252,147 @@ TEST(Convert, GqaBaselineEqualsMhaWhenGroupsEqualHeadsAndPoolsByMean) {
   EXPECT_EQ(two.cache_bytes_per_token(), 2 * (8 + 6) * 4);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Partial RoPE
+
+/// The source's frequencies times `scale`: the same as its tokens sitting `scale` positions
+/// apart, i.e. a context `scale` times longer for the same tokens.
+MhaConfig stretched(MhaConfig c, double scale) {
+  const std::vector<double> f = mla::Rope(mla::detail::convert::mla_shape(c, 1)).inv_freq();
+  c.rope_inv_freq.clear();
+  for (double v : f) c.rope_inv_freq.push_back(v * scale);
+  return c;
+}
+
+double partial_error(const MhaConfig& c, const MhaWeights<double>& w, Index rank,
+                     const mla::ConvertOptions& o, const RowMatrix<double>& x) {
+  const auto m = mla::convert_to_mla(c, w, rank, RowMatrix<double>(), o);
+  return test::rel_error(test::to_vec(run_mla(m, x, 0, x.rows() / 2)), reference_mha(c, w, x, 0));
+}
+
+TEST(PartialRope, KeepingEveryPairIsTheConversionWithoutPartialRope) {
+  const MhaConfig c = mha_dims(32, 4, 2, 12, 8, 8);
+  const auto w = random_mha(c, 31);
+  const RowMatrix<double> cal = gaussian(40, c.hidden_size, 32);
+  for (Index rank : {Index{5}, Index{24}}) {
+    const auto base = mla::convert_to_mla(c, w, rank, cal);
+    for (auto criterion : {mla::RopeKeep::kHighestFrequency, mla::RopeKeep::kContribution}) {
+      const auto m = mla::convert_to_mla(c, w, rank, cal, {8, criterion});
+      EXPECT_EQ(m.config.qk_rope_head_dim, base.config.qk_rope_head_dim);
+      EXPECT_TRUE(m.config.rope_inv_freq.empty());
+      EXPECT_EQ(m.weights.wq.to_dense(), base.weights.wq.to_dense());
+      EXPECT_EQ(m.weights.wkv_a.to_dense(), base.weights.wkv_a.to_dense());
+      EXPECT_EQ(m.weights.wkv_b.to_dense(), base.weights.wkv_b.to_dense());
+      EXPECT_EQ(m.rotary_retained, base.rotary_retained);
+      EXPECT_EQ(m.latent_retained, base.latent_retained);
+    }
+  }
+}
+
+TEST(PartialRope, MovedPairsThatDoNotTurnAreExactAtFullRank) {
+  // Pairs of frequency 0 never rotate, so as ordinary key dimensions in the latent they are
+  // exact: MQA keeping the turning pairs, and MHA (independent rotary keys) moving every pair.
+  MhaConfig mqa = mha_dims(40, 4, 1, 10, 6, 8);
+  mqa.rope_inv_freq = {1.0, 0.25, 0.0, 0.0};
+  MhaConfig mha = mha_dims(40, 4, 4, 10, 6, 8);
+  mha.rope_inv_freq = {0.0, 0.0, 0.0, 0.0};
+  const std::vector<std::pair<MhaConfig, Index>> cases = {{mqa, 4}, {mha, 0}};
+  for (const auto& [c, keep] : cases) {
+    const auto w = random_mha(c, 41);
+    const RowMatrix<double> x = gaussian(12, c.hidden_size, 42);
+    const Index full = c.num_kv_heads * (c.head_dim - keep + c.v_head_dim);
+    const auto m = mla::convert_to_mla(c, w, full, RowMatrix<double>(), {keep});
+    EXPECT_EQ(m.config.qk_rope_head_dim, keep);
+    EXPECT_EQ(m.config.qk_nope_head_dim, c.head_dim - keep);
+    EXPECT_NEAR(m.rotary_retained, 1.0, 1e-12);
+    EXPECT_LE(partial_error(c, w, full, {keep}, x), 1e-10) << "kv heads " << c.num_kv_heads;
+    // Without moving them, MHA's independent rotary keys lose most of their energy.
+    if (keep == 0) {
+      EXPECT_LT(mla::convert_to_mla(c, w, c.num_kv_heads * (c.head_dim - 8 + c.v_head_dim))
+                    .rotary_retained,
+                0.5);
+    }
+  }
+}
+
+TEST(PartialRope, TheErrorGrowsWithTheContextAsTheMovedPairsTurn) {
+  // MQA, full rank: the only loss is the rotation the moved (lowest-frequency) pair misses,
+  // an angle of up to L theta over a context of L positions.
+  const MhaConfig c = mha_dims(32, 4, 1, 12, 8, 8);
+  const auto w = random_mha(c, 51);
+  const RowMatrix<double> x = gaussian(12, c.hidden_size, 52);
+  const Index full = c.head_dim - 6 + c.v_head_dim;
+  double last = 0.0;
+  for (double scale : {1.0, 4.0, 16.0, 64.0, 256.0}) {
+    const MhaConfig s = stretched(c, scale);
+    const double e = partial_error(s, w, full, {6}, x);
+    EXPECT_GT(e, last) << "context x" << scale;
+    last = e;
+  }
+  EXPECT_LT(partial_error(c, w, full, {6}, x), 1e-2);  // 11 positions x 1e-3 rad: small
+  EXPECT_GT(last, 1e-2);
+  // Keeping every pair is exact at every context.
+  EXPECT_LE(partial_error(stretched(c, 256.0), w, full + 6 - 8, {8}, x), 1e-10);
+}
+
+TEST(PartialRope, MoreRotaryDirectionsPerPairHoldMoreOfTheHeadsKeys) {
+  // Independent rotary keys per head (MHA): rope_rank = num_kv_heads keeps every head's key
+  // exactly (exact at full rank), and the retained energy grows with the rank.
+  const MhaConfig c = mha_dims(32, 4, 4, 12, 8, 8);
+  const auto w = random_mha(c, 71);
+  const RowMatrix<double> x = gaussian(12, c.hidden_size, 72);
+  const Index full = c.num_kv_heads * (12 - 8 + 8);
+  double last = 0.0;
+  for (Index rr = 1; rr <= 4; ++rr) {
+    const mla::ConvertOptions o{8, mla::RopeKeep::kHighestFrequency, rr};
+    const auto m = mla::convert_to_mla(c, w, full, RowMatrix<double>(), o);
+    EXPECT_EQ(m.config.qk_rope_head_dim, 8 * rr);
+    EXPECT_GT(m.rotary_retained, last);
+    last = m.rotary_retained;
+    if (rr == 4) {
+      EXPECT_NEAR(m.rotary_retained, 1.0, 1e-12);
+      EXPECT_LE(partial_error(c, w, full, o, x), 1e-10);
+    }
+  }
+  // Partial RoPE with several directions: the kept pairs exact, moved pairs that do not turn
+  // exact too.
+  MhaConfig still = c;
+  still.rope_inv_freq = {1.0, 0.3, 0.0, 0.0};
+  const Index full4 = c.num_kv_heads * (12 - 4 + 8);
+  EXPECT_LE(partial_error(still, w, full4, {4, mla::RopeKeep::kHighestFrequency, 4}, x), 1e-10);
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        mla::convert_to_mla(c, w, 4, RowMatrix<double>(), {8, mla::RopeKeep::kHighestFrequency, 5});
+      },
+      "rope_rank must be in [1, num_kv_heads = 4]"));
+}
+
+TEST(PartialRope, TheContributionCriterionKeepsThePairsThatCarryTheScores) {
+  // Pairs 0 and 1 (the highest frequencies) carry almost nothing in the key: the contribution
+  // criterion keeps pairs 2 and 3, the frequency criterion pairs 0 and 1. (MQA, so that the
+  // kept pairs are exact and the error is only the moved pairs' missing rotation: moving the
+  // empty pairs costs nothing, moving the full ones does.)
+  const MhaConfig c = mha_dims(32, 4, 1, 12, 8, 8);
+  auto w = random_mha(c, 61);
+  for (Index g = 0; g < c.num_kv_heads; ++g) {
+    for (Index i : {0, 1}) {
+      const mla::RopePair p = mla::rope_pair(c.rope_layout, 8, i);
+      w.wk.row(g * 12 + 4 + p.first) *= 1e-3;
+      w.wk.row(g * 12 + 4 + p.second) *= 1e-3;
+    }
+  }
+  const Index rank = c.num_kv_heads * (12 - 4 + 8);
+  const auto by_norm =
+      mla::convert_to_mla(c, w, rank, RowMatrix<double>(), {4, mla::RopeKeep::kContribution});
+  const auto by_freq =
+      mla::convert_to_mla(c, w, rank, RowMatrix<double>(), {4, mla::RopeKeep::kHighestFrequency});
+  EXPECT_EQ(by_norm.rope_pairs_kept, (std::vector<Index>{2, 3}));
+  EXPECT_EQ(by_freq.rope_pairs_kept, (std::vector<Index>{0, 1}));
+  const RowMatrix<double> x = gaussian(16, c.hidden_size, 62);
+  EXPECT_LT(partial_error(c, w, rank, {4, mla::RopeKeep::kContribution}, x),
+            partial_error(c, w, rank, {4, mla::RopeKeep::kHighestFrequency}, x));
+}
+
 TEST(Convert, BadArgumentsAreClearErrors) {
   const MhaConfig c = mha_dims(24, 4, 2, 8, 6, 4);
   const auto w = random_mha(c, 81);
@@ -265,6 +407,12 @@ TEST(Convert, BadArgumentsAreClearErrors) {
                                             "groups (3) must divide num_kv_heads (2)"));
   MhaWeights<double> bad = w;
   bad.wv = RowMatrix<double>(5, 24);
+  EXPECT_TRUE(
+      test::throws_error_containing([&] { mla::convert_to_mla(c, w, 4, RowMatrix<double>(), {3}); },
+                                    "rope_keep must be an even"));
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] { mla::convert_to_mla(c, w, 4, RowMatrix<double>(), {c.rope_dim + 2}); },
+      "rope_keep must be an even"));
   EXPECT_TRUE(test::throws_error_containing([&] { mla::convert_to_mla(c, bad, 4); },
                                             "MhaWeights.wv is [5, 24], expected [12, 24]"));
   EXPECT_TRUE(test::throws_error_containing([] { mha_dims(24, 4, 3, 8, 6, 4).validate(); },

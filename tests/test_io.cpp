@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -1053,7 +1054,8 @@ TEST(ConvertMha, WritesTheTableAsJsonWithConsistentRows) {
   int gqa = 0, mla = 0;
   double previous = INFINITY;
   for (const auto& row : rows) {
-    ASSERT_EQ(row.size(), 5u) << row.dump();
+    ASSERT_EQ(row.size(), 7u) << row.dump();
+    EXPECT_EQ(row.at("context").get<long long>(), 10);
     const std::string method = row.at("method").get<std::string>();
     const auto bytes = row.at("cache_bytes_per_token").get<long long>();
     const double error = row.at("rel_error").get<double>();
@@ -1083,6 +1085,48 @@ TEST(ConvertMha, WritesTheTableAsJsonWithConsistentRows) {
   EXPECT_EQ(gqa, 3);  // 1, 2, 4 groups
   EXPECT_GE(mla, 4);
   EXPECT_NE(r.out.find("method"), std::string::npos);
+}
+
+TEST(ConvertMha, PartialRopeRowsPerRopeKeepAndContext) {
+  TempDir dir;
+  const CliResult r = run_program(
+      MLA_CONVERT_MHA, dir,
+      "--hidden 48 --heads 4 --kv-heads 4 --head-dim 8 --v-head-dim 6 --rope-dim 4 --tokens 8 "
+      "--rope-keep 4,2,0 --context 8,512 --rope-rank 2 --json " +
+          (dir / "p.json"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const nlohmann::json rows = read_json(dir / "p.json");
+  std::map<std::pair<long long, long long>, std::vector<double>> mla;  // (keep, context) -> errors
+  int gqa = 0;
+  for (const auto& row : rows) {
+    const long long context = row.at("context").get<long long>();
+    EXPECT_TRUE(context == 8 || context == 512);
+    if (row.at("method") == "gqa") {
+      ++gqa;
+      EXPECT_TRUE(row.at("rope_keep").is_null());
+      continue;
+    }
+    const long long keep = row.at("rope_keep").get<long long>();
+    const long long rank = row.at("rank").get<long long>();
+    EXPECT_EQ(row.at("cache_bytes_per_token").get<long long>(), (rank + 2 * keep) * 4);
+    mla[{keep, context}].push_back(row.at("rel_error").get<double>());
+  }
+  EXPECT_EQ(gqa, 6);  // 1, 2, 4 groups at each context
+  ASSERT_EQ(mla.size(), 6u);
+  for (const auto& entry : mla) {
+    EXPECT_GE(entry.second.size(), 2u);  // several ranks per (rope_keep, context)
+    for (double e : entry.second) EXPECT_TRUE(e >= 0 && e < 2) << e;
+  }
+  // Moving every rotary pair into the latent costs more at the longer context.
+  const double short_context = mla[{0, 8}].back(), long_context = mla[{0, 512}].back();
+  EXPECT_GT(long_context, short_context);
+  const CliResult bad =
+      run_program(MLA_CONVERT_MHA, dir, "--rope-dim 4 --rope-keep 3 --json " + (dir / "p.json"));
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("--rope-keep values must be even"), std::string::npos) << bad.err;
+  const CliResult bad2 = run_program(MLA_CONVERT_MHA, dir, "--tokens 16 --context 8");
+  EXPECT_NE(bad2.err.find("--context values must be >= --tokens (16), got 8"), std::string::npos)
+      << bad2.err;
 }
 
 TEST(ConvertMha, ReadsALlamaStyleCheckpoint) {

@@ -76,6 +76,7 @@ inline ref::RopeSpec to_ref_rope(const mla::MlaConfig& c) {
   r.mscale = c.rope_scaling.mscale;
   r.mscale_all_dim = c.rope_scaling.mscale_all_dim;
   r.interleaved = c.rope_layout == mla::RopeLayout::kInterleaved;
+  r.inv_freq = c.rope_inv_freq;
   return r;
 }
 

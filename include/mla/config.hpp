@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "mla/detail/record_layout.hpp"
 #include "mla/error.hpp"
@@ -56,6 +57,12 @@ struct MlaConfig {
   /// Pairing of the rotary dimensions in the weights and in the cached k^R. Not a config.json
   /// field: DeepSeek's own checkpoints are interleaved.
   RopeLayout rope_layout = RopeLayout::kInterleaved;
+  /// Explicit RoPE frequencies theta_i (radians per position) of the R/2 pairs, replacing
+  /// rope_theta and YaRN's ramp (the magnitude factor of rope_scaling still applies); empty
+  /// (the default): computed from rope_theta. Not a config.json field: layers converted with
+  /// partial RoPE (mla/convert.hpp) keep a subset of their source's frequencies. 0 is allowed
+  /// (a pair that does not turn).
+  std::vector<double> rope_inv_freq;
   /// RMSNorm on the KV latent before it is cached (kv_a_layernorm; MlaWeights::kv_norm). Every
   /// DeepSeek model has it; layers converted from MHA (mla/convert.hpp) do not, since a norm is
   /// no linear map and would make the conversion inexact.
@@ -151,6 +158,13 @@ inline void MlaConfig::validate() const {
           "MlaConfig.qk_nope_head_dim + qk_rope_head_dim must be > 0, got 0");
   detail::require_finite(rms_norm_eps, 0.0, "rms_norm_eps");
   detail::require_finite(rope_theta, 0.0, "rope_theta");
+  require(rope_inv_freq.empty() || static_cast<Index>(rope_inv_freq.size()) * 2 == qk_rope_head_dim,
+          "MlaConfig.rope_inv_freq must be empty or hold qk_rope_head_dim / 2 = ",
+          qk_rope_head_dim / 2, " frequencies, got ", rope_inv_freq.size());
+  for (double f : rope_inv_freq) {
+    require(std::isfinite(f) && f >= 0.0,
+            "MlaConfig.rope_inv_freq must hold finite frequencies >= 0, got ", f);
+  }
   detail::require_dim(max_position_embeddings, 1, "max_position_embeddings");
   detail::require_dim(num_hidden_layers, 1, "num_hidden_layers");
   if (index_n_heads != 0 || index_head_dim != 0 || index_topk != 0) {

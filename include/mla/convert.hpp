@@ -24,6 +24,19 @@
 ///   i.e. MQA); otherwise the part of the rotary keys outside that direction is lost, at every
 ///   latent rank. `MlaConversion::rotary_retained` reports the fraction of the rotary keys'
 ///   energy kept.
+/// - Partial RoPE (ConvertOptions::rope_keep < R, MHA2MLA's idea). Only rope_keep of the R
+///   rotary dimensions stay rotary (the shared key above); the other pairs become ordinary key
+///   dimensions, stacked with the non-rotary keys into M, so the latent holds them for every
+///   head (exactly at full rank). What that costs is the rotation they no longer get: a pair of
+///   frequency theta moved into the latent is exact for tokens at the same position and off by
+///   an angle (t - s) theta between positions s and t, so it suits low frequencies and short
+///   contexts. Which pairs stay: the highest frequencies (kHighestFrequency), or those with the
+///   largest contribution (kContribution: per pair, sum over query heads of the query part's
+///   norm times its KV head's key part's norm, RMS over the calibration inputs, or over
+///   isotropic inputs without calibration: MHA2MLA's 2-norm criterion, summed over heads since
+///   MLA's rotary key is shared). The converted layer keeps its source's frequencies for the
+///   kept pairs (MlaConfig::rope_inv_freq) and puts the moved dimensions after the non-rotary
+///   ones in each head.
 /// The target layer has no RMSNorm on the latent (MlaConfig::kv_latent_norm false), since a
 /// norm is no linear map, and no query compression; RoPE settings are the source's.
 ///
@@ -32,8 +45,10 @@
 
 #include <Eigen/Eigenvalues>
 #include <algorithm>
+#include <cmath>
 #include <complex>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -55,6 +70,9 @@ struct MhaConfig {
   Index rope_dim = 0;      ///< R, rotated dimensions at the end of each query/key head (even)
   double rope_theta = 10000.0;
   RopeLayout rope_layout = RopeLayout::kInterleaved;
+  /// Explicit frequencies of the R/2 pairs instead of rope_theta's (see MlaConfig); empty: from
+  /// rope_theta.
+  std::vector<double> rope_inv_freq;
 
   /// Throws mla::Error naming the first field that is out of range.
   void validate() const {
@@ -114,6 +132,7 @@ inline MlaConfig mla_shape(const MhaConfig& c, Index rank) {
   m.v_head_dim = c.v_head_dim;
   m.rope_theta = c.rope_theta;
   m.rope_layout = c.rope_layout;
+  m.rope_inv_freq = c.rope_inv_freq;
   m.kv_latent_norm = false;
   return m;
 }
@@ -185,6 +204,25 @@ MhaWeights<T> pool_kv_heads(const MhaConfig& c, const MhaWeights<T>& w, Index gr
   return p;
 }
 
+/// Which rotary pairs stay rotary under partial RoPE (see the file comment).
+enum class RopeKeep : std::uint8_t {
+  kHighestFrequency,  ///< the rope_keep / 2 pairs of highest frequency
+  kContribution,      ///< the pairs with the largest query-norm x key-norm contribution
+};
+
+/// Options of convert_to_mla.
+struct ConvertOptions {
+  /// Rotary dimensions that stay rotary (an even number in [0, rope_dim]); the others move into
+  /// the latent. -1 (the default): all of them, the conversion without partial RoPE.
+  Index rope_keep = -1;
+  RopeKeep criterion = RopeKeep::kHighestFrequency;
+  /// Shared rotary directions per kept pair, in [1, num_kv_heads]: the leading eigenvectors of
+  /// the heads' complex keys of the pair (TransMLA-style; num_kv_heads keeps every head's
+  /// rotary key exactly). The cached k^R is rope_keep * rope_rank wide. 1 (the default): one
+  /// shared key per pair.
+  Index rope_rank = 1;
+};
+
 /// An MLA layer made from an MHA/GQA layer.
 template <class T>
 struct MlaConversion {
@@ -193,24 +231,75 @@ struct MlaConversion {
   /// Fraction of the (calibration-weighted) energy of the non-rotary keys and values that the
   /// rank-r latent keeps, in [0, 1]; 1 at full rank.
   double latent_retained = 1.0;
-  /// Fraction of the rotary keys' energy the shared rotary key keeps; 1 when exact.
+  /// Fraction of the rotary keys' energy the shared rotary key keeps (moved pairs count as kept:
+  /// their energy goes to the latent, see latent_retained); 1 when exact.
   double rotary_retained = 1.0;
+  /// The source's rotary pairs (indices into its R / 2 pairs) that stay rotary, in the order of
+  /// the converted layer's pairs; the others moved into the latent.
+  std::vector<Index> rope_pairs_kept;
 };
 
-/// MLA weights with latent rank `rank` (1 <= rank <= G (d_k - R + d_v)) from MHA/GQA weights.
-/// `calibration` ([n, hidden], may be empty) weights the factorisation by the activations'
-/// covariance. Computed in double. Throws mla::Error for shapes or ranks out of range.
+namespace detail::convert {
+
+/// The pairs that stay rotary: `keep` of the R / 2, by the criterion; ascending pair index
+/// (descending frequency).
+template <class T, class Gram>
+std::vector<Index> kept_pairs(const MhaConfig& c, const MhaWeights<T>& w, Index keep,
+                              RopeKeep criterion, Gram&& gram) {
+  const Index pairs = c.rope_dim / 2, H = c.num_heads, G = c.num_kv_heads, dk = c.head_dim,
+              P = dk - c.rope_dim;
+  std::vector<Index> order(static_cast<std::size_t>(pairs));
+  for (Index i = 0; i < pairs; ++i) order[static_cast<std::size_t>(i)] = i;
+  if (criterion == RopeKeep::kContribution) {
+    // Per pair: sum_h RMS norm of head h's query part x RMS norm of its KV head's key part.
+    std::vector<double> score(static_cast<std::size_t>(pairs), 0.0);
+    const auto norm = [&](const RowMatrix<T>& m, Index row0, Index i) {
+      const RopePair p = rope_pair(c.rope_layout, c.rope_dim, i);
+      Eigen::MatrixXd rows(2, c.hidden_size);
+      rows.row(0) = m.row(row0 + P + p.first).template cast<double>();
+      rows.row(1) = m.row(row0 + P + p.second).template cast<double>();
+      return std::sqrt(std::max(0.0, gram(rows).trace()));
+    };
+    for (Index i = 0; i < pairs; ++i) {
+      for (Index h = 0; h < H; ++h) {
+        const Index g = h / (H / G);
+        score[static_cast<std::size_t>(i)] += norm(w.wq, h * dk, i) * norm(w.wk, g * dk, i);
+      }
+    }
+    std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) {
+      return score[static_cast<std::size_t>(a)] > score[static_cast<std::size_t>(b)];
+    });
+  }
+  order.resize(static_cast<std::size_t>(keep / 2));
+  std::sort(order.begin(), order.end());
+  return order;
+}
+
+}  // namespace detail::convert
+
+/// MLA weights with latent rank `rank` (1 <= rank <= G (d_k - rope_keep + d_v)) from MHA/GQA
+/// weights. `calibration` ([n, hidden], may be empty) weights the factorisation (and the
+/// kContribution criterion) by the activations' covariance; `options` chooses partial RoPE.
+/// Computed in double. Throws mla::Error for shapes, ranks or options out of range.
 template <class T>
-MlaConversion<T> convert_to_mla(
-    const MhaConfig& c, const MhaWeights<T>& w, Index rank,
-    ConstMatrixRef<detail::identity_t<T>> calibration = RowMatrix<T>()) {
+MlaConversion<T> convert_to_mla(const MhaConfig& c, const MhaWeights<T>& w, Index rank,
+                                ConstMatrixRef<detail::identity_t<T>> calibration = RowMatrix<T>(),
+                                const ConvertOptions& options = {}) {
   using Mat = Eigen::MatrixXd;
   using CMat = Eigen::MatrixXcd;
   w.check(c);
   const Index H = c.num_heads, G = c.num_kv_heads, dk = c.head_dim, dv = c.v_head_dim,
-              R = c.rope_dim, P = dk - R, hid = c.hidden_size, width = G * (P + dv);
+              R = c.rope_dim, P = dk - R, hid = c.hidden_size;
+  const Index keep = options.rope_keep < 0 ? R : options.rope_keep;
+  detail::require(keep >= 0 && keep <= R && keep % 2 == 0,
+                  "convert_to_mla: rope_keep must be an even number in [0, rope_dim = ", R,
+                  "] (or -1: all), got ", options.rope_keep);
+  const Index rk = options.rope_rank;
+  detail::require(rk >= 1 && rk <= G, "convert_to_mla: rope_rank must be in [1, num_kv_heads = ", G,
+                  "], got ", rk);
+  const Index moved = R - keep, P2 = P + moved, width = G * (P2 + dv);
   detail::require(rank >= 1 && rank <= width, "convert_to_mla: rank must be in [1, ",
-                  "num_kv_heads * (head_dim - rope_dim + v_head_dim) = ", width, "], got ", rank);
+                  "num_kv_heads * (head_dim - rope_keep + v_head_dim) = ", width, "], got ", rank);
   detail::require(calibration.size() == 0 || calibration.cols() == hid,
                   "convert_to_mla: calibration has ", calibration.cols(),
                   " columns, expected hidden_size = ", hid);
@@ -227,11 +316,30 @@ MlaConversion<T> convert_to_mla(
   };
 
   MlaConversion<T> out;
-  // Non-rotary keys and values of every KV head, stacked.
+  out.rope_pairs_kept = detail::convert::kept_pairs(c, w, keep, options.criterion, gram);
+  const std::vector<Index>& kept = out.rope_pairs_kept;
+  std::vector<Index> gone;  // the moved pairs, ascending
+  for (Index i = 0, k = 0; i < R / 2; ++i) {
+    if (k < static_cast<Index>(kept.size()) && kept[static_cast<std::size_t>(k)] == i) {
+      ++k;
+    } else {
+      gone.push_back(i);
+    }
+  }
+  // Row r (< P2) of a head's key or query in the converted layer, as a row of the source head:
+  // the non-rotary rows, then both dimensions of each moved pair.
+  const auto nope_row = [&](Index r) {
+    if (r < P) return r;
+    const RopePair p = rope_pair(c.rope_layout, R, gone[static_cast<std::size_t>((r - P) / 2)]);
+    return P + ((r - P) % 2 == 0 ? p.first : p.second);
+  };
+  // Non-rotary keys (with the moved pairs) and values of every KV head, stacked.
   Mat m(width, hid);
   for (Index g = 0; g < G; ++g) {
-    m.middleRows(g * (P + dv), P) = w.wk.middleRows(g * dk, P).template cast<double>();
-    m.middleRows(g * (P + dv) + P, dv) = w.wv.middleRows(g * dv, dv).template cast<double>();
+    for (Index r = 0; r < P2; ++r) {
+      m.row(g * (P2 + dv) + r) = w.wk.row(g * dk + nope_row(r)).template cast<double>();
+    }
+    m.middleRows(g * (P2 + dv) + P2, dv) = w.wv.middleRows(g * dv, dv).template cast<double>();
   }
   Mat u;
   Eigen::VectorXd energy;
@@ -241,9 +349,11 @@ MlaConversion<T> convert_to_mla(
   const double total = energy.sum();
   out.latent_retained = total > 0 ? energy.head(rank).sum() / total : 1.0;
 
-  // Shared rotary key: per pair i, the principal direction of the KV heads' complex keys.
-  Mat kr(R, hid);                             // rows of the shared rotary key, in the RoPE layout
-  CMat factor(G, std::max<Index>(R / 2, 1));  // a_gi
+  // Shared rotary key: per kept pair, the rope_rank principal directions of the KV heads'
+  // complex keys; direction d of kept pair j sits at the converted layer's pair j * rk + d.
+  const Index K2 = keep * rk;
+  Mat kr(K2, hid);                             // rows of the shared rotary key, in the RoPE layout
+  CMat factor(G, std::max<Index>(K2 / 2, 1));  // a_g of each of the layer's pairs
   double rot_total = 0.0, rot_kept = 0.0;
   for (Index i = 0; i < R / 2; ++i) {
     const auto [a, b] = rope_pair(c.rope_layout, R, i);
@@ -257,37 +367,65 @@ MlaConversion<T> convert_to_mla(
     Eigen::VectorXd vals;
     detail::convert::leading_eigenvectors(gram(ki), vecs, vals);
     rot_total += vals.sum();
-    rot_kept += vals(0);
-    factor.col(i) = vecs.col(0);
-    const Eigen::Matrix<std::complex<double>, 1, Eigen::Dynamic> s = vecs.col(0).adjoint() * ki;
-    kr.row(a) = s.real();
-    kr.row(b) = s.imag();
+    const auto at = std::find(kept.begin(), kept.end(), i);
+    if (at == kept.end()) {  // moved into the latent: kept there (up to the rank)
+      rot_kept += vals.sum();
+      continue;
+    }
+    for (Index d = 0; d < rk; ++d) {
+      rot_kept += vals(d);
+      const Index jj = (at - kept.begin()) * rk + d;
+      const auto [ka, kb] = rope_pair(c.rope_layout, K2, jj);
+      factor.col(jj) = vecs.col(d);
+      const Eigen::Matrix<std::complex<double>, 1, Eigen::Dynamic> s = vecs.col(d).adjoint() * ki;
+      kr.row(ka) = s.real();
+      kr.row(kb) = s.imag();
+    }
   }
   out.rotary_retained = rot_total > 0 ? rot_kept / rot_total : 1.0;
 
   out.config = detail::convert::mla_shape(c, rank);
-
-  // Queries: the non-rotary rows as they are, the rotary pairs times conj(a_gi).
-  RowMatrix<T> wq(H * dk, hid);
-  RowMatrix<T> wkv_b(H * (P + dv), rank);
-  for (Index h = 0; h < H; ++h) {
-    const Index g = h / (H / G);
-    wq.middleRows(h * dk, P) = w.wq.middleRows(h * dk, P);
-    for (Index i = 0; i < R / 2; ++i) {
-      const auto [a, b] = rope_pair(c.rope_layout, R, i);
-      const std::complex<double> f = std::conj(factor(g, i));
-      for (Index j = 0; j < hid; ++j) {
-        const std::complex<double> qv(w.wq(h * dk + P + a, j), w.wq(h * dk + P + b, j));
-        const std::complex<double> r = f * qv;
-        wq(h * dk + P + a, j) = static_cast<T>(r.real());
-        wq(h * dk + P + b, j) = static_cast<T>(r.imag());
+  out.config.qk_nope_head_dim = P2;
+  out.config.qk_rope_head_dim = K2;
+  if (keep < R || rk > 1) {  // the kept pairs' own frequencies, once per direction
+    const std::vector<double> source = Rope(detail::convert::mla_shape(c, 1)).inv_freq();
+    out.config.rope_inv_freq.clear();
+    for (Index i : kept) {
+      for (Index d = 0; d < rk; ++d) {
+        out.config.rope_inv_freq.push_back(source[static_cast<std::size_t>(i)]);
       }
     }
-    wkv_b.middleRows(h * (P + dv), P + dv) = ur.middleRows(g * (P + dv), P + dv).template cast<T>();
   }
-  RowMatrix<T> wkv_a(rank + R, hid);
+
+  // Queries: the non-rotary rows (with the moved pairs) as they are, the kept rotary pairs
+  // times conj(a_gj).
+  RowMatrix<T> wq(H * (P2 + K2), hid);
+  // MLA scales scores by (P2 + K2)^-1/2, the source by d_k^-1/2: the queries make up the
+  // difference (a factor of exactly 1 unless rope_rank > 1).
+  const T qscale =
+      static_cast<T>(std::sqrt(static_cast<double>(P2 + K2) / static_cast<double>(dk)));
+  RowMatrix<T> wkv_b(H * (P2 + dv), rank);
+  for (Index h = 0; h < H; ++h) {
+    const Index g = h / (H / G);
+    const Index qk = P2 + K2;  // the converted head's width (dk unless rope_rank > 1)
+    for (Index r = 0; r < P2; ++r) wq.row(h * qk + r) = w.wq.row(h * dk + nope_row(r)) * qscale;
+    for (Index jj = 0; jj < K2 / 2; ++jj) {
+      const auto [a, b] = rope_pair(c.rope_layout, R, kept[static_cast<std::size_t>(jj / rk)]);
+      const auto [ka, kb] = rope_pair(c.rope_layout, K2, jj);
+      const std::complex<double> f = std::conj(factor(g, jj));
+      for (Index j = 0; j < hid; ++j) {
+        const std::complex<double> qv(w.wq(h * dk + P + a, j), w.wq(h * dk + P + b, j));
+        const std::complex<double> r = f * qv * static_cast<double>(qscale);
+        wq(h * qk + P2 + ka, j) = static_cast<T>(r.real());
+        wq(h * qk + P2 + kb, j) = static_cast<T>(r.imag());
+      }
+    }
+    wkv_b.middleRows(h * (P2 + dv), P2 + dv) =
+        ur.middleRows(g * (P2 + dv), P2 + dv).template cast<T>();
+  }
+  RowMatrix<T> wkv_a(rank + K2, hid);
   wkv_a.topRows(rank) = down.template cast<T>();
-  wkv_a.bottomRows(R) = kr.template cast<T>();
+  wkv_a.bottomRows(K2) = kr.template cast<T>();
   out.weights.wq = Linear<T>(std::move(wq));
   out.weights.wkv_a = Linear<T>(std::move(wkv_a));
   out.weights.wkv_b = Linear<T>(std::move(wkv_b));

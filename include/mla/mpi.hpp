@@ -108,6 +108,7 @@ inline std::uint64_t fingerprint(const MlaConfig& c) {
   mix(static_cast<std::uint64_t>(c.rope_layout));
   mix(c.kv_latent_norm ? 1u : 0u);
   mix(static_cast<std::uint64_t>(c.index_scales));
+  for (double f : c.rope_inv_freq) mix(bits(f));
   return h;
 }
 

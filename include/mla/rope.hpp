@@ -94,6 +94,7 @@ class Rope {
       }
       inv_freq_[static_cast<std::size_t>(i)] = f;
     }
+    if (!config.rope_inv_freq.empty()) inv_freq_ = config.rope_inv_freq;
     magnitude_ =
         yarn ? yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
              : 1.0;

@@ -25,7 +25,8 @@ struct RopeSpec {
   double beta_slow = 1.0;
   double mscale = 1.0;
   double mscale_all_dim = 0.0;
-  bool interleaved = true;  // pairs (2i, 2i+1); otherwise (i, i + R/2)
+  bool interleaved = true;       // pairs (2i, 2i+1); otherwise (i, i + R/2)
+  std::vector<double> inv_freq;  // explicit frequencies per pair (then theta and YaRN unused)
 };
 
 /// The dimensions of DeepSeek's attention, with config.json's meaning.
@@ -48,6 +49,7 @@ inline double yarn_mscale(double scale, double m) {
 /// Frequencies of the R/2 rotary pairs: base^(-2i/R), blended with base^(-2i/R) / factor by
 /// YaRN's linear ramp between the correction dimensions of beta_fast and beta_slow.
 inline Vec rope_frequencies(const RopeSpec& r) {
+  if (!r.inv_freq.empty()) return r.inv_freq;
   const int half = r.dim / 2;
   Vec f(half);
   const double pi = std::acos(-1.0);
