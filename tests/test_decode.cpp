@@ -374,9 +374,12 @@ RowMatrix<float> random_query_rows(Index rows, Index width, unsigned seed) {
 constexpr double kBf16OutTolerance = 1e-2, kBf16LseTolerance = 2e-2;
 
 TEST(DecodeTokens, EveryPrecisionStorageTokenCountKeyCountAndThreadingMatchesTheReference) {
-  // Latent widths 40 (even) and 41 (odd: the BF16 kernel pads the key rows), 1, 16 and 40 heads.
+  // Latent widths 40 (even), 41 (odd: the BF16 kernel pads the key rows) and 48 (a multiple of
+  // 16 that is not one of 32: the AMX kernels pad the key rows to whole tiles), 1, 16 and 40
+  // heads.
   double worst_fp32 = 0, worst_bf16_out = 0, worst_bf16_lse = 0, least_bf16 = INFINITY;
-  for (const MlaConfig& c : {dims(16, 40, 8), dims(1, 41, 8), dims(40, 40, 8)}) {
+  double worst_by_isa[4][2] = {};  // [isa][precision]: the worst output or lse error
+  for (const MlaConfig& c : {dims(16, 40, 8), dims(1, 41, 8), dims(40, 48, 8)}) {
     const Index H = c.num_attention_heads, K = c.latent_cache_width();
     for (CacheStorage storage :
          {CacheStorage::kFloat32, CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
@@ -392,7 +395,7 @@ TEST(DecodeTokens, EveryPrecisionStorageTokenCountKeyCountAndThreadingMatchesThe
           reference_tokens(c, kv, q, scale, keys, T, want_out, want_lse);
           for (int threads : {1, 2}) {
             for (Index splits : {0, 3}) {
-              test::for_each_isa([&](mla::Isa) {
+              test::for_each_isa([&](mla::Isa isa) {
                 for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
                   const bool bf16 = p == mla::Precision::kBf16;
                   SCOPED_TRACE(std::string(bf16 ? "bf16" : "fp32") + " heads " + std::to_string(H) +
@@ -406,6 +409,8 @@ TEST(DecodeTokens, EveryPrecisionStorageTokenCountKeyCountAndThreadingMatchesThe
                   o.precision = p;
                   const DecodeErrors e = decode_tokens_error(c, view, q, scale, keys, T, threads, o,
                                                              want_out, want_lse);
+                  double& w = worst_by_isa[static_cast<int>(isa)][bf16 ? 1 : 0];
+                  w = std::max(w, e.worst());
                   if (bf16) {
                     EXPECT_LE(e.out, kBf16OutTolerance);
                     EXPECT_LE(e.lse, kBf16LseTolerance);
@@ -426,6 +431,13 @@ TEST(DecodeTokens, EveryPrecisionStorageTokenCountKeyCountAndThreadingMatchesThe
   }
   std::printf("    [measured] fp32 worst %.2e; bf16 worst out %.2e, lse %.2e\n", worst_fp32,
               worst_bf16_out, worst_bf16_lse);
+  for (mla::Isa isa : {mla::Isa::kPortable, mla::Isa::kAvx2, mla::Isa::kAvx512, mla::Isa::kAmx}) {
+    const double* w = worst_by_isa[static_cast<int>(isa)];
+    if (w[0] > 0) {
+      std::printf("    [measured] %s: fp32 worst %.2e, bf16 worst %.2e\n", mla::to_string(isa),
+                  w[0], w[1]);
+    }
+  }
   // The BF16 bound is tight: BF16 really rounds, well above FP32's error, in every case that
   // averages more than a few keys.
   EXPECT_GT(least_bf16, 10 * worst_fp32);

@@ -198,13 +198,11 @@ TEST(IsaKernels, ConversionsEqualTheScalarCodecsOnEveryTarget) {
   });
 }
 
-TEST(IsaKernels, AnAmxTileProductMatchesScalarSums) {
 #if MLA_ISA_X86
-  if (!mla::isa_available(Isa::kAmx)) {
-    GTEST_SKIP() << "this machine does not offer AMX (" << mla::to_string(mla::best_isa())
-                 << " is its best target)";
-  }
-  // C [16][16] = A [16][64] B [64][16] in two k blocks, BF16 inputs (small integers: exact).
+// C [16][16] = A [16][64] B [64][16] in two k blocks through tile_dot_bf16 on a tile backend,
+// BF16 inputs (small integers: every sum exact), against plain sums in double.
+template <class Tiles>
+void check_tile_product() {
   std::vector<std::uint16_t> a(16 * 64), b(2 * 512);
   std::vector<double> A(16 * 64), B(64 * 16);
   auto bf16 = [](float v) {
@@ -226,7 +224,7 @@ TEST(IsaKernels, AnAmxTileProductMatchesScalarSums) {
       b[static_cast<std::size_t>((k / 32) * 512 + ((k % 32) / 2) * 32 + n * 2 + k % 2)] = bf16(v);
     }
   std::vector<float> c(16 * 16);
-  mla::detail::isa::amx::tile_dot_bf16(a.data(), 128, b.data(), 2, c.data(), 16);
+  mla::detail::isa::amx::tile_dot_bf16<Tiles>(a.data(), 128, b.data(), 2, c.data(), 16);
   for (int i = 0; i < 16; ++i)
     for (int n = 0; n < 16; ++n) {
       double want = 0;
@@ -234,6 +232,29 @@ TEST(IsaKernels, AnAmxTileProductMatchesScalarSums) {
         want += A[static_cast<std::size_t>(i * 64 + k)] * B[static_cast<std::size_t>(k * 16 + n)];
       EXPECT_EQ(c[static_cast<std::size_t>(i * 16 + n)], want) << i << ", " << n;
     }
+}
+#endif
+
+TEST(IsaKernels, AnAmxTileProductMatchesScalarSums) {
+#if MLA_ISA_X86
+  if (!mla::detail::isa::state().cpu.amx) {
+    GTEST_SKIP() << "this machine does not offer AMX (" << mla::to_string(mla::best_isa())
+                 << " is its best target)";
+  }
+  check_tile_product<mla::detail::isa::amx::HardwareTiles>();
+#else
+  GTEST_SKIP() << "this build has only the portable kernels";
+#endif
+}
+
+TEST(IsaKernels, TheTileModelMatchesScalarSums) {
+  // The software model the AMX kernels run on without AMX (MLA_AMX_EMULATION=1): the same
+  // products, so that the tile kernels' operand layouts are tested on any AVX512-BF16 CPU.
+#if MLA_ISA_X86
+  if (!mla::detail::isa::state().cpu.avx512_bf16) {
+    GTEST_SKIP() << "the tile model needs AVX512-BF16";
+  }
+  check_tile_product<mla::detail::isa::amx::EmulatedTiles>();
 #else
   GTEST_SKIP() << "this build has only the portable kernels";
 #endif

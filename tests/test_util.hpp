@@ -169,15 +169,26 @@ inline mla::RowMatrix<double> cache_contents(const mla::LatentCache& cache, mla:
 
 /// The instruction sets this machine runs, each forced in turn for f(isa), then the default
 /// choice restored (also when f throws). Every kernel variant runs the test this way.
+/// Without AMX hardware, the AMX target runs on its tile model (MLA_AMX_EMULATION) where the
+/// CPU has AVX512-BF16, so that the tile kernels are tested on such machines too.
 template <class F>
 void for_each_isa(F&& f) {
+  mla::detail::isa::CpuFeatures& cpu = mla::detail::isa::state().cpu;
+  const bool emulated = cpu.amx_emulated;
   struct Restore {
-    ~Restore() { mla::reset_isa(); }
-  } restore;
+    mla::detail::isa::CpuFeatures& cpu;
+    bool emulated;
+    ~Restore() {
+      mla::reset_isa();
+      cpu.amx_emulated = emulated;
+    }
+  } restore{cpu, emulated};
+  cpu.amx_emulated = MLA_ISA_X86 && !cpu.amx && cpu.avx512_bf16;
   for (mla::Isa isa : {mla::Isa::kPortable, mla::Isa::kAvx2, mla::Isa::kAvx512, mla::Isa::kAmx}) {
     if (!mla::isa_available(isa)) continue;
     mla::force_isa(isa);
-    SCOPED_TRACE(std::string("isa ") + mla::to_string(isa));
+    SCOPED_TRACE(std::string("isa ") + mla::to_string(isa) +
+                 (isa == mla::Isa::kAmx && !cpu.amx ? " (tile model)" : ""));
     f(isa);
   }
 }

@@ -22,7 +22,8 @@ namespace mla {
 
 inline void DecodeWorkspace::reserve(const MlaConfig& c, const DecodeOptions& o, int threads,
                                      Index tokens) {
-  buffers_.reserve(c, o, threads, detail::isa::kernels().width, tokens);
+  const detail::isa::Kernels& k = detail::isa::kernels();
+  buffers_.reserve(c, o, threads, k.width, tokens, k.tiles);
 }
 
 /// Most query tokens one decode_absorbed call takes (speculative decoding and multi-token
@@ -76,7 +77,7 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
                   options.tile_tokens, ", ", options.splits, ", ", options.head_groups);
   const detail::isa::Kernels& k = detail::isa::kernels();
   const int threads = mla::concurrency(pool);
-  ws.buffers().reserve(c, options, threads, k.width, T);
+  ws.buffers().reserve(c, options, threads, k.width, T, k.tiles);
 
   detail::isa::DecodeArgs a;
   a.cache = cache.blocks();

@@ -72,7 +72,7 @@ inline bool available(const CpuFeatures& f, Isa isa) {
     case Isa::kAvx512:
       return MLA_ISA_X86 && f.avx512;
     case Isa::kAmx:
-      return MLA_ISA_X86 && f.amx;
+      return MLA_ISA_X86 && (f.amx || f.amx_emulated);
   }
   return false;
 }
@@ -93,6 +93,11 @@ inline void init_state(State& s) {
   s.cpu = detect_cpu();
   for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
     if (available(s.cpu, isa)) s.best = isa;
+  }
+  // The tile model is offered for tests, never chosen as the best target.
+  if (const char* emu = std::getenv("MLA_AMX_EMULATION");
+      emu != nullptr && std::string(emu) == "1") {
+    s.cpu.amx_emulated = MLA_ISA_X86 && !s.cpu.amx && s.cpu.avx512_bf16;
   }
   if (const char* env = std::getenv("MLA_ISA"); env != nullptr && *env != '\0') {
     try {

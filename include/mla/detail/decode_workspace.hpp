@@ -59,6 +59,16 @@ inline Index query_rows(Index heads, Index tokens, int width) {
 /// records (each has its own multiplier), one for the whole record otherwise.
 inline Index bf16_segments(const MlaConfig& c) { return (c.kv_lora_rank + 127) / 128 + 1; }
 
+/// Key width of the AMX kernels' BF16 key rows: the latent and k^R each padded to 32 values
+/// (one tile row of 64 bytes per k block).
+inline Index tile_key_width(const MlaConfig& c) {
+  return (c.kv_lora_rank + 31) / 32 * 32 + (c.qk_rope_head_dim + 31) / 32 * 32;
+}
+
+/// BF16 parts the AMX kernels split each query and softmax weight into: three for kFp32 (their
+/// sum holds 24 significant bits, a float's), one for kBf16.
+inline Index tile_parts(Precision p) { return p == Precision::kBf16 ? 1 : 3; }
+
 /// The buffers of one decode_absorbed call.
 struct Buffers {
   struct PerThread {
@@ -73,18 +83,25 @@ struct Buffers {
     AlignedVector<std::uint32_t> c_pairs;  // [tile / 2][d_c], latent pairs of consecutive keys
     AlignedVector<std::uint32_t> p_pairs;  // [segments][tile / 2][h_group], weight pairs
     AlignedVector<float> mult;             // [tile][segments], per key and segment
+    // The AMX tile kernels only (detail/isa/decode_amx.inl):
+    AlignedVector<std::uint16_t> tile_keys;  // [tile][K padded], keys as BF16 (the A operand)
+    AlignedVector<std::uint16_t> tile_ct;    // [tile / 32 + 1][d_c][32], latent transposed
+    AlignedVector<std::uint32_t> tile_p;     // [segments][parts][tile / 2][h_group], weights
+    AlignedVector<float> tile_ot;            // [d_c][h_group], outputs transposed
+    AlignedVector<float> tile_c;             // [4][16][16], accumulator tiles
   };
   // sigma * queries, padded with zero heads, in the order the score kernel reads them.
   AlignedVector<float> q;
-  AlignedVector<float> partial_o;  // per (split, group): [h_group][d_c], unnormalised
-  AlignedVector<float> partial_m;  // per (split, group): [h_group], running max
-  AlignedVector<float> partial_l;  // per (split, group): [h_group], running sum
+  AlignedVector<std::uint32_t> tile_q;  // AMX: [parts][K padded / 2][h_pad] pairs, [h_pad] units
+  AlignedVector<float> partial_o;       // per (split, group): [h_group][d_c], unnormalised
+  AlignedVector<float> partial_m;       // per (split, group): [h_group], running max
+  AlignedVector<float> partial_l;       // per (split, group): [h_group], running sum
   std::vector<PerThread> per_thread;
 
   /// Room for a call with these dimensions, `tokens` query tokens, on `threads` threads at SIMD
-  /// width `width`.
-  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, int width,
-               Index tokens = 1) {
+  /// width `width` (and for the AMX tile kernels when `tiles`).
+  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, int width, Index tokens = 1,
+               bool tiles = false) {
     const Index D = c.kv_lora_rank, K = c.latent_cache_width();
     const Geometry g(query_rows(c.num_attention_heads, tokens, width), o, threads, width);
     const Index h_group = g.h_group, parts = g.splits * g.groups;
@@ -109,7 +126,19 @@ struct Buffers {
         grow(t.p_pairs, segments * pairs * h_group);
         grow(t.mult, o.tile_tokens * segments);
       }
+      if (tiles) {
+        const Index segments = bf16_segments(c), k_pad = tile_key_width(c);
+        const Index parts = tile_parts(o.precision);
+        grow(t.tile_keys, o.tile_tokens * k_pad);
+        grow(t.tile_ct, (o.tile_tokens / 32 + 2) * D * 32);
+        grow(t.tile_p, segments * parts * (o.tile_tokens / 2 + 16) * h_group);
+        grow(t.tile_ot, D * h_group);
+        grow(t.tile_c, 4 * 256);
+        grow(t.mult, o.tile_tokens * segments);
+        grow(t.rows16, o.tile_tokens);
+      }
     }
+    if (tiles) grow(tile_q, (tile_parts(o.precision) * (tile_key_width(c) / 2) + 1) * g.h_pad);
   }
 };
 

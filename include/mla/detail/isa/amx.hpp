@@ -10,6 +10,7 @@
 /// of BF16 values are exact in FP32 and the accumulation is FP32.
 
 #include <cstdint>
+#include <cstring>
 
 #include "mla/detail/isa/avx512.hpp"
 
@@ -37,37 +38,159 @@ struct alignas(64) TileConfig {
   std::uint8_t rows[16] = {};    ///< rows of each tile
 };
 
-/// C [16][16] (row stride c_stride floats) = sum over k blocks of A_k [16][32] B_k, with A's
-/// BF16 rows a_stride bytes apart and B_k [16 pair rows][16 columns][2] in pair layout, 1024
-/// bytes per block, blocks contiguous. The building block of the AMX kernels; also what the
-/// tests use to check that the tile state is usable.
-inline void tile_dot_bf16(const std::uint16_t* a, Index a_stride_bytes, const std::uint16_t* b,
-                          Index k_blocks, float* c, Index c_stride) {
+/// The tile instructions themselves. The tile intrinsics take tile numbers as immediates (GCC
+/// 12 pastes them into the instruction text), hence one branch per tile number. GCC's tile
+/// loads and LDTILECFG do not tell the compiler which memory they read, so a compiler barrier
+/// goes before each: the stores that filled that memory are not moved past them.
+struct HardwareTiles {
+  static constexpr bool kEmulated = false;
+  static void barrier() { __asm__ __volatile__("" ::: "memory"); }
+  void configure(const TileConfig& c) {
+    barrier();
+    _tile_loadconfig(&c);
+  }
+  void release() { _tile_release(); }
+  template <int T>
+  MLA_KERNEL_INLINE void zero() {
+    static_assert(T >= 0 && T < 4, "accumulator tiles are 0..3");
+    if constexpr (T == 0) _tile_zero(0);
+    if constexpr (T == 1) _tile_zero(1);
+    if constexpr (T == 2) _tile_zero(2);
+    if constexpr (T == 3) _tile_zero(3);
+  }
+  template <int T>
+  MLA_KERNEL_INLINE void load(const void* p, Index stride) {
+    static_assert(T >= 0 && T < 8, "tiles are 0..7");
+    barrier();
+    if constexpr (T == 0) _tile_loadd(0, p, stride);
+    if constexpr (T == 1) _tile_loadd(1, p, stride);
+    if constexpr (T == 2) _tile_loadd(2, p, stride);
+    if constexpr (T == 3) _tile_loadd(3, p, stride);
+    if constexpr (T == 4) _tile_loadd(4, p, stride);
+    if constexpr (T == 5) _tile_loadd(5, p, stride);
+    if constexpr (T == 6) _tile_loadd(6, p, stride);
+    if constexpr (T == 7) _tile_loadd(7, p, stride);
+  }
+  template <int T>
+  MLA_KERNEL_INLINE void store(void* p, Index stride) {
+    static_assert(T >= 0 && T < 4, "accumulator tiles are 0..3");
+    if constexpr (T == 0) _tile_stored(0, p, stride);
+    if constexpr (T == 1) _tile_stored(1, p, stride);
+    if constexpr (T == 2) _tile_stored(2, p, stride);
+    if constexpr (T == 3) _tile_stored(3, p, stride);
+  }
+  /// C += A B (TDPBF16PS) for the combinations the kernels use: C = 2 i + j, A = 4 + i, B = 6 + j.
+  template <int C, int A, int B>
+  MLA_KERNEL_INLINE void dp() {
+    static_assert(C == 2 * (A - 4) + (B - 6) && A >= 4 && A < 6 && B >= 6 && B < 8,
+                  "C = 2 i + j, A = 4 + i, B = 6 + j");
+    if constexpr (C == 0) _tile_dpbf16ps(0, 4, 6);
+    if constexpr (C == 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (C == 2) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (C == 3) _tile_dpbf16ps(3, 5, 7);
+  }
+};
+
+/// A software model of the same instructions, for running (and testing) the tile kernels on
+/// CPUs without AMX (MLA_AMX_EMULATION=1, see mla/isa.hpp): eight tiles of 16 rows x 64 bytes
+/// in memory, loads and stores of whole rows as configured, and the tile product on VDPBF16PS
+/// (AVX512-BF16), which computes the same sums of BF16 pair products in FP32 (BF16 subnormal
+/// inputs as zero, nearest-even rounding), one 16-column row of C at a time.
+struct EmulatedTiles {
+  static constexpr bool kEmulated = true;
   TileConfig cfg;
-  for (int t = 0; t < 3; ++t) {
+  alignas(64) unsigned char t[8][16][64] = {};
+
+  void configure(const TileConfig& c) { cfg = c; }
+  void release() {}
+  template <int T>
+  void zero() {
+    std::memset(t[T], 0, sizeof(t[T]));
+  }
+  template <int T>
+  void load(const void* p, Index stride) {
+    std::memset(t[T], 0, sizeof(t[T]));
+    for (int r = 0; r < cfg.rows[T]; ++r) {
+      std::memcpy(t[T][r], static_cast<const unsigned char*>(p) + r * stride, cfg.colsb[T]);
+    }
+  }
+  template <int T>
+  void store(void* p, Index stride) {
+    for (int r = 0; r < cfg.rows[T]; ++r) {
+      std::memcpy(static_cast<unsigned char*>(p) + r * stride, t[T][r], cfg.colsb[T]);
+    }
+  }
+  template <int C, int A, int B>
+  void dp() {
+    const int pairs = cfg.colsb[A] / 4;
+    for (int m = 0; m < cfg.rows[C]; ++m) {
+      __m512 acc = _mm512_loadu_ps(t[C][m]);
+      for (int k = 0; k < pairs; ++k) {
+        std::int32_t a;
+        std::memcpy(&a, t[A][m] + 4 * k, 4);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(a),
+                               (__m512bh)_mm512_loadu_si512(t[B][k]));
+      }
+      _mm512_storeu_ps(t[C][m], acc);
+    }
+  }
+};
+
+/// Every tile 16 rows of 64 bytes (the kernels pad their operands to whole tiles).
+inline TileConfig full_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
-  _tile_loadconfig(&cfg);
-  // The tile intrinsics are statement macros in GCC 12 and take tile numbers as immediates.
-  _tile_zero(0);
-  for (Index k = 0; k < k_blocks; ++k) {
-    _tile_loadd(1, reinterpret_cast<const unsigned char*>(a) + k * 64, a_stride_bytes);
-    _tile_loadd(2, b + k * 512, 64);
-    _tile_dpbf16ps(0, 1, 2);
-  }
-  _tile_stored(0, c, c_stride * static_cast<Index>(sizeof(float)));
-  _tile_release();
+  return cfg;
 }
 
-/// The AVX-512 kernels, reported as the AMX target (the tile kernels are called directly).
-inline const Kernels& table() {
+/// C [16][16] (row stride c_stride floats) = sum over k blocks of A_k [16][32] B_k, with A's
+/// BF16 rows a_stride bytes apart and B_k [16 pair rows][16 columns][2] in pair layout, 1024
+/// bytes per block, blocks contiguous, on the tile backend `Tiles`. What the tests use to check
+/// the tile state and the tile model against each other.
+template <class Tiles>
+void tile_dot_bf16(const std::uint16_t* a, Index a_stride_bytes, const std::uint16_t* b,
+                   Index k_blocks, float* c, Index c_stride) {
+  Tiles tiles;
+  tiles.configure(full_tiles());
+  tiles.template zero<0>();
+  for (Index k = 0; k < k_blocks; ++k) {
+    tiles.template load<4>(reinterpret_cast<const unsigned char*>(a) + k * 64, a_stride_bytes);
+    tiles.template load<6>(b + k * 512, 64);
+    tiles.template dp<0, 4, 6>();
+  }
+  tiles.template store<0>(c, c_stride * static_cast<Index>(sizeof(float)));
+  tiles.release();
+}
+
+// The parts of the AVX-512 kernels the tile kernels share.
+namespace decode_kernel = avx512::decode_kernel;
+using avx512::online_softmax_step;
+using avx512::widen_record;
+
+#include "mla/detail/isa/decode_amx.inl"
+
+/// The AVX-512 kernels with the decode steps on AMX tiles (`Tiles`: the hardware, or its
+/// software model).
+template <class Tiles>
+const Kernels& table_on() {
   static const Kernels k = [] {
     Kernels t = avx512::table_for_cpu();
     t.isa = Isa::kAmx;
+    t.tiles = true;
+    t.decode_absorbed = &decode_amx::decode_absorbed<Tiles>;
+    t.decode_absorbed_bf16 = &decode_amx::decode_absorbed_bf16<Tiles>;
     return t;
   }();
   return k;
+}
+
+/// The AMX table: tile kernels on the hardware where the process has the tile state, on the
+/// software model otherwise (MLA_AMX_EMULATION=1).
+inline const Kernels& table() {
+  return state().cpu.amx ? table_on<HardwareTiles>() : table_on<EmulatedTiles>();
 }
 
 }  // namespace mla::detail::isa::amx

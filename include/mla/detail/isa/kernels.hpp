@@ -120,7 +120,8 @@ inline constexpr Index attention_tile_scratch_floats(Index qk, Index v, Index ke
 /// The kernels of one target.
 struct Kernels {
   Isa isa = Isa::kPortable;
-  int width = 1;  ///< floats per SIMD vector
+  int width = 1;       ///< floats per SIMD vector
+  bool tiles = false;  ///< the decode steps may run on AMX tiles (their buffers need room)
 
   /// dst[i] = code(src[i] / scale) (no division when scale == 1), saturating or not.
   void (*encode_e4m3)(const float* src, std::size_t n, std::uint8_t* dst, float scale,
