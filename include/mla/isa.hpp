@@ -6,7 +6,9 @@
 /// is chosen once per process (CPUID, XGETBV, and on Linux the AMX permission). The choice can
 /// be lowered for tests and reproducibility, with the environment variable
 /// `MLA_ISA=portable|avx2|avx512|amx` or with force_isa(); asking for a target the machine
-/// lacks is an mla::Error.
+/// lacks is an mla::Error. `MLA_AMX_EMULATION=1` makes the AMX target available on CPUs with
+/// AVX512-BF16 but no AMX, its tile kernels running on a software model of the tile
+/// instructions (for tests; slow; never chosen as the best target).
 
 #include <atomic>
 #include <cstdint>
