@@ -171,9 +171,10 @@ using avx512::online_softmax_step;
 using avx512::widen_record;
 
 #include "mla/detail/isa/decode_amx.inl"
+#include "mla/detail/isa/gemm_amx.inl"
 
-/// The AVX-512 kernels with the decode steps on AMX tiles (`Tiles`: the hardware, or its
-/// software model).
+/// The AVX-512 kernels with the decode steps and the projections' BF16 matmul on AMX tiles
+/// (`Tiles`: the hardware, or its software model).
 template <class Tiles>
 const Kernels& table_on() {
   static const Kernels k = [] {
@@ -182,6 +183,7 @@ const Kernels& table_on() {
     t.tiles = true;
     t.decode_absorbed = &decode_amx::decode_absorbed<Tiles>;
     t.decode_absorbed_bf16 = &decode_amx::decode_absorbed_bf16<Tiles>;
+    t.gemm = &gemm_amx::gemm<Tiles>;
     return t;
   }();
   return k;

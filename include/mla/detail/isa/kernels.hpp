@@ -77,8 +77,9 @@ struct GemmArgs {
 };
 
 /// Floats of GemmArgs::scratch the kernels need (for any target and block size up to 256): the
-/// decoded weight panel and the panel's accumulators.
-inline constexpr Index kGemmScratchFloats = 2 * 256 * 64 + 64;
+/// decoded weight panel and the panel's accumulators (and for the AMX kernel, padded
+/// activation pairs and four accumulator tiles).
+inline constexpr Index kGemmScratchFloats = 2 * 256 * 64 + 16 * 256 + 4 * 256 + 64;
 
 /// One head's causal attention of M query rows over a block of `keys` rebuilt keys and values
 /// (the expanded prefill path). Query row i sees the first visible(i) = min(keys, visible0 + i)
