@@ -175,7 +175,7 @@ inline MachineLimits measure_machine(int threads) {
     });
     m.bf16_gflops = 64.0 * detail::kChains * static_cast<double>(iterations) * threads / b / 1e9;
   }
-  if (mla::isa_available(mla::Isa::kAmx)) {
+  if (mla::detail::isa::state().cpu.amx) {  // the hardware (not the tile model)
     const long tiles = 5'000'000;
     const double a = detail::best_seconds(
         threads, 3, [&](int t) { sink[static_cast<std::size_t>(t)] = detail::amx_chains(tiles); });

@@ -55,6 +55,9 @@ int run(const Args& a) {
   const mla::Isa active = mla::active_isa();  // throws for a bad MLA_ISA
   std::printf("active: %s\navailable: %s\nbest: %s\n", mla::to_string(active), available.c_str(),
               mla::to_string(mla::best_isa()));
+  if (mla::isa_available(mla::Isa::kAmx) && !mla::detail::isa::state().cpu.amx) {
+    std::printf("amx: on the software tile model (MLA_AMX_EMULATION=1), not the hardware\n");
+  }
   return 0;
 }
 
