@@ -139,6 +139,15 @@ inline void transpose16(__m512i r[16]) {
 }
 
 /// How a call lays its operands out.
+/// The power of two just above x > 0 (x / it is in [0.5, 1)); 1 for 0, infinities and NaN. What
+/// queries and FP8-scaled weights are divided by before they are split into BF16 parts.
+inline float power_of_two_above(float x) {
+  if (!(x > 0.0f) || !std::isfinite(x)) return 1.0f;
+  int e = 0;
+  std::frexp(x, &e);
+  return std::ldexp(1.0f, e);
+}
+
 /// Most FP8 scale tiles of a latent the tile kernels take (d_c up to 4096).
 inline constexpr Index kMaxTiles8 = 32;
 
@@ -261,54 +270,43 @@ struct Part {
       const Index n = std::min(tile, last - j0);
       const Index nb = (n + 15) / 16;
       load_keys(cache, j0, n, t, segments);
-      // Scores [n][hw] (rows of sc: keys, h_group apart).
-      auto* sc_bytes = reinterpret_cast<unsigned char*>(sc);
-      if (!L.fp8) {
+      // Scores per segment (FP8: each scale tile of the latent, then k^R; otherwise the whole
+      // row), each segment's FP32 sums times the rows' units and the keys' multipliers, added.
+      const Index score_segments = L.fp8 ? segments : 1;
+      for (Index seg = 0; seg < score_segments; ++seg) {
+        const Index k0 = !L.fp8 ? 0 : seg < L.tiles8 ? 4 * seg : kblocks_latent;
+        const Index k1 = !L.fp8           ? kblocks
+                         : seg < L.tiles8 ? std::min(kblocks_latent, 4 * seg + 4)
+                                          : kblocks;
+        if (k0 >= k1) continue;
         for_blocks(nb, hb, [&](auto mi, auto nj, Index i, Index j) {
+          constexpr int MI = decltype(mi)::value, NJ = decltype(nj)::value;
           Operand A = kA;
           A.base += i * kA.step_i;
           Operand B = qB;
           B.base += j * qB.step_i;
-          product<decltype(mi)::value, decltype(nj)::value>(
-              tiles, A, B, 0, kblocks, L.parts, sc_bytes + (i * 16 * h_group + j * 16) * 4,
-              h_group * 4, 16 * h_group * 4, 16 * 4, false);
-        });
-        for (Index j = 0; j < n; ++j) {
-          float* row = sc + j * h_group;
-          for (Index r = 0; r < hw; r += kW) {
-            Ops::store(row + r, Ops::mul(Ops::load(row + r), Ops::load(units + h0 + r)));
-          }
-        }
-      } else {
-        for (Index seg = 0; seg < segments; ++seg) {
-          const Index k0 = seg < L.tiles8 ? 4 * seg : kblocks_latent;
-          const Index k1 = seg < L.tiles8 ? std::min(kblocks_latent, 4 * seg + 4) : kblocks;
-          if (k0 >= k1) continue;
-          for_blocks(nb, hb, [&](auto mi, auto nj, Index i, Index j) {
-            constexpr int MI = decltype(mi)::value, NJ = decltype(nj)::value;
-            Operand A = kA;
-            A.base += i * kA.step_i;
-            Operand B = qB;
-            B.base += j * qB.step_i;
-            product<MI, NJ>(tiles, A, B, k0, k1, L.parts, reinterpret_cast<unsigned char*>(ctmp),
-                            16 * 4, 2 * 256 * 4, 256 * 4, false);
-            // sc[key][h] (+)= mult[key][seg] * tile.
-            for (int ii = 0; ii < MI; ++ii) {
-              for (int jj = 0; jj < NJ; ++jj) {
-                const float* c = ctmp + (2 * ii + jj) * 256;
-                for (int r = 0; r < 16; ++r) {
-                  const Index key = (i + ii) * 16 + r;
-                  const V x = Ops::mul(
-                      Ops::mul(Ops::load(c + r * 16), Ops::load(units + h0 + (j + jj) * 16)),
+          product<MI, NJ>(tiles, A, B, k0, k1, L.parts, reinterpret_cast<unsigned char*>(ctmp),
+                          16 * 4, 2 * 256 * 4, 256 * 4, false);
+          // sc[key][h] (+)= tile * unit[h] * mult[key][seg].
+          for (int ii = 0; ii < MI; ++ii) {
+            for (int jj = 0; jj < NJ; ++jj) {
+              const float* c = ctmp + (2 * ii + jj) * 256;
+              const V u = Ops::load(units + h0 + (j + jj) * 16);
+              for (int r = 0; r < 16; ++r) {
+                const Index key = (i + ii) * 16 + r;
+                V x = Ops::mul(Ops::load(c + r * 16), u);
+                if (L.fp8) {
+                  x = Ops::mul(
+                      x,
                       Ops::set1(
                           t.mult[static_cast<std::size_t>(std::min(key, n - 1) * segments + seg)]));
-                  float* dst = sc + key * h_group + (j + jj) * 16;
-                  Ops::store(dst, seg == 0 ? x : Ops::add(Ops::load(dst), x));
                 }
+                float* dst = sc + key * h_group + (j + jj) * 16;
+                Ops::store(dst, seg == 0 ? x : Ops::add(Ops::load(dst), x));
               }
             }
-          });
-        }
+          }
+        });
       }
       // Per query token: online softmax over the keys it sees, the weights as BF16 pairs, the
       // outputs O^T over the same keys.
@@ -334,9 +332,7 @@ struct Part {
               mx = std::max(mx, t.mult[static_cast<std::size_t>(j * segments + os)]);
             }
           }
-          int e = 0;
-          std::frexp(mx, &e);
-          unit[os] = L.fp8 && mx > 0.0f && std::isfinite(mx) ? std::ldexp(1.0f, e) : 1.0f;
+          unit[os] = L.fp8 ? power_of_two_above(mx) : 1.0f;
         }
         for (Index os = 0; os < out_segments; ++os) {
           const float inv = 1.0f / unit[os];
@@ -434,6 +430,11 @@ struct Part {
   }
 };
 
+/// Latent widths the tile kernels take: whole 16-wide output tiles, up to kMaxTiles8 FP8 tiles.
+inline bool tiles_take(const LatentLayout& l) {
+  return l.kv_lora_rank % 16 == 0 && l.kv_lora_rank <= 128 * kMaxTiles8;
+}
+
 template <class Tiles>
 void run(const DecodeArgs& a, Index parts) {
   const LatentBlocks& cache = a.cache;
@@ -469,9 +470,7 @@ void run(const DecodeArgs& a, Index parts) {
       const float* qr = a.q + (t * q.heads + h) * a.q_stride;
       for (Index k = 0; k < L.D + L.R; ++k) mx = std::max(mx, std::fabs(a.scale * qr[k]));
     }
-    int e = 0;
-    std::frexp(mx, &e);
-    units[r] = mx > 0.0f && std::isfinite(mx) ? std::ldexp(1.0f, e) : 1.0f;
+    units[r] = power_of_two_above(mx);
   }
   for (Index kp = 0; kp < kp_n; ++kp) {
     for (Index r = 0; r < rows; ++r) {
@@ -504,7 +503,7 @@ void run(const DecodeArgs& a, Index parts) {
 template <class Tiles>
 void decode_absorbed(const DecodeArgs& a) {
   const CacheStorage st = a.cache.layout.storage;
-  if (a.cache.layout.kv_lora_rank % 16 != 0 || a.cache.layout.kv_lora_rank > 128 * kMaxTiles8 ||
+  if (!tiles_take(a.cache.layout) ||
       (st != CacheStorage::kBFloat16 && st != CacheStorage::kFp8E4M3)) {
     avx512::decode_absorbed(a);
     return;
@@ -515,7 +514,7 @@ void decode_absorbed(const DecodeArgs& a) {
 /// Precision::kBf16: tiles for every cache whose latent width is a multiple of 16.
 template <class Tiles>
 void decode_absorbed_bf16(const DecodeArgs& a) {
-  if (a.cache.layout.kv_lora_rank % 16 != 0 || a.cache.layout.kv_lora_rank > 128 * kMaxTiles8) {
+  if (!tiles_take(a.cache.layout)) {
     avx512_bf16::decode_absorbed_bf16(a);
     return;
   }

@@ -476,6 +476,20 @@ void rows_tiles(const GemmArgs& a, const float* panel, Index kl, Index r0, Index
   }
 }
 
+/// The panel's accumulators [rows][kTokensBlock] for tokens [mb0, mb0 + mb) and output columns
+/// [n0, n0 + nr), transposed into y [tokens][columns] (added when a.accumulate).
+inline void store_rows_panel(const GemmArgs& a, const float* acc, Index mb0, Index mb, Index n0,
+                             Index nr) {
+  const Index m_end = std::min(a.M, mb0 + mb);
+  for (Index m = mb0; m < m_end; ++m) {
+    float* y = a.y + m * a.y_stride + n0;
+    for (Index r = 0; r < nr; ++r) {
+      const float v = acc[r * kTokensBlock + (m - mb0)];
+      y[r] = a.accumulate ? y[r] + v : v;
+    }
+  }
+}
+
 inline void rows_panels(const GemmArgs& a) {
   constexpr int MR = kMR;
   float* panel = a.scratch;
@@ -503,15 +517,7 @@ inline void rows_panels(const GemmArgs& a) {
         for (; r0 < nr; ++r0) rows_tiles<1>(a, panel, kl, r0, k0, mb0, mb, acc, scale, sx);
         k0 = k1;
       }
-      // The accumulators [rows][tokens], transposed into y [tokens][columns].
-      const Index m_end = std::min(a.M, mb0 + mb);
-      for (Index m = mb0; m < m_end; ++m) {
-        float* y = a.y + m * a.y_stride + n0;
-        for (Index r = 0; r < nr; ++r) {
-          const float v = acc[r * kTokensBlock + (m - mb0)];
-          y[r] = a.accumulate ? y[r] + v : v;
-        }
-      }
+      store_rows_panel(a, acc, mb0, mb, n0, nr);
     }
   }
 }

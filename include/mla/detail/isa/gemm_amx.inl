@@ -112,15 +112,7 @@ void rows_panels(const GemmArgs& a) {
         });
         k0 = k1;
       }
-      // The accumulators [rows][tokens], transposed into y [tokens][columns].
-      const Index m_end = std::min(a.M, mb0 + mb);
-      for (Index m = mb0; m < m_end; ++m) {
-        float* y = a.y + m * a.y_stride + n0;
-        for (Index r = 0; r < nr; ++r) {
-          const float v = acc[r * kTB + (m - mb0)];
-          y[r] = a.accumulate ? y[r] + v : v;
-        }
-      }
+      base::store_rows_panel(a, acc, mb0, mb, n0, nr);
     }
   }
   tiles.release();
