@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -99,6 +100,69 @@ TYPED_TEST(LayerTest, AbsorbedEqualsExpandedEqualsReference) {
     EXPECT_LE(test::rel_error(lse_e, trace.lse), tol) << "expanded log-sum-exp";
     EXPECT_LE(test::rel_error(lse_a, trace.lse), tol) << "absorbed log-sum-exp";
     EXPECT_LE(test::rel_error(latent, trace.latent), tol) << "cached [c_kv ; k_pe]";
+  }
+}
+
+TYPED_TEST(LayerTest, FamilyOptionsMatchTheReferenceOnEveryPath) {
+  // The other MLA families' changes, alone and together: NoPE (Kimi), the output gate (Kimi
+  // K3), Llama-4 query scaling (Mistral Large 3), scaled latents (LongCat), R = 0.
+  using T = TypeParam;
+  const double tol = test::layer_tolerance<T>();
+  struct Option {
+    const char* name;
+    std::function<void(MlaConfig&)> set;
+  };
+  const std::vector<Option> options = {
+      {"nope", [](MlaConfig& c) { c.mla_use_nope = true; }},
+      {"gate", [](MlaConfig& c) { c.mla_use_output_gate = true; }},
+      {"llama4",
+       [](MlaConfig& c) {
+         c.llama_4_scaling = {0.1, 16};
+       }},
+      {"latent scales",
+       [](MlaConfig& c) {
+         c.q_lora_scale = 2.0;
+         c.kv_lora_scale = 1.5;
+       }},
+      {"all",
+       [](MlaConfig& c) {
+         c.mla_use_nope = c.mla_use_output_gate = true;
+         c.llama_4_scaling = {0.25, 8};
+         c.q_lora_scale = 0.5;
+         c.kv_lora_scale = 3.0;
+       }},
+      {"R = 0",
+       [](MlaConfig& c) {
+         c.qk_rope_head_dim = 0;
+         c.mla_use_nope = true;
+       }},
+  };
+  for (const Option& o : options) {
+    SCOPED_TRACE(o.name);
+    MlaConfig c = MlaConfig::small_v3();
+    o.set(c);
+    const MlaWeights<T> w = MlaWeights<T>::random(c, 23);
+    const MlaLayer<T> layer(c, w);
+    const Index n = 40;
+    const std::int64_t start = 50;  // crosses several Llama-4 periods
+    const RowMatrix<T> x = test::random_input<T>(n, c.hidden_size, 6);
+    const std::vector<double> want = ref::mla_forward(test::to_ref(c), test::to_ref(w),
+                                                      test::to_vec(x), static_cast<int>(n), start);
+    for (AttentionPath path : {AttentionPath::kExpanded, AttentionPath::kAbsorbed}) {
+      EXPECT_LE(test::rel_error(test::to_vec(run_prefill(layer, x, start, path)), want), tol);
+    }
+    LatentCache cache = make_cache<T>(c);
+    const auto seq = cache.add_sequence();
+    MlaWorkspace<T> ws;
+    RowMatrix<T> y(n, c.hidden_size);
+    layer.forward(x.topRows(13), start, cache, seq, y.topRows(13), ws);
+    for (Index t = 13; t < n; ++t) layer.forward(x.row(t), start + t, cache, seq, y.row(t), ws);
+    EXPECT_LE(test::rel_error(test::to_vec(y), want), tol) << "prefill then decode";
+    // Without RoPE and query scaling, no position enters: the same tokens elsewhere agree.
+    if (c.mla_use_nope && !c.llama_4_scaling.enabled()) {
+      const RowMatrix<T> moved = run_prefill(layer, x, 100000, AttentionPath::kAbsorbed);
+      EXPECT_LE(test::rel_error(test::to_vec(moved), want), tol) << "position-free";
+    }
   }
 }
 

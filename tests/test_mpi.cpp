@@ -88,8 +88,20 @@ struct Case {
   Index prompt, steps, block;
 };
 
+/// "families": every attention option of the other MLA families at once (NoPE, output gate,
+/// Llama-4 query scaling, scaled latents); "v32": DeepSeek-V3.2's sparse attention.
 MlaConfig preset(const char* name) {
-  return std::string(name) == "v3" ? MlaConfig::small_v3() : MlaConfig::small_v2_lite();
+  const std::string n = name;
+  if (n == "v32") return MlaConfig::small_v32();
+  if (n == "families") {
+    MlaConfig c = MlaConfig::small_v3();
+    c.mla_use_nope = c.mla_use_output_gate = true;
+    c.llama_4_scaling = {0.1, 8};
+    c.q_lora_scale = 2.0;
+    c.kv_lora_scale = 1.5;
+    return c;
+  }
+  return n == "v3" ? MlaConfig::small_v3() : MlaConfig::small_v2_lite();
 }
 
 TEST(ContextParallel, EqualsTheSingleProcessLayer) {
@@ -97,7 +109,7 @@ TEST(ContextParallel, EqualsTheSingleProcessLayer) {
   // Contexts not divisible by the rank count, and prompts shorter than one block per rank
   // (some ranks hold nothing for a while).
   for (Case k : {Case{"v3", 37, 6, 4}, Case{"v2lite", 21, 5, 8}, Case{"v3", 2, 9, 4},
-                 Case{"v3", 1, 4, 16}}) {
+                 Case{"v3", 1, 4, 16}, Case{"families", 23, 6, 4}}) {
     for (mla::CacheStorage storage : {mla::CacheStorage::kFloat32, mla::CacheStorage::kBFloat16}) {
       SCOPED_TRACE(std::string(k.preset) + " prompt " + std::to_string(k.prompt) + " " +
                    mla::to_string(storage));
@@ -120,12 +132,19 @@ TEST(ContextParallel, EqualsTheSingleProcessLayer) {
       const RowMatrix<float> want =
           single_process(mla::MlaLayer<float>(c, w), x, k.prompt, storage);
       EXPECT_LT(test::rel_error(test::to_vec(y), test::to_vec(want)), 1e-5);
+      if (storage == mla::CacheStorage::kFloat32) {
+        const std::vector<double> exact = ref::mla_forward(
+            test::to_ref(c), test::to_ref(w), test::to_vec(x), static_cast<int>(x.rows()), 0);
+        EXPECT_LT(test::rel_error(test::to_vec(y), exact), 1e-5) << "vs the double reference";
+      }
     }
   }
 }
 
 TEST(HeadParallel, EqualsTheSingleProcessLayer) {
-  for (Case k : {Case{"v3", 19, 5, 16}, Case{"v2lite", 33, 4, 16}}) {
+  // The gate's rows go with the heads; V3.2's indexer runs whole on every rank.
+  for (Case k : {Case{"v3", 19, 5, 16}, Case{"v2lite", 33, 4, 16}, Case{"families", 21, 5, 16},
+                 Case{"v32", 15, 6, 16}}) {
     SCOPED_TRACE(k.preset);
     const MlaConfig c = preset(k.preset);
     const auto w = mla::MlaWeights<float>::random(c, 22);
@@ -160,6 +179,12 @@ TEST(MpiMisuse, FailsOnEveryRankInsteadOfHanging) {
                                              options(16, mla::CacheStorage::kFloat32)),
                  mla::Error);
   }
+  // Sparse attention context-parallel: refused on every rank.
+  EXPECT_THROW(
+      mla::mpi::ContextParallelLayer(MPI_COMM_WORLD, MlaConfig::small_v32(),
+                                     mla::MlaWeights<float>::random(MlaConfig::small_v32(), 1),
+                                     options(16, mla::CacheStorage::kFloat32)),
+      mla::Error);
   // Ranks with different configs.
   if (ranks > 1) {
     MlaConfig other = c;

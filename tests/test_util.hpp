@@ -75,6 +75,7 @@ inline ref::RopeSpec to_ref_rope(const mla::MlaConfig& c) {
   r.beta_slow = c.rope_scaling.beta_slow;
   r.mscale = c.rope_scaling.mscale;
   r.mscale_all_dim = c.rope_scaling.mscale_all_dim;
+  r.attention_factor = c.rope_scaling.attention_factor;
   r.interleaved = c.rope_layout == mla::RopeLayout::kInterleaved;
   r.inv_freq = c.rope_inv_freq;
   return r;
@@ -90,6 +91,12 @@ inline ref::MlaSpec to_ref(const mla::MlaConfig& c) {
   s.v = static_cast<int>(c.v_head_dim);
   s.eps = c.rms_norm_eps;
   s.rope = to_ref_rope(c);
+  s.no_rope = c.mla_use_nope;
+  s.output_gate = c.mla_use_output_gate;
+  s.llama4_beta = c.llama_4_scaling.beta;
+  s.llama4_orig = c.llama_4_scaling.original_max_position_embeddings;
+  s.q_lora_scale = c.q_lora_scale;
+  s.kv_lora_scale = c.kv_lora_scale;
   return s;
 }
 
@@ -105,6 +112,7 @@ ref::MlaWeights to_ref(const mla::MlaWeights<T>& w) {
   r.kv_norm = to_vec(w.kv_norm.transpose());
   r.wkv_b = to_vec(w.wkv_b.to_dense());
   r.wo = to_vec(w.wo.to_dense());
+  r.wg = to_vec(w.wg.to_dense());
   return r;
 }
 
@@ -114,6 +122,7 @@ inline ref::IndexerSpec to_ref_indexer(const mla::MlaConfig& c) {
   s.dim = static_cast<int>(c.index_head_dim);
   s.topk = static_cast<int>(c.index_topk);
   s.pow2_scales = c.index_scales == mla::ScaleFormat::kPowerOfTwo;
+  s.interleaved_rope = c.index_rope_layout == mla::RopeLayout::kInterleaved;
   return s;
 }
 

@@ -31,8 +31,29 @@ struct RopeScaling {
   std::int64_t original_max_position_embeddings = 4096;  ///< pre-extension context length
   double beta_fast = 32.0;      ///< rotations at which the YaRN ramp starts (high frequencies)
   double beta_slow = 1.0;       ///< rotations at which the ramp ends (low frequencies)
-  double mscale = 1.0;          ///< HF's cos/sin magnitude numerator
+  double mscale = 1.0;          ///< HF's cos/sin magnitude numerator (0: absent)
   double mscale_all_dim = 0.0;  ///< softmax-scale mscale; 0 leaves the softmax scale alone
+  /// HF's `attention_factor`: the cos/sin magnitude itself; 0 (absent) derives it from mscale
+  /// and mscale_all_dim by Hugging Face's rule (see Rope::magnitude).
+  double attention_factor = 0.0;
+};
+
+/// Llama-4's position-dependent query temperature (Mistral Large 3: rope_parameters'
+/// `llama_4_scaling_beta` and `original_max_position_embeddings`): after RoPE, the whole query
+/// (nope and rope parts) of the token at position pos is multiplied by
+/// 1 + beta * ln(1 + floor(pos / original_max_position_embeddings)). beta 0: no scaling.
+struct QueryScaling {
+  double beta = 0.0;
+  std::int64_t original_max_position_embeddings = 8192;
+
+  bool enabled() const { return beta != 0.0; }
+  /// The factor of the query at `pos` (1 when disabled, and below
+  /// original_max_position_embeddings).
+  double factor(std::int64_t pos) const {
+    if (!enabled()) return 1.0;
+    const std::int64_t periods = pos / original_max_position_embeddings;
+    return 1.0 + beta * std::log1p(static_cast<double>(periods));
+  }
 };
 
 /// Dimensions and hyper-parameters of one MLA layer. Field names follow DeepSeek's
@@ -77,6 +98,31 @@ struct MlaConfig {
   /// How the indexer's FP8 scales of queries and keys are rounded (config.json's
   /// quantization_config.scale_fmt: "ue8m0" in V3.2 gives powers of two).
   ScaleFormat index_scales = ScaleFormat::kPowerOfTwo;
+  /// Pairing of the indexer's RoPE (config.json's `indexer_rope_interleave`): half-split in
+  /// DeepSeek-V3.2, interleaved in GLM-5. The frequencies are MLA's.
+  RopeLayout index_rope_layout = RopeLayout::kHalfSplit;
+  /// This layer has no indexer of its own (GLM-5.1's IndexShare, `indexer_types` "shared"): it
+  /// attends sparsely (index_topk > 0) over the top-k selection of the previous layer that has
+  /// one, which the caller passes in the workspace (MlaWorkspace::topk_selection). Its cache
+  /// holds no index keys of its own.
+  bool index_shared = false;
+
+  /// NoPE MLA (config.json's `mla_use_nope`: Kimi Linear, Kimi K3): the R "rope" dimensions of
+  /// queries and keys exist, enter q.k and k^R is cached, but nothing is ever rotated. No
+  /// position enters attention except through the causal mask.
+  bool mla_use_nope = false;
+  /// The sigmoid output gate (`mla_use_output_gate`, Kimi K3): before W_o, the H * V per-head
+  /// outputs are multiplied elementwise by sigmoid(W_g x) of the same token's input
+  /// (MlaWeights::wg, `g_proj`).
+  bool mla_use_output_gate = false;
+  /// Position-dependent query scaling (Mistral Large 3); disabled by default.
+  QueryScaling llama_4_scaling{};
+  /// Factors on the normalised latents (LongCat-Flash's `mla_scale_q_lora` /
+  /// `mla_scale_kv_lora`: sqrt(hidden_size / q_lora_rank) and sqrt(hidden_size / kv_lora_rank)):
+  /// c^Q = q_lora_scale * RMSNorm(W_qa x) and c^KV = kv_lora_scale * RMSNorm(c_raw); the cache
+  /// holds the scaled c^KV, k^R is not scaled. 1 (the default): none.
+  double q_lora_scale = 1.0;
+  double kv_lora_scale = 1.0;
 
   /// P + R, the per-head query/key width of the expanded path.
   Index qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
@@ -84,8 +130,12 @@ struct MlaConfig {
   bool has_q_lora() const { return q_lora_rank > 0; }
   /// Numbers cached per token and layer: d_c + R.
   Index latent_cache_width() const { return kv_lora_rank + qk_rope_head_dim; }
-  /// True for DeepSeek-V3.2-style sparse attention (index_topk > 0).
-  bool has_indexer() const { return index_topk > 0; }
+  /// True for DeepSeek-V3.2-style sparse attention (index_topk > 0), with an indexer of the
+  /// layer's own or a shared selection (index_shared).
+  bool has_sparse_attention() const { return index_topk > 0; }
+  /// True when the layer runs a lightning indexer of its own (sparse, not index_shared): its
+  /// weights hold one and its cache keeps index keys.
+  bool has_indexer() const { return index_topk > 0 && !index_shared; }
 
   /// Throws mla::Error naming the first field that holds an impossible value.
   void validate() const;
@@ -181,6 +231,17 @@ inline void MlaConfig::validate() const {
             "MlaConfig: the indexer (index_topk > 0) reads the query latent, so q_lora_rank must "
             "be > 0");
   }
+  require(!index_shared || index_topk > 0,
+          "MlaConfig.index_shared needs sparse attention (index_topk > 0)");
+  require(std::isfinite(llama_4_scaling.beta),
+          "MlaConfig.llama_4_scaling.beta must be finite, got ", llama_4_scaling.beta);
+  require(!llama_4_scaling.enabled() || llama_4_scaling.original_max_position_embeddings > 0,
+          "MlaConfig.llama_4_scaling.original_max_position_embeddings must be > 0, got ",
+          llama_4_scaling.original_max_position_embeddings);
+  detail::require_finite(q_lora_scale, 0.0, "q_lora_scale");
+  detail::require_finite(kv_lora_scale, 0.0, "kv_lora_scale");
+  require(q_lora_scale == 1.0 || q_lora_rank > 0,
+          "MlaConfig.q_lora_scale scales the query latent, so q_lora_rank must be > 0");
   if (rope_scaling.type == RopeScaling::Type::kYarn) {
     // What DeepSeek's and HF's YaRN accept: every logarithm and quotient in the frequency ramp
     // and the mscale factors defined. No order between beta_fast and beta_slow is required
@@ -200,6 +261,10 @@ inline void MlaConfig::validate() const {
     require(std::isfinite(rope_scaling.mscale_all_dim),
             "MlaConfig.rope_scaling.mscale_all_dim must be finite, got ",
             rope_scaling.mscale_all_dim);
+    require(std::isfinite(rope_scaling.attention_factor) && rope_scaling.attention_factor >= 0.0,
+            "MlaConfig.rope_scaling.attention_factor must be a finite number >= 0 (0: derived), "
+            "got ",
+            rope_scaling.attention_factor);
     // RoPE's magnitude divides by 0.1 * mscale_all_dim * ln(factor) + 1 (for factor > 1).
     require(yarn_get_mscale(rope_scaling.factor, rope_scaling.mscale_all_dim) != 0.0,
             "MlaConfig.rope_scaling: 0.1 * mscale_all_dim * ln(factor) + 1 is 0 (mscale_all_dim ",

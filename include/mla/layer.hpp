@@ -65,6 +65,7 @@ class MlaWorkspace {
       grow(o_latent, tokens * H, c.kv_lora_rank);
     }
     grow(o, tokens, H * c.v_head_dim);
+    if (c.mla_use_output_gate) grow(gate, tokens, H * c.v_head_dim);
     grow(lse, tokens, H);
     grow(rope_scratch, 1, c.qk_rope_head_dim);
     if (c.has_indexer()) {
@@ -78,7 +79,7 @@ class MlaWorkspace {
       grow(index_codes, DI);
       grow(index_rope, std::max<Index>(c.qk_rope_head_dim, 1));
       grow(index_visible, kSparseChunk);
-      grow(selected, c.index_topk);
+      selection.visible.reserve(static_cast<std::size_t>(tokens));
     }
     attention.reserve(c, tokens, path);
     // A batch has at most one sequence per token.
@@ -112,6 +113,13 @@ class MlaWorkspace {
   /// Log-sum-exp of the last forward call's attention, [tokens, H] in the top rows.
   const RowMatrix<T>& last_lse() const { return lse; }
 
+  /// The top-k positions of the last call of a layer with an indexer of its own, row by row
+  /// of its input, which a following layer with MlaConfig::index_shared reads (GLM-5.1's
+  /// IndexShare). A model that runs its layers on one workspace passes it on as it is; to run a
+  /// shared layer on another workspace, copy it there.
+  const TopkSelection& topk_selection() const { return selection; }
+  TopkSelection& topk_selection() { return selection; }
+
   /// Threads for the projections, the absorbed per-head products and the decode attention of
   /// float layers: the pool is used, not owned, and must outlive the calls; nullptr (the
   /// default) runs on the calling thread.
@@ -140,6 +148,7 @@ class MlaWorkspace {
   RowMatrix<T> q_latent;  // [tokens * H, d_c + R]        [q~ ; q^pe] per (token, head)
   RowMatrix<T> o_latent;  // [tokens * H, d_c]            o~
   RowMatrix<T> o;         // [tokens, H * V]              o
+  RowMatrix<T> gate;      // [tokens, H * V]              sigmoid(W_g x) (output gate)
   RowMatrix<T> lse;       // [tokens, H]
   RowMatrix<T> rope_scratch;
   // DeepSeek-V3.2's indexer (layers with one): FP32, as the reference computes it.
@@ -151,7 +160,7 @@ class MlaWorkspace {
   std::vector<unsigned char> index_codes;
   std::vector<float> index_rope;
   std::vector<Index> index_visible;
-  std::vector<std::int32_t> selected;
+  TopkSelection selection;  // the selection of the last call of a layer with an indexer
   std::vector<std::uint64_t> topk_scratch;
   IndexerWorkspace indexer;
   SparseWorkspace<T> sparse;
@@ -215,8 +224,9 @@ class MlaLayer {
   std::size_t weight_bytes() const {
     std::size_t n = 0;
     const IndexerWeights<T>& ix = weights_.indexer;
-    for (const Linear<T>* l : {&weights_.wq, &weights_.wq_a, &weights_.wq_b, &weights_.wkv_a,
-                               &weights_.wkv_b, &weights_.wo, &ix.wq_b, &ix.wk, &ix.weights_proj}) {
+    for (const Linear<T>* l :
+         {&weights_.wq, &weights_.wq_a, &weights_.wq_b, &weights_.wkv_a, &weights_.wkv_b,
+          &weights_.wo, &weights_.wg, &ix.wq_b, &ix.wk, &ix.weights_proj}) {
       n += l->weight_bytes();
     }
     return n +
@@ -244,7 +254,10 @@ class MlaLayer {
   /// that sees more than index_topk cached tokens attends only to the index_topk the indexer
   /// selects (mla/sparse.hpp), on the absorbed path whatever `path` says; tokens that see at
   /// most index_topk attend densely on `path`, which is the same thing. The cache must then keep
-  /// index keys (a LatentCache made with the same config does).
+  /// index keys (a LatentCache made with the same config does). A layer whose config has
+  /// index_shared has no indexer: its sparse rows attend over ws.topk_selection(), the
+  /// selection the previous layer with an indexer made for the same rows (checked: the same
+  /// rows, each seeing as many keys); in a cache with index keys it leaves zeros in its slots.
   ///
   /// Throws mla::Error for wrong shapes, an unknown sequence, a layer index the cache does not
   /// have, a cache of other dimensions, a start_pos that does not continue the sequence, or a
@@ -312,13 +325,16 @@ class MlaLayer {
   /// records; otherwise as forward_batch. The engine keeps positions and block tables: the
   /// layer checks that every table entry used is a block of the buffer and that the format
   /// matches this layer, and writes only the new tokens' slots (distinct entries must not share
-  /// those blocks). Throws mla::Error before writing anything when a check fails. Dense layers
-  /// only: DeepSeek-V3.2 layers take the overload with an index-key buffer.
+  /// those blocks). Throws mla::Error before writing anything when a check fails. Layers
+  /// without an indexer of their own (dense, or index_shared); DeepSeek-V3.2 layers take the
+  /// overload with an index-key buffer.
   void forward_paged(ConstMatrixRef<T> x, const PagedLatentBuffer& buffer,
                      const std::vector<PagedEntry>& entries, MatrixRef<T> y, MlaWorkspace<T>& ws,
                      AttentionPath path = AttentionPath::kAuto) const {
     check_shapes(x, y, "forward_paged");
-    require_dense("forward_paged");
+    detail::require(!config_.has_indexer(), "MlaLayer::forward_paged: this layer's indexer ",
+                    "(index_topk ", config_.index_topk, ") needs index keys: pass a ",
+                    "PagedIndexBuffer");
     run_paged(x, buffer, nullptr, entries, y, ws, path);
   }
 
@@ -332,7 +348,8 @@ class MlaLayer {
                      AttentionPath path = AttentionPath::kAuto) const {
     check_shapes(x, y, "forward_paged");
     detail::require(config_.has_indexer(), "MlaLayer::forward_paged: an index-key buffer was ",
-                    "given, but this layer has no indexer (index_topk 0)");
+                    "given, but this layer has no indexer of its own (index_topk ",
+                    config_.index_topk, config_.index_shared ? ", index_shared" : "", ")");
     detail::require(index_buffer.format.dim() == config_.index_head_dim,
                     "MlaLayer::forward_paged: the index-key buffer holds keys of ",
                     index_buffer.format.dim(), " values, this layer's indexer ",
@@ -400,24 +417,66 @@ class MlaLayer {
 
   /// Each part's path: `path`, or for kAuto the cheaper one for its chunk after past(i) tokens.
   /// Parts with sparse rows (DeepSeek-V3.2: more than index_topk keys) take the absorbed path.
+  /// Then the top-k selection: a layer with an indexer starts its own (every row's visible
+  /// count), a layer that shares one checks that the workspace's fits this call (throws
+  /// before anything is written).
   template <class Past>
-  void choose_paths(Past&& past, AttentionPath path, MlaWorkspace<T>& ws) const {
+  void choose_paths(Past&& past, AttentionPath path, Index rows, MlaWorkspace<T>& ws) const {
     ws.index_queries = false;
     for (std::size_t i = 0; i < ws.parts.size(); ++i) {
       Part& p = ws.parts[i];
       p.path = path == AttentionPath::kAuto ? choose_path(p.tokens, past(i)) : path;
-      if (config_.has_indexer() && past(i) + p.tokens > config_.index_topk) {
+      if (config_.has_sparse_attention() && past(i) + p.tokens > config_.index_topk) {
         p.path = AttentionPath::kAbsorbed;
         ws.index_queries = true;
       }
     }
+    if (!config_.has_sparse_attention()) return;
+    TopkSelection& sel = ws.selection;
+    const Index topk = config_.index_topk;
+    if (config_.index_shared) {
+      detail::require(
+          sel.topk == topk && sel.rows() == rows, "MlaLayer: this layer shares the top-k of ",
+          "the previous layer with an indexer (index_shared), but the workspace's selection has ",
+          sel.rows(), " rows of top-", sel.topk, ", this call ", rows, " rows of top-", topk,
+          " (run the full layer on the same batch first, or copy its topk_selection())");
+      for (std::size_t i = 0; i < ws.parts.size(); ++i) {
+        const Part& p = ws.parts[i];
+        for (Index t = 0; t < p.tokens; ++t) {
+          const Index r = p.row0 + t, visible = past(i) + t + 1;
+          detail::require(sel.visible[static_cast<std::size_t>(r)] == visible,
+                          "MlaLayer: the shared top-k selection's row ", r, " saw ",
+                          sel.visible[static_cast<std::size_t>(r)], " keys, this call's ", visible);
+          if (!sel.sparse(r)) continue;
+          const std::int32_t* pos = sel.row(r);
+          Index valid = 0;
+          for (Index k = 0; k < topk; ++k) {
+            detail::require(pos[k] >= -1 && pos[k] < visible, "MlaLayer: the shared top-k ",
+                            "selection's row ", r, " names position ", pos[k], " outside its [0, ",
+                            visible, ") keys");
+            valid += pos[k] >= 0;
+          }
+          detail::require(valid > 0, "MlaLayer: the shared top-k selection's row ", r,
+                          " names no position");
+        }
+      }
+      return;
+    }
+    sel.topk = topk;
+    sel.visible.resize(static_cast<std::size_t>(rows));
+    for (std::size_t i = 0; i < ws.parts.size(); ++i) {
+      const Part& p = ws.parts[i];
+      for (Index t = 0; t < p.tokens; ++t) {
+        sel.visible[static_cast<std::size_t>(p.row0 + t)] = past(i) + t + 1;
+      }
+    }
+    if (ws.index_queries) sel.positions.resize(static_cast<std::size_t>(rows * topk));
   }
 
   void require_dense(const char* what) const {
-    detail::require(!config_.has_indexer(), "MlaLayer::", what,
-                    ": DeepSeek-V3.2 sparse attention (index_topk ", config_.index_topk,
-                    ") needs index keys: use forward, forward_batch, or forward_paged with a "
-                    "PagedIndexBuffer");
+    detail::require(!config_.has_sparse_attention(), "MlaLayer::", what,
+                    ": sparse attention (index_topk ", config_.index_topk,
+                    ") is not supported here: use forward, forward_batch or forward_paged");
   }
 
   /// The path the workspace must be sized for: the parts' common path, or kAuto (both).
@@ -455,7 +514,7 @@ class MlaLayer {
     }
     if (x.rows() == 0) return;
     auto past = [&](std::size_t i) { return entries[i].cached; };
-    choose_paths(past, path, ws);
+    choose_paths(past, path, x.rows(), ws);
     ws.reserve(config_, x.rows(), batch_path(ws));
     project_queries_and_latents(x, ws);
     const Index D = c.kv_lora_rank, bt = buffer.block_tokens;
@@ -499,7 +558,7 @@ class MlaLayer {
       ws.part_positions[i] = ws.parts[i].start_pos;
     }
     choose_paths([&](std::size_t i) { return cache.length(ws.part_ids[i], layer_index_); }, path,
-                 ws);
+                 x.rows(), ws);
     ws.reserve(config_, x.rows(), batch_path(ws));
     // Before anything changes: positions, room, and the blocks, atomically (under the cache's
     // lock); the appends below cannot fail.
@@ -507,12 +566,18 @@ class MlaLayer {
                          static_cast<Index>(n), layer_index_);
     project_queries_and_latents(x, ws);
     const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim;
+    if (cache.has_index_keys() && !config_.has_indexer()) {
+      // A layer that shares its top-k computes no index keys: zeros fill its slots.
+      detail::grow(ws.index_k, x.rows(), cache.index_key_format().dim());
+      ws.index_k.topRows(x.rows()).setZero();
+    }
     for (std::size_t i = 0; i < n; ++i) {
       const Part& p = ws.parts[i];
-      if (config_.has_indexer()) {
+      if (cache.has_index_keys()) {
         cache.append<T>(ws.part_ids[i], layer_index_, ws.kv.block(p.row0, 0, p.tokens, D),
                         ws.kv.block(p.row0, D, p.tokens, R),
-                        ws.index_k.middleRows(p.row0, p.tokens), p.start_pos);
+                        ws.index_k.block(p.row0, 0, p.tokens, cache.index_key_format().dim()),
+                        p.start_pos);
       } else {
         cache.append<T>(ws.part_ids[i], layer_index_, ws.kv.block(p.row0, 0, p.tokens, D),
                         ws.kv.block(p.row0, D, p.tokens, R), p.start_pos);
@@ -540,8 +605,9 @@ class MlaLayer {
       for (std::size_t k = i; k < j; ++k) {
         const Part& p = ws.parts[k];
         const LatentView v = view(k);
-        if (config_.has_indexer() && v.tokens() > config_.index_topk) {
-          attend_sparse(v, index_view(k), p.row0, p.tokens, ws);
+        if (config_.has_sparse_attention() && v.tokens() > config_.index_topk) {
+          attend_sparse(v, config_.has_indexer() ? index_view(k) : IndexKeyView(), p.row0, p.tokens,
+                        ws);
         } else {
           attend(v, p.row0, p.tokens, p.path, ws);
         }
@@ -567,8 +633,9 @@ class MlaLayer {
         cache.kv_lora_rank() == c.kv_lora_rank && cache.rope_dim() == c.qk_rope_head_dim,
         "MlaLayer::", what, ": the cache stores [", cache.kv_lora_rank(), " + ", cache.rope_dim(),
         "] per token, this layer [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
+    // A layer that shares its top-k (index_shared) takes a cache with index keys or without.
     const Index keys = c.has_indexer() ? c.index_head_dim : 0;
-    detail::require(cache.index_key_format().dim() == keys, "MlaLayer::", what,
+    detail::require(c.index_shared || cache.index_key_format().dim() == keys, "MlaLayer::", what,
                     ": the cache keeps index keys of width ", cache.index_key_format().dim(),
                     ", this layer's indexer needs ", keys,
                     " (0: none; make the cache with the layer's config)");
@@ -585,6 +652,7 @@ class MlaLayer {
       auto cq = ws.cq.topRows(tokens);  // (T, q_lora_rank)
       project(weights_.wq_a, x, cq, ws.context());
       rms_norm<T>(cq, weights_.q_norm, c.rms_norm_eps);
+      if (c.q_lora_scale != 1.0) cq *= static_cast<T>(c.q_lora_scale);  // LongCat's s_q
       project(weights_.wq_b, cq, q, ws.context());
     } else {
       project(weights_.wq, x, q, ws.context());
@@ -594,6 +662,8 @@ class MlaLayer {
     auto kv = ws.kv.topRows(tokens);  // (T, d_c + R)
     project(weights_.wkv_a, x, kv, ws.context());
     if (c.kv_latent_norm) rms_norm<T>(kv.leftCols(D), weights_.kv_norm, c.rms_norm_eps);
+    // LongCat's s_kv: the cache holds the scaled latent (so keys and values carry it).
+    if (c.kv_lora_scale != 1.0) kv.leftCols(D) *= static_cast<T>(c.kv_lora_scale);
     T* scratch = ws.rope_scratch.data();
     for (const Part& part : ws.parts) {
       for (Index i = 0; i < part.tokens; ++i) {
@@ -601,7 +671,18 @@ class MlaLayer {
         const std::int64_t pos = part.start_pos + i;
         rope_.apply<T>(kv.middleRows(t, 1), pos, D, 1, 0, scratch);
         rope_.apply<T>(q.middleRows(t, 1), pos, P, H, c.qk_head_dim(), scratch);  // q^pe
+        // Llama-4 scaling: one factor for the whole query of this position, after RoPE. It
+        // commutes with the absorption (a scalar per query row); keys are untouched.
+        if (c.llama_4_scaling.enabled()) {
+          q.row(t) *= static_cast<T>(c.llama_4_scaling.factor(pos));
+        }
       }
+    }
+    // The output gate sigmoid(W_g x), applied in finish().
+    if (c.mla_use_output_gate) {
+      auto g = ws.gate.topRows(tokens);  // (T, H * V)
+      project(weights_.wg, x, g, ws.context());
+      g = (T(1) + (-g.array()).exp()).inverse().matrix();
     }
     if (c.has_indexer()) project_indexer(x, ws);
   }
@@ -721,24 +802,29 @@ class MlaLayer {
     const Index topk = config_.index_topk, past = view.tokens() - n;
     const Index dense = std::clamp<Index>(topk - past, 0, n);
     if (dense > 0) attend(view.subview(0, past + dense), row0, dense, AttentionPath::kAbsorbed, ws);
-    if (ws.index_scores.cols() < view.tokens()) {  // grows geometrically with the context
+    TopkSelection& sel = ws.selection;
+    const bool own = config_.has_indexer();  // else: the shared selection, checked already
+    if (own && ws.index_scores.cols() < view.tokens()) {  // grows geometrically with the context
       ws.index_scores.resize(MlaWorkspace<T>::kSparseChunk,
                              std::max(view.tokens(), 2 * ws.index_scores.cols()));
     }
     for (Index t0 = dense; t0 < n; t0 += MlaWorkspace<T>::kSparseChunk) {
       const Index rows = std::min(MlaWorkspace<T>::kSparseChunk, n - t0);
-      for (Index r = 0; r < rows; ++r)
-        ws.index_visible[static_cast<std::size_t>(r)] = past + t0 + r + 1;
       const Index row = row0 + t0;
-      index_scores(keys, ws.index_q.middleRows(row * HI, rows * HI),
-                   ws.index_w.middleRows(row, rows), ws.index_visible.data(), ws.index_scores,
-                   ws.indexer, ws.pool_);
+      if (own) {
+        for (Index r = 0; r < rows; ++r)
+          ws.index_visible[static_cast<std::size_t>(r)] = past + t0 + r + 1;
+        index_scores(keys, ws.index_q.middleRows(row * HI, rows * HI),
+                     ws.index_w.middleRows(row, rows), ws.index_visible.data(), ws.index_scores,
+                     ws.indexer, ws.pool_);
+        for (Index r = 0; r < rows; ++r) {
+          select_top_k(ws.index_scores.row(r).data(), past + t0 + r + 1, topk, sel.row(row + r),
+                       ws.topk_scratch);
+        }
+      }
       for (Index r = 0; r < rows; ++r) {
-        const Index count = select_top_k(ws.index_scores.row(r).data(),
-                                         ws.index_visible[static_cast<std::size_t>(r)], topk,
-                                         ws.selected.data(), ws.topk_scratch);
         sparse_attention_absorbed<T>(
-            config_, view, ws.selected.data(), count, ws.q_latent.middleRows((row + r) * H, H),
+            config_, view, sel.row(row + r), topk, ws.q_latent.middleRows((row + r) * H, H),
             softmax_scale_, ws.o_latent.middleRows((row + r) * H, H), ws.lse.middleRows(row + r, 1),
             ws.sparse, ws.pool_, ws.decode_options_);
       }
@@ -771,6 +857,8 @@ class MlaLayer {
       });
       i = j;
     }
+    // The output gate: o (.) sigmoid(W_g x), per head and value, before W_o.
+    if (config_.mla_use_output_gate) o.array() *= ws.gate.topRows(tokens).array();
     project(weights_.wo, o, y, ws.context());  // (T, hidden)
   }
 
@@ -778,7 +866,7 @@ class MlaLayer {
 
   MlaConfig config_;
   Rope rope_;
-  Rope index_rope_;  // DeepSeek-V3.2's indexer: half-split pairs
+  Rope index_rope_;  // the indexer's: MLA's frequencies on its own pairs
   Index layer_index_;
   MlaWeights<T> weights_;
   double softmax_scale_ = 0.0;

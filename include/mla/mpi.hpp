@@ -93,21 +93,25 @@ inline std::uint64_t fingerprint(const MlaConfig& c) {
     std::memcpy(&u, &d, sizeof(u));
     return u;
   };
-  for (std::int64_t v : {c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank,
-                         c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
-                         c.max_position_embeddings, c.rope_scaling.original_max_position_embeddings,
-                         c.index_n_heads, c.index_head_dim, c.index_topk}) {
+  for (std::int64_t v :
+       {c.hidden_size, c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank, c.qk_nope_head_dim,
+        c.qk_rope_head_dim, c.v_head_dim, c.max_position_embeddings,
+        c.rope_scaling.original_max_position_embeddings, c.index_n_heads, c.index_head_dim,
+        c.index_topk, c.llama_4_scaling.original_max_position_embeddings}) {
     mix(static_cast<std::uint64_t>(v));
   }
   for (double d :
        {c.rms_norm_eps, c.rope_theta, c.rope_scaling.factor, c.rope_scaling.beta_fast,
-        c.rope_scaling.beta_slow, c.rope_scaling.mscale, c.rope_scaling.mscale_all_dim}) {
+        c.rope_scaling.beta_slow, c.rope_scaling.mscale, c.rope_scaling.mscale_all_dim,
+        c.rope_scaling.attention_factor, c.llama_4_scaling.beta, c.q_lora_scale, c.kv_lora_scale}) {
     mix(bits(d));
   }
   mix(static_cast<std::uint64_t>(c.rope_scaling.type));
   mix(static_cast<std::uint64_t>(c.rope_layout));
   mix(c.kv_latent_norm ? 1u : 0u);
   mix(static_cast<std::uint64_t>(c.index_scales));
+  mix(static_cast<std::uint64_t>(c.index_rope_layout));
+  mix((c.index_shared ? 1u : 0u) | (c.mla_use_nope ? 2u : 0u) | (c.mla_use_output_gate ? 4u : 0u));
   for (double f : c.rope_inv_freq) mix(bits(f));
   return h;
 }
@@ -202,6 +206,9 @@ class ContextParallelLayer {
       : comm_(comm), rank_(mpi::rank(comm)), ranks_(mpi::size(comm)), merge_(config.kv_lora_rank) {
     require_same_config(comm, config);
     collectively(comm, [&] {
+      detail::require(!config.has_sparse_attention(), "ContextParallelLayer: sparse attention ",
+                      "(index_topk ", config.index_topk, ") is not supported: the index keys ",
+                      "would have to be sharded too (HeadParallelLayer runs it)");
       detail::require(
           cache_options.num_layers == 1,
           "ContextParallelLayer: one layer per cache, got num_layers = ", cache_options.num_layers);
@@ -352,9 +359,9 @@ inline std::pair<Index, Index> head_range(Index heads, int r, int ranks) {
   return {first, base + (r < extra ? 1 : 0)};
 }
 
-/// The weights of heads [h0, h0 + count) of a layer: wq or wq_b and wkv_b by output rows, wo by
-/// input columns, the rest (wq_a, wkv_a, the norms) whole. Dense FP32 (BF16 and FP8 weights
-/// are widened exactly).
+/// The weights of heads [h0, h0 + count) of a layer: wq or wq_b, wkv_b and the output gate wg
+/// by output rows, wo by input columns, the rest (wq_a, wkv_a, the norms) whole. Dense FP32
+/// (BF16 and FP8 weights are widened exactly).
 inline MlaWeights<float> head_shard(const MlaConfig& c, const MlaWeights<float>& w, Index h0,
                                     Index count) {
   const Index QK = c.qk_head_dim(), PV = c.qk_nope_head_dim + c.v_head_dim, V = c.v_head_dim;
@@ -366,6 +373,10 @@ inline MlaWeights<float> head_shard(const MlaConfig& c, const MlaWeights<float>&
   }
   s.wkv_b = Linear<float>(RowMatrix<float>(w.wkv_b.to_dense().middleRows(h0 * PV, count * PV)));
   s.wo = Linear<float>(RowMatrix<float>(w.wo.to_dense().middleCols(h0 * V, count * V)));
+  if (c.mla_use_output_gate) {
+    // The gate multiplies each head's V outputs: its rows go with the head.
+    s.wg = Linear<float>(RowMatrix<float>(w.wg.to_dense().middleRows(h0 * V, count * V)));
+  }
   return s;
 }
 

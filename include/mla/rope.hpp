@@ -28,6 +28,19 @@ inline double softmax_scale(const MlaConfig& c) {
   return sigma;
 }
 
+/// The factor YaRN multiplies cos and sin by, by Hugging Face's rule
+/// (`_compute_yarn_parameters`): attention_factor when set (> 0); else
+/// yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim) when both are
+/// non-zero; else yarn_get_mscale(factor, 1). DeepSeek's configs set mscale == mscale_all_dim
+/// (magnitude 1); Mistral Large 3 writes attention_factor 1.
+inline double yarn_magnitude(const RopeScaling& y) {
+  if (y.attention_factor > 0.0) return y.attention_factor;
+  if (y.mscale != 0.0 && y.mscale_all_dim != 0.0) {
+    return yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim);
+  }
+  return yarn_get_mscale(y.factor, 1.0);
+}
+
 /// YaRN's correction range in pair indices: pairs i <= low keep their frequency, pairs
 /// i >= high are divided by the factor, and the ones between are blended linearly.
 struct YarnRange {
@@ -60,9 +73,8 @@ inline YarnRange yarn_correction_range(const MlaConfig& c) {
 /// Frequency of pair i (i < R/2): theta_i = base^(-2i/R); under YaRN
 /// theta'_i = theta_i / factor * ramp_i + theta_i * (1 - ramp_i), with
 /// ramp_i = clamp((i - low) / (high - low), 0, 1). Pair i of a vector at position p is rotated
-/// by the angle p * theta'_i; cos and sin are multiplied by HF's magnitude factor
-/// yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim) (1 for every
-/// published DeepSeek config).
+/// by the angle p * theta'_i; cos and sin are multiplied by yarn_magnitude() (1 for every
+/// published DeepSeek config). A NoPE config (MlaConfig::mla_use_nope) rotates nothing.
 /// The two dimensions RoPE turns together as pair i (i < dim / 2) of a dim-wide slice:
 /// (2i, 2i + 1) interleaved, (i, i + dim / 2) half-split. The pair turns by theta_i like the
 /// complex number x[first] + i x[second].
@@ -76,7 +88,7 @@ inline RopePair rope_pair(RopeLayout layout, Index dim, Index i) {
 class Rope {
  public:
   explicit Rope(const MlaConfig& config)
-      : dim_(config.qk_rope_head_dim), layout_(config.rope_layout) {
+      : dim_(config.qk_rope_head_dim), layout_(config.rope_layout), rotates_(!config.mla_use_nope) {
     config.validate();
     const Index pairs = dim_ / 2;
     inv_freq_.resize(static_cast<std::size_t>(pairs));
@@ -95,9 +107,7 @@ class Rope {
       inv_freq_[static_cast<std::size_t>(i)] = f;
     }
     if (!config.rope_inv_freq.empty()) inv_freq_ = config.rope_inv_freq;
-    magnitude_ =
-        yarn ? yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
-             : 1.0;
+    magnitude_ = yarn ? yarn_magnitude(y) : 1.0;
   }
 
   /// R, the rotary width.
@@ -107,6 +117,8 @@ class Rope {
   const std::vector<double>& inv_freq() const { return inv_freq_; }
   /// The factor applied to cos and sin.
   double magnitude() const { return magnitude_; }
+  /// False for a NoPE config (MlaConfig::mla_use_nope): apply() leaves its input as it is.
+  bool rotates() const { return rotates_; }
 
   /// cos(pos * theta'_i) and sin(pos * theta'_i), times magnitude(), for i < R/2. The angle is
   /// formed and reduced in double (at pos 1.6e5 a float angle would be off by ~0.01 rad), then
@@ -136,11 +148,12 @@ class Rope {
   }
 
   /// Rotates, in every row t of x (the token at position pos0 + t), the `heads` R-wide slices
-  /// that start at columns first + h * stride. `scratch` holds R values of T.
+  /// that start at columns first + h * stride. `scratch` holds R values of T. Nothing, for a
+  /// NoPE config.
   template <class T>
   void apply(MatrixRef<detail::identity_t<T>> x, std::int64_t pos0, Index first, Index heads,
              Index stride, T* scratch) const {
-    if (dim_ == 0) return;
+    if (dim_ == 0 || !rotates_) return;
     MLA_ASSERT(first + (heads - 1) * stride + dim_ <= x.cols());
     T* cos = scratch;
     T* sin = scratch + dim_ / 2;
@@ -154,6 +167,7 @@ class Rope {
  private:
   Index dim_;
   RopeLayout layout_;
+  bool rotates_;
   std::vector<double> inv_freq_;
   double magnitude_ = 1.0;
 };

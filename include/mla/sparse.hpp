@@ -6,8 +6,9 @@
 ///
 /// The indexer, for a token at position t (H_I heads of d_I; R = qk_rope_head_dim):
 ///   q = (wq_b c^Q) as [H_I, d_I];  k = LayerNorm(wk x)  (with bias, eps 1e-6)
-///   RoPE on the first R values of each q_h and of k, with MLA's frequencies but half-split
-///   pairs (x[i], x[i + R/2]); then the orthonormal Hadamard rotation of each vector;
+///   RoPE on the first R values of each q_h and of k, with MLA's frequencies on the indexer's
+///   own pairs (half-split (x[i], x[i + R/2]) in V3.2, interleaved in GLM-5); then the
+///   orthonormal Hadamard rotation of each vector;
 ///   q_h and k quantised to E4M3 with one scale each (DeepSeek's act_quant);
 ///   w_h = weights_proj(x)_h * H_I^-1/2 * scale(q_h) * d_I^-1/2;
 ///   score(s) = scale(k_s) * sum_h w_h relu(<q8_h, k8_s>)  over cached s <= t (FP32);
@@ -54,10 +55,11 @@ void hadamard_transform(T* x, Index n) {
   for (Index i = 0; i < n; ++i) x[i] *= s;
 }
 
-/// The indexer's RoPE: MLA's frequencies (config's theta and YaRN) on half-split pairs.
+/// The indexer's RoPE: MLA's frequencies (config's theta and YaRN) on the indexer's own pairing
+/// (MlaConfig::index_rope_layout: half-split in DeepSeek-V3.2, interleaved in GLM-5).
 inline Rope index_rope(const MlaConfig& config) {
   MlaConfig c = config;
-  c.rope_layout = RopeLayout::kHalfSplit;
+  c.rope_layout = config.index_rope_layout;
   return Rope(c);
 }
 
@@ -253,6 +255,27 @@ inline Index select_top_k(const float* scores, Index n, Index k, std::int32_t* o
   std::sort(out, out + k);
   return k;
 }
+
+/// The positions each query row of one layer call attended to, for the layers that reuse
+/// them (GLM-5.1's IndexShare: a layer with MlaConfig::index_shared attends over the selection
+/// of the previous layer that has an indexer). MlaLayer writes it in its workspace
+/// (MlaWorkspace::topk_selection) on every call of a layer with an indexer and reads it in a
+/// shared layer; an engine that runs the layers on other workspaces passes it on by copying.
+///
+/// Row r is row r of the call's input (all entries of a batch, in order). A row that saw at
+/// most topk keys attends to all of them and stores no positions; the others store
+/// count(r) == topk positions in the sequence's cache, ascending.
+struct TopkSelection {
+  Index topk = 0;                       ///< the layer's index_topk
+  std::vector<Index> visible;           ///< [rows] keys row r saw (its past and itself)
+  std::vector<std::int32_t> positions;  ///< [rows * topk]: row r's from r * topk
+
+  Index rows() const { return static_cast<Index>(visible.size()); }
+  /// True when row r attends over a selection (it saw more than topk keys).
+  bool sparse(Index r) const { return visible[static_cast<std::size_t>(r)] > topk; }
+  const std::int32_t* row(Index r) const { return positions.data() + r * topk; }
+  std::int32_t* row(Index r) { return positions.data() + r * topk; }
+};
 
 /// Scratch of sparse_attention_absorbed: the gathered records and the dense kernels'
 /// workspaces. Grows to the largest selection seen, then allocates nothing.

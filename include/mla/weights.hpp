@@ -34,17 +34,20 @@ struct IndexerWeights {
 
 /// Weights of one MLA layer (names as in DeepSeek's inference code; checkpoint names in
 /// brackets). Either wq (no query compression) or wq_a, q_norm and wq_b are set; `indexer` is
-/// set exactly when the config has one (MlaConfig::has_indexer).
+/// set exactly when the config has one (MlaConfig::has_indexer), `wg` exactly when it has the
+/// output gate (MlaConfig::mla_use_output_gate).
 template <class T>
 struct MlaWeights {
-  Linear<T> wq;               ///< [H * (P + R), hidden]            (q_proj), when q_lora_rank == 0
-  Linear<T> wq_a;             ///< [q_lora_rank, hidden]            (q_a_proj)
-  Vector<T> q_norm;           ///< [q_lora_rank]                    (q_a_layernorm)
-  Linear<T> wq_b;             ///< [H * (P + R), q_lora_rank]       (q_b_proj)
-  Linear<T> wkv_a;            ///< [kv_lora_rank + R, hidden]       (kv_a_proj_with_mqa)
-  Vector<T> kv_norm;          ///< [kv_lora_rank], empty without kv_latent_norm (kv_a_layernorm)
-  Linear<T> wkv_b;            ///< [H * (P + V), kv_lora_rank]      (kv_b_proj)
-  Linear<T> wo;               ///< [hidden, H * V]                  (o_proj)
+  Linear<T> wq;       ///< [H * (P + R), hidden]            (q_proj), when q_lora_rank == 0
+  Linear<T> wq_a;     ///< [q_lora_rank, hidden]            (q_a_proj)
+  Vector<T> q_norm;   ///< [q_lora_rank]                    (q_a_layernorm)
+  Linear<T> wq_b;     ///< [H * (P + R), q_lora_rank]       (q_b_proj)
+  Linear<T> wkv_a;    ///< [kv_lora_rank + R, hidden]       (kv_a_proj_with_mqa)
+  Vector<T> kv_norm;  ///< [kv_lora_rank], empty without kv_latent_norm (kv_a_layernorm)
+  Linear<T> wkv_b;    ///< [H * (P + V), kv_lora_rank]      (kv_b_proj)
+  Linear<T> wo;       ///< [hidden, H * V]                  (o_proj)
+  /// [H * V, hidden] (g_proj): the output gate, exactly when MlaConfig::mla_use_output_gate.
+  Linear<T> wg;
   IndexerWeights<T> indexer;  ///< DeepSeek-V3.2's indexer           (indexer.*)
 
   /// Throws mla::Error naming the first tensor whose shape does not match `config`, with the
@@ -61,7 +64,7 @@ struct MlaWeights {
 
   /// Which projections quantize_fp8 converts (all by default).
   struct Fp8Selection {
-    bool wq = true, wq_a = true, wq_b = true, wkv_a = true, wkv_b = true, wo = true;
+    bool wq = true, wq_a = true, wq_b = true, wkv_a = true, wkv_b = true, wo = true, wg = true;
     /// The indexer's wq_b and wk (FP8 in V3.2's checkpoint; weights_proj stays as it is).
     bool indexer = true;
   };
@@ -79,6 +82,7 @@ struct MlaWeights {
     q(which.wkv_a, w.wkv_a);
     q(which.wkv_b, w.wkv_b);
     q(which.wo, w.wo);
+    q(which.wg, w.wg);
     q(which.indexer, w.indexer.wq_b);
     q(which.indexer, w.indexer.wk);
     return w;
@@ -87,7 +91,7 @@ struct MlaWeights {
   /// A copy with every projection in plain dense T (FP8 ones dequantised).
   MlaWeights dequantized() const {
     MlaWeights w = *this;
-    for (Linear<T>* l : {&w.wq, &w.wq_a, &w.wq_b, &w.wkv_a, &w.wkv_b, &w.wo, &w.indexer.wq_b,
+    for (Linear<T>* l : {&w.wq, &w.wq_a, &w.wq_b, &w.wkv_a, &w.wkv_b, &w.wo, &w.wg, &w.indexer.wq_b,
                          &w.indexer.wk, &w.indexer.weights_proj}) {
       if (l->is_fp8()) *l = Linear<T>(l->to_dense());
     }
@@ -172,9 +176,17 @@ void MlaWeights<T>::check(const MlaConfig& c) const {
                        "[heads * (qk_nope_head_dim + v_head_dim), kv_lora_rank]");
   detail::check_linear(wo, c.hidden_size, H * c.v_head_dim, "wo",
                        "[hidden_size, heads * v_head_dim]");
+  if (c.mla_use_output_gate) {
+    detail::check_linear(wg, H * c.v_head_dim, c.hidden_size, "wg",
+                         "[heads * v_head_dim, hidden_size]");
+  } else {
+    detail::require(wg.empty(), "MlaWeights.wg (the output gate) must be empty when ",
+                    "MlaConfig.mla_use_output_gate is false, but it is [", wg.rows(), ", ",
+                    wg.cols(), "]");
+  }
   if (!c.has_indexer()) {
     detail::require(indexer.empty(), "MlaWeights.indexer must be empty when the config has no ",
-                    "indexer (index_topk == 0)");
+                    "indexer of its own (index_topk == 0 or index_shared)");
     return;
   }
   const Index HI = c.index_n_heads, DI = c.index_head_dim;
@@ -214,6 +226,8 @@ MlaWeights<T> MlaWeights<T>::random(const MlaConfig& c, std::uint64_t seed) {
     for (Index i = 0; i < DI; ++i) w.indexer.k_norm_bias(i) -= T(1);  // [-0.5, 0.5)
     w.indexer.weights_proj = detail::random_linear<T>(rng, HI, c.hidden_size);
   }
+  // Drawn last, so that the other weights of a seed do not depend on the gate.
+  if (c.mla_use_output_gate) w.wg = detail::random_linear<T>(rng, H * c.v_head_dim, c.hidden_size);
   return w;
 }
 
@@ -230,6 +244,7 @@ MlaWeights<U> MlaWeights<T>::cast() const {
   w.kv_norm = kv_norm.template cast<U>();
   w.wkv_b = lin(wkv_b);
   w.wo = lin(wo);
+  w.wg = lin(wg);
   w.indexer.wq_b = lin(indexer.wq_b);
   w.indexer.wk = lin(indexer.wk);
   w.indexer.k_norm = indexer.k_norm.template cast<U>();

@@ -21,6 +21,7 @@ namespace ref {
 struct IndexerSpec {
   int heads = 0, dim = 0, topk = 0;
   bool pow2_scales = true;
+  bool interleaved_rope = false;  // GLM-5: interleaved pairs; V3.2: half-split
 };
 
 /// The indexer's weights ([out, in] row-major).
@@ -98,13 +99,13 @@ inline std::vector<int> top_k(const double* scores, int n, int k) {
 
 /// The indexer over the n tokens of x [n, hidden] at positions pos0, ...; cq [n, q_lora] is
 /// MLA's normalised query latent of the same tokens. `rope` carries MLA's frequencies; its
-/// pairing is replaced by half-split.
+/// pairing is replaced by the indexer's own (half-split in V3.2, interleaved in GLM-5).
 inline IndexerTrace indexer_forward(const MlaSpec& s, const IndexerSpec& is,
                                     const IndexerWeights& w, const Vec& x, const Vec& cq, int n,
                                     long long pos0) {
   const int H = is.heads, D = is.dim;
   RopeSpec rope = s.rope;
-  rope.interleaved = false;
+  rope.interleaved = is.interleaved_rope;
   IndexerTrace tr;
   tr.keys.assign(static_cast<std::size_t>(n) * D, 0.0);
   tr.key_scales.assign(static_cast<std::size_t>(n), 0.0);

@@ -1,7 +1,8 @@
 #pragma once
 // Plain-loop double references of DeepSeek's Multi-Head Latent Attention and of standard
 // multi-head attention, written from the published math (DeepSeek-V2/V3 papers and their
-// inference code) and sharing no code with the library. Slow and obvious on purpose.
+// inference code; the other MLA families' Hugging Face modeling code, as ../shared/FAMILIES.md
+// transcribes it) and sharing no code with the library. Slow and obvious on purpose.
 //
 // Matrices are std::vector<double>, row-major; a weight W [out, in] maps x to W x.
 
@@ -25,20 +26,33 @@ struct RopeSpec {
   double beta_slow = 1.0;
   double mscale = 1.0;
   double mscale_all_dim = 0.0;
-  bool interleaved = true;       // pairs (2i, 2i+1); otherwise (i, i + R/2)
-  std::vector<double> inv_freq;  // explicit frequencies per pair (then theta and YaRN unused)
+  double attention_factor = 0.0;  // HF's attention_factor; 0: absent
+  bool interleaved = true;        // pairs (2i, 2i+1); otherwise (i, i + R/2)
+  std::vector<double> inv_freq;   // explicit frequencies per pair (then theta and YaRN unused)
 };
 
-/// The dimensions of DeepSeek's attention, with config.json's meaning.
+/// The dimensions of DeepSeek's attention, with config.json's meaning, and the other MLA
+/// families' changes to it.
 struct MlaSpec {
   int hidden = 0, heads = 0, q_lora = 0, kv_lora = 0, nope = 0, v = 0;
   double eps = 1e-6;
   RopeSpec rope;
+  /// Kimi's NoPE MLA (mla_use_nope): the rope dims are used and cached, never rotated.
+  bool no_rope = false;
+  /// Kimi K3's output gate: o_h *= sigmoid(g_proj x), per value, before o_proj.
+  bool output_gate = false;
+  /// Mistral Large 3's Llama-4 query scaling: the query of position pos (after RoPE) times
+  /// 1 + beta ln(1 + floor(pos / orig)); beta 0: none.
+  double llama4_beta = 0.0;
+  long long llama4_orig = 8192;
+  /// LongCat-Flash: the query latent after its norm times q_lora_scale, the KV latent after its
+  /// norm (and in the cache) times kv_lora_scale.
+  double q_lora_scale = 1.0, kv_lora_scale = 1.0;
 };
 
-/// The weights of one layer (empty vectors for the unused query path).
+/// The weights of one layer (empty vectors for the unused query path and gate).
 struct MlaWeights {
-  Vec wq, wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo;
+  Vec wq, wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo, wg;
 };
 
 inline double yarn_mscale(double scale, double m) {
@@ -74,10 +88,16 @@ inline Vec rope_frequencies(const RopeSpec& r) {
   return f;
 }
 
-/// The factor HF multiplies cos and sin by.
+/// The factor HF multiplies cos and sin by (transformers' _compute_yarn_parameters): the
+/// attention_factor it is given, else mscale(f, mscale) / mscale(f, mscale_all_dim) when both
+/// are set (non-zero), else mscale(f, 1).
 inline double rope_magnitude(const RopeSpec& r) {
   if (!r.yarn) return 1.0;
-  return yarn_mscale(r.factor, r.mscale) / yarn_mscale(r.factor, r.mscale_all_dim);
+  if (r.attention_factor > 0.0) return r.attention_factor;
+  if (r.mscale != 0.0 && r.mscale_all_dim != 0.0) {
+    return yarn_mscale(r.factor, r.mscale) / yarn_mscale(r.factor, r.mscale_all_dim);
+  }
+  return yarn_mscale(r.factor, 1.0);
 }
 
 /// Rotates the R values at x by position pos.
@@ -194,19 +214,28 @@ inline Vec mla_forward(const MlaSpec& s, const MlaWeights& w, const Vec& x, int 
     // Query, through its own latent when q_lora_rank > 0.
     Vec qt;
     if (s.q_lora > 0) {
-      const Vec cq = rms_norm(matvec(w.wq_a, s.q_lora, s.hidden, xt), w.q_norm, s.eps);
+      Vec cq = rms_norm(matvec(w.wq_a, s.q_lora, s.hidden, xt), w.q_norm, s.eps);
+      for (double& v : cq) v *= s.q_lora_scale;
       qt = matvec(w.wq_b, H * QK, s.q_lora, cq.data());
     } else {
       qt = matvec(w.wq, H * QK, s.hidden, xt);
     }
-    for (int h = 0; h < H; ++h)
-      rope_rotate(&qt[static_cast<std::size_t>(h) * QK + P], s.rope, pos0 + t);
+    if (!s.no_rope && R > 0) {
+      for (int h = 0; h < H; ++h)
+        rope_rotate(&qt[static_cast<std::size_t>(h) * QK + P], s.rope, pos0 + t);
+    }
+    if (s.llama4_beta != 0.0) {
+      const double periods = std::floor(static_cast<double>(pos0 + t) / s.llama4_orig);
+      const double f = 1.0 + s.llama4_beta * std::log(1.0 + periods);
+      for (double& v : qt) v *= f;
+    }
     std::copy(qt.begin(), qt.end(), q.begin() + static_cast<std::ptrdiff_t>(t) * H * QK);
     // Latent: [c_raw ; k_raw] = W_kva x, c = RMSNorm(c_raw), k^R = RoPE(k_raw).
     Vec kv = matvec(w.wkv_a, D + R, s.hidden, xt);
-    const Vec c = rms_norm(Vec(kv.begin(), kv.begin() + D), w.kv_norm, s.eps);
+    Vec c = rms_norm(Vec(kv.begin(), kv.begin() + D), w.kv_norm, s.eps);
+    for (double& v : c) v *= s.kv_lora_scale;
     Vec kr(kv.begin() + D, kv.end());
-    if (R > 0) rope_rotate(kr.data(), s.rope, pos0 + t);
+    if (R > 0 && !s.no_rope) rope_rotate(kr.data(), s.rope, pos0 + t);
     std::copy(c.begin(), c.end(), c_kv.begin() + static_cast<std::ptrdiff_t>(t) * D);
     std::copy(kr.begin(), kr.end(), k_pe.begin() + static_cast<std::ptrdiff_t>(t) * R);
     if (latents) {  // attend over the given cache contents instead
@@ -266,6 +295,15 @@ inline Vec mla_forward(const MlaSpec& s, const MlaWeights& w, const Vec& x, int 
       for (int r = 0; r < R; ++r) {
         trace->latent[static_cast<std::size_t>(t) * (D + R) + D + r] =
             k_pe[static_cast<std::size_t>(t) * R + r];
+      }
+    }
+  }
+  if (s.output_gate) {
+    // Each of the H * V outputs times the sigmoid of its gate, from the same token's input.
+    for (int t = 0; t < n; ++t) {
+      const Vec g = matvec(w.wg, H * V, s.hidden, &x[static_cast<std::size_t>(t) * s.hidden]);
+      for (int i = 0; i < H * V; ++i) {
+        o[static_cast<std::size_t>(t) * H * V + i] *= 1.0 / (1.0 + std::exp(-g[i]));
       }
     }
   }
