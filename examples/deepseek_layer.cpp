@@ -1,8 +1,10 @@
-// Runs one attention layer of a real DeepSeek checkpoint (Hugging Face format) on hidden
-// states from a .npy file and writes the layer's attention output as .npy.
+// Runs one attention layer of a real checkpoint of an MLA model (Hugging Face format: DeepSeek
+// V2 / V3 / V3.2, GLM-4.7-Flash, GLM-5, Mistral Large 3, LongCat-Flash, Kimi Linear, Kimi K3)
+// on hidden states from a .npy file and writes the layer's attention output as .npy.
 //
 //   deepseek_layer --model DIR --layer N --input X.npy --output Y.npy [--start POS]
 //                  [--prefill K] [--cache fp32|bf16|fp8] [--fp8 w8a32|w8a8] [--threads T]
+//                  [--attn-block B]
 //
 // DIR holds config.json and model.safetensors (or model.safetensors.index.json and its shards).
 // The rows of X ([tokens, hidden_size], float32) are consecutive tokens of one sequence at
@@ -13,7 +15,9 @@
 // the threads (an mla::ThreadPool) of the projections and of the attention. DeepSeek-V3.2
 // checkpoints (config.json with index_topk) run their sparse attention: the indexer's keys are
 // cached beside the latent, and a token that sees more than index_topk cached tokens attends to
-// the ones the indexer selects; other checkpoints run dense MLA.
+// the ones the indexer selects; other checkpoints run dense MLA. --attn-block chooses the MLA
+// block of a layer with several (LongCat-Flash: 0 or 1; default 0). A model type or config
+// field the library does not implement is refused, never ignored.
 //
 // On success the output ([tokens, hidden_size], float32) is written to Y and the line
 // `cache_bytes_per_token_per_layer: <n>` is printed. On any error the program prints
@@ -30,19 +34,22 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: deepseek_layer --model DIR --layer N --input X.npy --output Y.npy [--start POS] "
-    "[--prefill K] [--cache fp32|bf16|fp8] [--fp8 w8a32|w8a8] [--threads T]";
+    "[--prefill K] [--cache fp32|bf16|fp8] [--fp8 w8a32|w8a8] [--threads T] [--attn-block B]";
 
 constexpr const char* kHelp =
     "usage: deepseek_layer --model DIR --layer N --input X.npy --output Y.npy [--start POS]\n"
     "                      [--prefill K] [--cache fp32|bf16|fp8] [--fp8 w8a32|w8a8] [--threads T]\n"
+    "                      [--attn-block B]\n"
     "\n"
-    "Runs the attention of layer N of a DeepSeek checkpoint (Hugging Face format) on the hidden\n"
-    "states in X.npy ([tokens, hidden_size], float32) through the latent KV cache and writes the\n"
-    "attention output to Y.npy. DeepSeek-V3.2 checkpoints (index_topk in config.json) run\n"
-    "their sparse attention (the lightning indexer's top-k), others dense MLA.\n"
+    "Runs the attention of layer N of an MLA model's checkpoint (Hugging Face format: DeepSeek\n"
+    "V2/V3/V3.2, GLM-4.7-Flash, GLM-5, Mistral Large 3, LongCat-Flash, Kimi Linear, Kimi K3) on\n"
+    "the hidden states in X.npy ([tokens, hidden_size], float32) through the latent KV cache and\n"
+    "writes the attention output to Y.npy. Sparse models (DeepSeek-V3.2, GLM-5) run their\n"
+    "lightning indexer's top-k, others dense MLA. A model type or config field the library does\n"
+    "not implement is refused.\n"
     "\n"
     "  --model DIR     config.json and model.safetensors (or an index and its shards)\n"
-    "  --layer N       the layer, 0 <= N < num_hidden_layers\n"
+    "  --layer N       the decoder layer, 0 <= N < num_hidden_layers (LongCat: num_layers)\n"
     "  --input X.npy   consecutive tokens of one sequence\n"
     "  --output Y.npy  written only when everything succeeded\n"
     "  --start POS     position of the first token (default 0)\n"
@@ -52,11 +59,12 @@ constexpr const char* kHelp =
     "  --fp8 M         FP8 checkpoints: w8a32 (default; activations stay FP32) or w8a8\n"
     "                  (activations quantised per 1x128 tile; config.json's scale_fmt applies)\n"
     "  --threads T     threads of the projections and of the decode attention (default 1)\n"
+    "  --attn-block B  the MLA block of the layer (LongCat-Flash: 0 or 1; default 0)\n"
     "  --help          this text\n";
 
 struct Args {
   std::string model, input, output;
-  long long layer = -1, start = 0, prefill = -1, threads = 1;
+  long long layer = -1, start = 0, prefill = -1, threads = 1, attn_block = 0;
   mla::CacheStorage cache = mla::CacheStorage::kFloat32;
   mla::Fp8Matmul fp8 = mla::Fp8Matmul::kW8A32;
 };
@@ -100,6 +108,9 @@ Args parse_args(int argc, char** argv) {
       } else {
         mla::detail::fail("--fp8 must be w8a32 or w8a8, got '", value, "'");
       }
+    } else if (flag == "--attn-block") {
+      a.attn_block = cli::parse_integer(flag, value);
+      mla::detail::require(a.attn_block >= 0, "--attn-block must be >= 0, got ", a.attn_block);
     } else if (flag == "--threads") {
       a.threads = cli::parse_integer(flag, value);
       mla::detail::require(a.threads >= 1 && a.threads <= 1024,
@@ -117,9 +128,16 @@ int run(const Args& a) {
   Eigen::setNbThreads(static_cast<int>(a.threads));
   const mla::io::CheckpointConfig cfg = mla::io::read_config(a.model + "/config.json");
   const mla::io::Checkpoint ckpt = mla::io::Checkpoint::open(a.model);
-  const mla::MlaConfig& config = cfg.mla;
+  const mla::MlaConfig config = cfg.layer_config(a.layer);
+  // A layer that reuses an earlier layer's top-k (GLM-5.1's IndexShare) cannot run alone.
+  mla::detail::require(
+      !config.index_shared, "layer ", a.layer,
+      " has no indexer of its own: it reuses the top-k of the previous full "
+      "layer (indexer_types \"shared\"), which one layer alone cannot compute; "
+      "run the layers in order through the library (MlaWorkspace::topk_selection)");
   mla::io::LoadOptions load;
   load.fp8_matmul = a.fp8;
+  load.attention_block = a.attn_block;
   const mla::MlaLayer<float> layer(
       config, mla::io::load_attention_weights<float>(ckpt, cfg, a.layer, load));
 

@@ -4,8 +4,10 @@
 // weight_scale_inv), single-file or sharded. Everything here is independent of the library's
 // readers; the stored values are also returned decoded, for the double reference.
 
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -14,6 +16,7 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -85,6 +88,28 @@ class TempDir {
  private:
   std::string path_;
 };
+
+/// What a program printed and how it ended.
+struct CliResult {
+  int status;
+  std::string out, err;
+};
+
+/// Runs `program args` with stdout and stderr captured in files of `dir`.
+inline CliResult run_program(const std::string& program, const TempDir& dir,
+                             const std::string& args) {
+  const std::string cmd =
+      program + " " + args + " > " + (dir / "out.txt") + " 2> " + (dir / "err.txt");
+  const int status = std::system(cmd.c_str());
+  auto slurp = [](const std::string& p) {
+    std::ifstream in(p);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  };
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out.txt"),
+          slurp(dir / "err.txt")};
+}
 
 /// How the fixture stores the projection weights.
 enum class Storage { kF32, kBF16, kFp8 };
@@ -170,14 +195,20 @@ struct LayerTensors {
   mla::MlaWeights<double> values;
 };
 
-inline LayerTensors layer_tensors(const mla::MlaConfig& c, const mla::MlaWeights<float>& w,
-                                  int layer, Storage s, int block) {
+/// The attention tensors of one MLA block under `prefix` (e.g. "model.layers.3.self_attn."),
+/// projections stored as `s` except those named in `keep_bf16` (stored BF16, as Mistral Large
+/// 3 keeps q_a_proj and kv_a_proj_with_mqa), the indexer's wq_b and wk as projections and the
+/// rest of it BF16 (as V3.2 and GLM-5 store them), the output gate when the config has one.
+inline LayerTensors attention_tensors(const mla::MlaConfig& c, const mla::MlaWeights<float>& w,
+                                      const std::string& p, Storage s, int block,
+                                      const std::vector<std::string>& keep_bf16 = {}) {
   LayerTensors out;
-  const std::string p = "model.layers." + std::to_string(layer) + ".self_attn.";
   auto add = [&](const char* name, const mla::Linear<float>& l, mla::Linear<double>& value) {
-    const Stored st = store(p + name + ".weight", l.to_dense(), s, block);
+    const bool bf16 = std::find(keep_bf16.begin(), keep_bf16.end(), name) != keep_bf16.end();
+    const Storage st_kind = bf16 ? Storage::kBF16 : s;
+    const Stored st = store(p + name + ".weight", l.to_dense(), st_kind, block);
     out.tensors.push_back(st.weight);
-    if (s == Storage::kFp8) out.tensors.push_back(st.scale_inv);
+    if (st_kind == Storage::kFp8) out.tensors.push_back(st.scale_inv);
     value = mla::Linear<double>(st.values);
   };
   if (c.has_q_lora()) {
@@ -193,6 +224,7 @@ inline LayerTensors layer_tensors(const mla::MlaConfig& c, const mla::MlaWeights
   out.values.kv_norm = w.kv_norm.cast<double>();
   add("kv_b_proj", w.wkv_b, out.values.wkv_b);
   add("o_proj", w.wo, out.values.wo);
+  if (c.mla_use_output_gate) add("g_proj", w.wg, out.values.wg);
   if (c.has_indexer()) {  // DeepSeek-V3.2: wq_b and wk as the projections, the rest BF16
     add("indexer.wq_b", w.indexer.wq_b, out.values.indexer.wq_b);
     add("indexer.wk", w.indexer.wk, out.values.indexer.wk);
@@ -206,6 +238,13 @@ inline LayerTensors layer_tensors(const mla::MlaConfig& c, const mla::MlaWeights
     out.values.indexer.weights_proj = mla::Linear<double>(wp.values);
   }
   return out;
+}
+
+/// A DeepSeek layer's attention tensors under the checkpoint's names, and the weights they hold
+/// (decoded to double, as the reference reads them). Norms are always F32.
+inline LayerTensors layer_tensors(const mla::MlaConfig& c, const mla::MlaWeights<float>& w,
+                                  int layer, Storage s, int block) {
+  return attention_tensors(c, w, "model.layers." + std::to_string(layer) + ".self_attn.", s, block);
 }
 
 /// config.json for c, written the way DeepSeek's Hugging Face configs are.

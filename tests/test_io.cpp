@@ -158,13 +158,17 @@ TEST(Config, ReadsDeepSeekConfigs) {
     EXPECT_EQ(r.fp8_weights, fp8);
     EXPECT_EQ(r.weight_block_rows, 128);
   }
-  // q_lora_rank absent means none; rope_type (newer HF spelling) works; no rope_scaling is plain.
+  // q_lora_rank null means none; rope_type (newer HF spelling) works; no rope_scaling is plain.
   nlohmann::json j = fixture::config_json(MlaConfig::small_v3(), false, 16);
-  j.erase("q_lora_rank");
-  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+  j["q_lora_rank"] = nullptr;
+  j["rope_scaling"] = {
+      {"rope_type", "yarn"}, {"factor", 4.0}, {"original_max_position_embeddings", 4096}};
   auto r = mla::io::parse_config(j.dump());
   EXPECT_EQ(r.mla.q_lora_rank, 0);
   EXPECT_EQ(r.mla.rope_scaling.factor, 4.0);
+  // Neither mscale given: Hugging Face's magnitude mscale(4, 1), sigma unscaled.
+  EXPECT_DOUBLE_EQ(mla::Rope(r.mla).magnitude(), mla::yarn_get_mscale(4.0, 1.0));
+  EXPECT_DOUBLE_EQ(mla::softmax_scale(r.mla), 1.0 / std::sqrt(24.0));
   j["rope_scaling"] = nullptr;
   r = mla::io::parse_config(j.dump());
   EXPECT_EQ(r.mla.rope_scaling.type, mla::RopeScaling::Type::kNone);
@@ -182,14 +186,16 @@ TEST(Config, BadConfigsNameTheField) {
        "field 'hidden_size' must be an integer, got \"64\""},
       {[](auto& j) { j["num_attention_heads"] = 2.5; },
        "field 'num_attention_heads' must be an integer"},
-      {[](auto& j) { j["rms_norm_eps"] = "small"; }, "field 'rms_norm_eps' must be a number"},
+      {[](auto& j) { j.erase("q_lora_rank"); }, "missing field 'q_lora_rank'"},
+      {[](auto& j) { j["rope_scaling"].erase("original_max_position_embeddings"); },
+       "field 'rope_scaling.original_max_position_embeddings' is required under YaRN"},
       {[](auto& j) { j["qk_rope_head_dim"] = 7; }, "MlaConfig.qk_rope_head_dim must be even"},
       {[](auto& j) { j["v_head_dim"] = 0; }, "MlaConfig.v_head_dim"},
       {[](auto& j) { j["rope_scaling"]["type"] = "linear"; },
-       "rope_scaling type 'linear' is not supported"},
+       "rope_scaling.type = \"linear\": not supported"},
       {[](auto& j) { j["rope_scaling"]["factor"] = -1; }, "MlaConfig.rope_scaling.factor"},
       {[](auto& j) { j["quantization_config"]["quant_method"] = "gptq"; },
-       "quantization_config.quant_method 'gptq' is not supported"},
+       "quantization_config.quant_method = \"gptq\": not supported"},
       {[](auto& j) { j["quantization_config"]["weight_block_size"] = {128}; },
        "quantization_config.weight_block_size must be two positive integers"},
       {[](auto& j) { j = nlohmann::json::array(); }, "must be a JSON object"},
@@ -238,11 +244,9 @@ TEST(Config, ReadsWhatPublishedMlaModelsWrite) {
   nlohmann::json p = j;
   p.erase("rope_scaling");
   p.erase("rope_theta");
-  p["rope_parameters"] = {{"rope_type", "yarn"},
-                          {"rope_theta", 50000.0},
-                          {"factor", 8.0},
-                          {"beta_fast", 16.0},
-                          {"beta_slow", 2.0}};
+  p["rope_parameters"] = {{"rope_type", "yarn"}, {"rope_theta", 50000.0},
+                          {"factor", 8.0},       {"original_max_position_embeddings", 2048},
+                          {"beta_fast", 16.0},   {"beta_slow", 2.0}};
   r = mla::io::parse_config(p.dump());
   EXPECT_EQ(r.mla.rope_theta, 50000.0);
   EXPECT_EQ(r.mla.rope_scaling.type, mla::RopeScaling::Type::kYarn);
@@ -288,11 +292,11 @@ TEST(Config, KnownFieldsOfTheWrongTypeAreNamed) {
       {[](auto& j) { j["rope_interleave"] = "true"; },
        "field 'rope_interleave' must be true or false, got \"true\""},
       {[](auto& j) { j["quantization_config"]["scale_fmt"] = "fp32"; },
-       "quantization_config.scale_fmt 'fp32' is not supported"},
+       "quantization_config.scale_fmt = \"fp32\": not supported"},
       {[](auto& j) { j["quantization_config"]["scale_fmt"] = 8; },
        "field 'quantization_config.scale_fmt' must be a string"},
       {[](auto& j) { j["quantization_config"]["activation_scheme"] = "static"; },
-       "quantization_config.activation_scheme 'static' is not supported"},
+       "quantization_config.activation_scheme = \"static\": not supported"},
       {[](auto& j) { j["rope_scaling"]["beta_fast"] = "32"; },
        "field 'rope_scaling.beta_fast' must be a number"},
       {[](auto& j) { j["rope_scaling"]["beta_slow"] = 0; }, "MlaConfig.rope_scaling.beta_slow"},
@@ -795,6 +799,14 @@ TEST(LayerFromCheckpoint, BadIndexerTensorsAndFieldsAreNamed) {
                                             "'index_topk' must be an integer"));
   j = fixture::config_json(c, false, 16);
   j.erase("index_topk");
+  EXPECT_TRUE(test::throws_error_containing([&] { mla::io::parse_config(j.dump()); },
+                                            "missing field 'index_topk'"));
+  // The same fields on a type without an indexer are refused, not ignored.
+  j = fixture::config_json(c, false, 16);
+  j["model_type"] = "deepseek_v3";
+  EXPECT_TRUE(test::throws_error_containing([&] { mla::io::parse_config(j.dump()); },
+                                            "model_type 'deepseek_v3' has no sparse attention"));
+  for (const char* f : {"index_topk", "index_n_heads", "index_head_dim"}) j.erase(f);
   const auto dense = mla::io::parse_config(j.dump());
   EXPECT_FALSE(dense.mla.has_indexer());
 }
@@ -802,29 +814,8 @@ TEST(LayerFromCheckpoint, BadIndexerTensorsAndFieldsAreNamed) {
 // ---------------------------------------------------------------------------------------------
 // deepseek_layer, end to end (built with the examples)
 
-#if defined(MLA_DEEPSEEK_LAYER) || defined(MLA_CONVERT_MHA)
-
-struct CliResult {
-  int status;
-  std::string out, err;
-};
-
-/// Runs `program args` with stdout and stderr captured in files of `dir`.
-CliResult run_program(const std::string& program, const TempDir& dir, const std::string& args) {
-  const std::string cmd =
-      program + " " + args + " > " + (dir / "out.txt") + " 2> " + (dir / "err.txt");
-  const int status = std::system(cmd.c_str());
-  auto slurp = [](const std::string& p) {
-    std::ifstream in(p);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-  };
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out.txt"),
-          slurp(dir / "err.txt")};
-}
-
-#endif
+using fixture::CliResult;
+using fixture::run_program;
 
 #ifdef MLA_DEEPSEEK_LAYER
 
@@ -996,7 +987,8 @@ TEST(DeepSeekLayer, RunsFp8CheckpointsW8A8WithTheConfigsScaleFormat) {
 
 TEST(LlamaConfig, ReadsFieldsAndDefaultsAndNamesBadOnes) {
   const mla::io::LlamaConfig a = mla::io::parse_llama_config(
-      R"({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 3})");
+      R"({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+          "num_hidden_layers": 3})");
   EXPECT_EQ(a.attention.num_kv_heads, 4);  // MHA when num_key_value_heads is absent
   EXPECT_EQ(a.attention.head_dim, 16);     // hidden_size / heads
   EXPECT_EQ(a.attention.rope_dim, 16);     // RoPE on whole heads
@@ -1004,8 +996,9 @@ TEST(LlamaConfig, ReadsFieldsAndDefaultsAndNamesBadOnes) {
   EXPECT_EQ(a.attention.rope_theta, 10000.0);
   EXPECT_EQ(a.num_hidden_layers, 3);
   const mla::io::LlamaConfig b = mla::io::parse_llama_config(
-      R"({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
-          "num_key_value_heads": 2, "head_dim": 8, "rope_theta": 500000.0})");
+      R"({"model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
+          "num_hidden_layers": 1, "num_key_value_heads": 2, "head_dim": 8,
+          "rope_theta": 500000.0, "sliding_window": null})");
   EXPECT_EQ(b.attention.num_kv_heads, 2);
   EXPECT_EQ(b.attention.head_dim, 8);
   EXPECT_EQ(b.attention.rope_theta, 500000.0);
@@ -1014,21 +1007,49 @@ TEST(LlamaConfig, ReadsFieldsAndDefaultsAndNamesBadOnes) {
                                          "c.json");
   };
   EXPECT_TRUE(test::throws_error_containing(
-      [] { mla::io::parse_llama_config(R"({"hidden_size": 64, "num_hidden_layers": 1})"); },
+      [] {
+        mla::io::parse_llama_config(
+            R"({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1})");
+      },
       "missing field 'num_attention_heads'"));
   EXPECT_TRUE(test::throws_error_containing(
       [] {
-        mla::io::parse_llama_config(R"({"hidden_size": 64, "num_attention_heads": 4,
-                                        "num_hidden_layers": 1, "rope_theta": "x"})");
+        mla::io::parse_llama_config(R"({"model_type": "llama", "hidden_size": 64,
+                                        "num_attention_heads": 4, "num_hidden_layers": 1,
+                                        "rope_theta": "x"})");
       },
       "field 'rope_theta' must be a number"));
   EXPECT_TRUE(test::throws_error_containing(
       [] {
-        mla::io::parse_llama_config(R"({"hidden_size": 64, "num_attention_heads": 4,
-                                        "num_hidden_layers": 1, "num_key_value_heads": 3})");
+        mla::io::parse_llama_config(R"({"model_type": "llama", "hidden_size": 64,
+                                        "num_attention_heads": 4, "num_hidden_layers": 1,
+                                        "num_key_value_heads": 3})");
       },
       "num_kv_heads (3) must divide num_heads (4)"));
   EXPECT_TRUE(error("{not json"));
+  // What the conversion does not implement is refused, naming the field and its value.
+  const nlohmann::json good = {{"model_type", "llama"},
+                               {"hidden_size", 64},
+                               {"num_attention_heads", 4},
+                               {"num_hidden_layers", 1}};
+  const std::vector<std::pair<nlohmann::json, std::string>> refused = {
+      {{{"model_type", "qwen2"}}, "model_type = \"qwen2\": not a Llama-style model type"},
+      {{{"model_type", nullptr}}, "model_type = \"\""},
+      {{{"rope_scaling", {{"rope_type", "llama3"}, {"factor", 8.0}}}},
+       "rope_scaling = {\"factor\":8.0,\"rope_type\":\"llama3\"}: only plain RoPE"},
+      {{{"attention_bias", true}}, "attention_bias = true"},
+      {{{"sliding_window", 4096}}, "sliding_window = 4096"},
+      {{{"partial_rotary_factor", 0.5}}, "partial_rotary_factor = 0.5"},
+  };
+  for (const auto& [edit, message] : refused) {
+    nlohmann::json j = good;
+    j.update(edit);
+    EXPECT_TRUE(test::throws_error_containing(
+        [&] { mla::io::parse_llama_config(j.dump(), "c.json"); }, "c.json: " + message));
+  }
+  nlohmann::json plain = good;
+  plain["rope_scaling"] = {{"rope_type", "default"}};
+  EXPECT_NO_THROW(mla::io::parse_llama_config(plain.dump()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1147,8 +1168,9 @@ TEST(ConvertMha, ReadsALlamaStyleCheckpoint) {
   add("o_proj.weight", hidden, heads * dk, 4);
   fixture::write_bytes(dir / "model.safetensors", fixture::safetensors_bytes(tensors));
   fixture::write_text(dir / "config.json",
-                      R"({"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 1,
-                          "num_hidden_layers": 1, "rope_theta": 500000.0})");
+                      R"({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4,
+                          "num_key_value_heads": 1, "num_hidden_layers": 1,
+                          "rope_theta": 500000.0})");
   const CliResult r =
       run_program(MLA_CONVERT_MHA, dir,
                   "--model " + dir.path() + " --layer 0 --tokens 6 --json " + (dir / "t.json"));

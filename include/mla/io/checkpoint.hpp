@@ -88,6 +88,16 @@ class Checkpoint {
   const std::string& dir() const { return dir_; }
   bool contains(const std::string& name) const { return shard_of_.count(name) != 0; }
 
+  /// The names of every tensor whose name starts with `prefix`, in lexicographic order.
+  std::vector<std::string> names_with_prefix(const std::string& prefix) const {
+    std::vector<std::string> out;
+    for (auto it = shard_of_.lower_bound(prefix);
+         it != shard_of_.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it) {
+      out.push_back(it->first);
+    }
+    return out;
+  }
+
   /// The tensor called `name`, from whichever file holds it. Throws mla::Error when the
   /// checkpoint has no such tensor, or its shard is bad or lacks it.
   const TensorView& tensor(const std::string& name) const {

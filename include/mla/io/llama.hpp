@@ -17,14 +17,44 @@ struct LlamaConfig {
   Index num_hidden_layers = 0;
 };
 
-/// Parses a Llama-style config.json: hidden_size, num_attention_heads, num_hidden_layers;
-/// num_key_value_heads (default num_attention_heads), head_dim (default hidden_size /
-/// num_attention_heads), rope_theta (default 10000). `source` names it in messages. Throws
-/// mla::Error for malformed JSON, a missing or mistyped field, or dimensions MhaConfig rejects.
-inline LlamaConfig parse_llama_config(const std::string& text,
+/// Parses a Llama-style config.json (model_type "llama" or "mistral"): hidden_size,
+/// num_attention_heads, num_hidden_layers; num_key_value_heads (default num_attention_heads),
+/// head_dim (default hidden_size / num_attention_heads), rope_theta (default 10000). `source`
+/// names it in messages. Throws mla::Error for malformed JSON, a missing or mistyped field,
+/// dimensions MhaConfig rejects, another model_type, or a field that changes the attention in a
+/// way the conversion does not implement: a rope_scaling other than "default" (Llama 3's
+/// frequency ramp), attention_bias, a partial_rotary_factor other than 1, a sliding_window.
+inline LlamaConfig parse_llama_config(const std::string& json_text,
                                       const std::string& source = "config.json") {
-  const nlohmann::json j = detail::parse_json_object(text, source);
+  const nlohmann::json j = detail::parse_json_object(json_text, source);
   const detail::ConfigReader r(j, source);
+  const std::string type = r.string_or(j, "model_type", "", "model_type");
+  if (type != "llama" && type != "mistral") {
+    r.refuse("model_type", nlohmann::json(type),
+             "not a Llama-style model type the conversion reads (llama, mistral)");
+  }
+  for (const char* field : {"rope_scaling", "rope_parameters"}) {
+    if (const nlohmann::json* v = r.value(field)) {
+      const std::string kind =
+          v->is_object()
+              ? r.string_or(*v, "rope_type", r.string_or(*v, "type", "default", field), field)
+              : "";
+      if (kind != "default") {
+        r.refuse(field, *v, "only plain RoPE (rope_type 'default') is implemented");
+      }
+    }
+  }
+  if (r.boolean_or("attention_bias", false)) {
+    r.refuse("attention_bias", nlohmann::json(true), "projections with biases are not implemented");
+  }
+  if (const nlohmann::json* v = r.value("sliding_window")) {
+    r.refuse("sliding_window", *v, "sliding-window attention is not implemented");
+  }
+  const double partial = r.number_or(j, "partial_rotary_factor", 1.0, "partial_rotary_factor");
+  if (partial != 1.0) {
+    r.refuse("partial_rotary_factor", nlohmann::json(partial),
+             "only RoPE on whole heads (1.0) is implemented");
+  }
   LlamaConfig out;
   MhaConfig& c = out.attention;
   c.hidden_size = r.integer("hidden_size");
