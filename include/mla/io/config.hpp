@@ -607,7 +607,9 @@ inline CheckpointConfig parse_config(const std::string& json_text,
                                              "index_skip_topk_offset",
                                              "index_topk_pattern",
                                              "index_share_for_mtp_iteration"};
-  for (const auto& [key, value] : j.items()) {
+  for (const auto& item : j.items()) {
+    const std::string& key = item.key();
+    const nlohmann::json& value = item.value();
     if (key.rfind("index", 0) != 0 || value.is_null()) continue;
     const bool known = std::any_of(std::begin(kIndexFields), std::end(kIndexFields),
                                    [&](const char* f) { return key == f; });
