@@ -74,11 +74,14 @@ struct Ops {
     for (int i = 0; i < kWidth; ++i) r[i] = a[i] < b[i] ? x[i] : y[i];
     return r;
   }
-  /// 2^n for integer-valued n in [-126, 127].
+  /// 2^n for integer-valued n in [-126, 127]; a NaN lane gives 1 (exp's NaN comes from its
+  /// other factor): converting NaN to an integer would be undefined in C++, unlike the SIMD
+  /// targets' conversion instructions.
   static V exp2_int(V n) {
     V r;
     for (int i = 0; i < kWidth; ++i) {
-      const auto e = static_cast<std::uint32_t>(static_cast<std::int32_t>(n[i]) + 127);
+      const float k = n[i] == n[i] ? n[i] : 0.0f;
+      const auto e = static_cast<std::uint32_t>(static_cast<std::int32_t>(k) + 127);
       r[i] = bit_cast<float>(e << 23);
     }
     return r;
