@@ -7,8 +7,6 @@
 // buffer far larger than the caches. The kernels use function target attributes and run only on
 // the instruction sets mla::isa_available reports.
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
@@ -17,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "mla/detail/isa/intrinsics.hpp"
 #include "mla/isa.hpp"
 
 namespace bench {

@@ -9,17 +9,7 @@
 
 #if MLA_ISA_X86
 
-// GCC 12's intrinsics headers raise false -Wmaybe-uninitialized warnings for some intrinsics
-// once they are inlined; the headers are read here, so the warnings are switched off for them.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
-#include <immintrin.h>
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+#include "mla/detail/isa/intrinsics.hpp"
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), \
