@@ -14,6 +14,7 @@
 #include "io_fixtures.hpp"
 #include "reference/dsa_reference.hpp"
 #include "reference/mla_reference.hpp"
+#include "test_util.hpp"
 
 namespace fixture {
 
@@ -64,14 +65,17 @@ inline mla::MlaConfig small_shapes(int q_lora, int nope, int rope, int v) {
   return c;
 }
 
-inline ref::MlaSpec spec_of(const mla::MlaConfig& c, const ref::RopeSpec& rope) {
-  ref::MlaSpec s;
-  s.hidden = static_cast<int>(c.hidden_size);
-  s.heads = static_cast<int>(c.num_attention_heads);
-  s.q_lora = static_cast<int>(c.q_lora_rank);
-  s.kv_lora = static_cast<int>(c.kv_lora_rank);
-  s.nope = static_cast<int>(c.qk_nope_head_dim);
-  s.v = static_cast<int>(c.v_head_dim);
+/// The reference's widths from the shapes; everything that is the family's own (RoPE, its
+/// options) is set by the family below, from its published math.
+inline ref::MlaSpec spec_of(const mla::MlaConfig& shapes, const ref::RopeSpec& rope) {
+  mla::MlaConfig widths;
+  widths.hidden_size = shapes.hidden_size;
+  widths.num_attention_heads = shapes.num_attention_heads;
+  widths.q_lora_rank = shapes.q_lora_rank;
+  widths.kv_lora_rank = shapes.kv_lora_rank;
+  widths.qk_nope_head_dim = shapes.qk_nope_head_dim;
+  widths.v_head_dim = shapes.v_head_dim;
+  ref::MlaSpec s = test::to_ref(widths);
   s.eps = 1e-6;  // the latent norms' (HF's class default), whatever rms_norm_eps says
   s.rope = rope;
   return s;

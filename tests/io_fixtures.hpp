@@ -4,7 +4,6 @@
 // weight_scale_inv), single-file or sharded. Everything here is independent of the library's
 // readers; the stored values are also returned decoded, for the double reference.
 
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,11 +15,11 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "mla/mla.hpp"
+#include "test_util.hpp"
 
 namespace fixture {
 
@@ -89,26 +88,10 @@ class TempDir {
   std::string path_;
 };
 
-/// What a program printed and how it ended.
-struct CliResult {
-  int status;
-  std::string out, err;
-};
-
 /// Runs `program args` with stdout and stderr captured in files of `dir`.
-inline CliResult run_program(const std::string& program, const TempDir& dir,
-                             const std::string& args) {
-  const std::string cmd =
-      program + " " + args + " > " + (dir / "out.txt") + " 2> " + (dir / "err.txt");
-  const int status = std::system(cmd.c_str());
-  auto slurp = [](const std::string& p) {
-    std::ifstream in(p);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-  };
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(dir / "out.txt"),
-          slurp(dir / "err.txt")};
+inline test::CommandResult run_program(const std::string& program, const TempDir& dir,
+                                       const std::string& args) {
+  return test::run_command(program + " " + args, dir.path());
 }
 
 /// How the fixture stores the projection weights.

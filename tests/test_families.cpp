@@ -394,7 +394,13 @@ TEST(FamilyLayer, PrefillDecodeAndChunksMatchTheReferenceOnEveryPath) {
         }
         for (const Run& run : runs) {
           const RowMatrix<float> y = run_chunks(*layer, x, f.start, run.chunks, run.path, exact);
-          EXPECT_LE(test::rel_error(test::to_vec(y), want), 1e-5) << run.name;
+          const double err = test::rel_error(test::to_vec(y), want);
+          EXPECT_LE(err, 1e-5) << run.name;
+          std::printf("    [measured] %-24s %-4s block %d %-20s rel error %.2e\n", f.name.c_str(),
+                      s == Storage::kF32   ? "F32"
+                      : s == Storage::kFp8 ? "FP8"
+                                           : "BF16",
+                      block, run.name, err);
         }
       }
     }
@@ -463,6 +469,10 @@ TEST(FamilyLayer, QuantisedCachesStayWithinTheReferencesOwnRounding) {
           run_chunks(*layer, x, f.start, {9, 1}, AttentionPath::kAuto, storage, &cached);
       const double e_lib = test::rel_error(test::to_vec(y), exact);
       EXPECT_LE(e_lib, 1.2 * e_ref) << "e_ref " << e_ref;
+      std::printf(
+          "    [measured] %-24s %-4s cache: library %.2e, reference's own rounding %.2e "
+          "(%.2fx)\n",
+          f.name.c_str(), mla::to_string(storage), e_lib, e_ref, e_lib / e_ref);
       // And the cache holds the reference's rounding of its latents.
       EXPECT_LE(test::max_abs_error(cached, rounded),
                 storage == CacheStorage::kBFloat16 ? 0.02 : 0.2);
@@ -703,7 +713,7 @@ TEST(FamilyLoader, RefusesKdaLayersMissingBlocksAndTensorsItWouldNotUse) {
 
 #ifdef MLA_DEEPSEEK_LAYER
 
-fixture::CliResult run_cli(const TempDir& dir, const std::string& args) {
+test::CommandResult run_cli(const TempDir& dir, const std::string& args) {
   return fixture::run_program(MLA_DEEPSEEK_LAYER, dir, args);
 }
 
@@ -715,7 +725,7 @@ TEST(FamilyCli, DeepSeekLayerRunsEveryFamilyLikeTheReference) {
       const Index n = 18;
       const RowMatrix<float> x = test::random_input<float>(n, 64, 51);
       mla::io::write_npy(m.dir / "x.npy", x);
-      const fixture::CliResult r =
+      const test::CommandResult r =
           run_cli(m.dir, "--model " + m.dir.path() + " --layer " + std::to_string(f.layer) +
                              " --attn-block " + std::to_string(block) + " --input " +
                              (m.dir / "x.npy") + " --output " + (m.dir / "y.npy") + " --start " +
@@ -738,8 +748,9 @@ TEST(FamilyCli, DeepSeekLayerRefusesWithAnErrorAndWritesNothing) {
     // A checkpoint with a valid layer 0 of small_v3's shape; the config is the refused one.
     fixture::write_text(dir / "config.json", k.config().dump());
     mla::io::write_npy(dir / "x.npy", test::random_input<float>(3, 64, 1));
-    const fixture::CliResult r = run_cli(dir, "--model " + dir.path() + " --layer 0 --input " +
-                                                  (dir / "x.npy") + " --output " + (dir / "y.npy"));
+    const test::CommandResult r =
+        run_cli(dir, "--model " + dir.path() + " --layer 0 --input " + (dir / "x.npy") +
+                         " --output " + (dir / "y.npy"));
     EXPECT_EQ(r.status, 1);
     EXPECT_EQ(r.err.rfind("error: ", 0), 0u) << r.err;
     EXPECT_NE(r.err.find(k.message), std::string::npos) << r.err;
@@ -760,7 +771,7 @@ TEST(FamilyCli, DeepSeekLayerRefusesWithAnErrorAndWritesNothing) {
     SCOPED_TRACE(k.args);
     const Model m(k.family, Storage::kF32);
     mla::io::write_npy(m.dir / "x.npy", test::random_input<float>(3, 64, 1));
-    const fixture::CliResult r =
+    const test::CommandResult r =
         run_cli(m.dir, "--model " + m.dir.path() + " " + k.args + " --input " + (m.dir / "x.npy") +
                            " --output " + (m.dir / "y.npy"));
     EXPECT_EQ(r.status, 1);

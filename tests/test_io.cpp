@@ -814,7 +814,7 @@ TEST(LayerFromCheckpoint, BadIndexerTensorsAndFieldsAreNamed) {
 // ---------------------------------------------------------------------------------------------
 // deepseek_layer, end to end (built with the examples)
 
-using fixture::CliResult;
+using CliResult = test::CommandResult;
 using fixture::run_program;
 
 #ifdef MLA_DEEPSEEK_LAYER

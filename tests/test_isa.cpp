@@ -17,6 +17,9 @@
 #include <vector>
 
 #include "mla/mla.hpp"
+#if MLA_ISA_X86
+#include "mla/detail/isa/amx.hpp"  // the tile backends themselves (not only through the table)
+#endif
 #include "reference/fp8_reference.hpp"
 #include "test_util.hpp"
 
@@ -73,26 +76,14 @@ TEST(Isa, ForcingATargetSwitchesTheKernelsAndResetRestoresTheChoice) {
 }
 
 #ifdef MLA_ISA_REPORT
-struct ReportRun {
-  int status;
-  std::string out, err;
-};
+using ReportRun = test::CommandResult;
 
 /// Runs isa_report with MLA_ISA set to `value` (unset when empty).
 ReportRun run_report(const std::string& value) {
-  const std::string dir = ::testing::TempDir();
-  const std::string out = dir + "/isa_out.txt", err = dir + "/isa_err.txt";
-  const std::string cmd =
+  return test::run_command(
       (value.empty() ? std::string("env -u MLA_ISA ") : "env MLA_ISA=" + value + " ") +
-      MLA_ISA_REPORT + " > " + out + " 2> " + err;
-  const int status = std::system(cmd.c_str());
-  auto slurp = [](const std::string& p) {
-    std::ifstream in(p);
-    std::stringstream s;
-    s << in.rdbuf();
-    return s.str();
-  };
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
+          MLA_ISA_REPORT,
+      ::testing::TempDir());
 }
 
 TEST(Isa, TheEnvironmentLowersTheChoiceAndBadValuesAreErrors) {

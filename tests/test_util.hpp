@@ -2,10 +2,16 @@
 // Glue between the library's types and the independent references in tests/reference/.
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <limits>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -217,6 +223,28 @@ template <class F>
     return ::testing::AssertionFailure() << "threw a non-mla::Error: " << e.what();
   }
   return ::testing::AssertionFailure() << "did not throw (expected \"" << needle << "\")";
+}
+
+/// What a command printed and how it ended.
+struct CommandResult {
+  int status;  ///< the exit status, -1 when it did not exit normally
+  std::string out, err;
+};
+
+/// Runs `command` through the shell with its stdout and stderr captured in files of `dir`
+/// (named after this process, so that tests running at once do not share them; removed after).
+inline CommandResult run_command(const std::string& command, const std::string& dir) {
+  const std::string stem = dir + "/run." + std::to_string(::getpid());
+  const std::string out = stem + ".out", err = stem + ".err";
+  const int status = std::system((command + " > " + out + " 2> " + err).c_str());
+  const auto slurp = [](const std::string& p) {
+    std::ifstream in(p);
+    std::stringstream s;
+    s << in.rdbuf();
+    std::remove(p.c_str());
+    return s.str();
+  };
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, slurp(out), slurp(err)};
 }
 
 }  // namespace test
