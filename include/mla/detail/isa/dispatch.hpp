@@ -4,11 +4,22 @@
 /// kernels() returns the kernel table of the active target (mla::active_isa()). Every target's
 /// kernels are compiled in every build; only this choice, made at run time, differs between
 /// machines. Internal.
+///
+/// By default every translation unit that calls a kernel compiles all of them (header-only).
+/// A program may compile them once instead: define MLA_SEPARATE_KERNELS in every unit of the
+/// program, and in exactly one of them also MLA_KERNELS_IMPLEMENTATION before including any
+/// mla header (mla's own tests, benchmarks and examples do this, src/kernels.cpp). The units
+/// then only declare kernels_for(); the one defines it. A program must not mix the two modes.
 
 #include "mla/detail/isa/kernels.hpp"
 #include "mla/detail/isa/portable.hpp"
 #include "mla/isa.hpp"
-#if MLA_ISA_X86
+#if defined(MLA_SEPARATE_KERNELS) && !defined(MLA_KERNELS_IMPLEMENTATION)
+#define MLA_KERNELS_DECLARED_ONLY 1
+#else
+#define MLA_KERNELS_DECLARED_ONLY 0
+#endif
+#if MLA_ISA_X86 && !MLA_KERNELS_DECLARED_ONLY
 #include "mla/detail/isa/amx.hpp"
 #include "mla/detail/isa/avx2.hpp"
 #include "mla/detail/isa/avx512.hpp"
@@ -16,8 +27,18 @@
 
 namespace mla::detail::isa {
 
+#if MLA_KERNELS_DECLARED_ONLY
+/// The kernel table of `isa` (which must be available): defined in the program's one unit
+/// with MLA_KERNELS_IMPLEMENTATION.
+const Kernels& kernels_for(Isa isa);
+#else
+#ifdef MLA_SEPARATE_KERNELS
+#define MLA_KERNELS_LINKAGE  // the one definition of the program
+#else
+#define MLA_KERNELS_LINKAGE inline
+#endif
 /// The kernel table of `isa` (which must be available).
-inline const Kernels& kernels_for(Isa isa) {
+MLA_KERNELS_LINKAGE const Kernels& kernels_for(Isa isa) {
   switch (isa) {
 #if MLA_ISA_X86
     case Isa::kAvx2:
@@ -31,6 +52,9 @@ inline const Kernels& kernels_for(Isa isa) {
       return portable::table();
   }
 }
+#undef MLA_KERNELS_LINKAGE
+#endif
+#undef MLA_KERNELS_DECLARED_ONLY
 
 /// The kernel table of the active target. Throws mla::Error when MLA_ISA asks for a target the
 /// machine lacks.
