@@ -16,15 +16,16 @@
 #   ./run.sh fuzz [seconds]   fuzz the safetensors, .npy and config.json parsers with libFuzzer
 #                             (clang build) for a bounded time, 60 s by default
 #
-# preset is one of CMakePresets.json's configure presets: release (default), debug, asan, clang,
-# tsan (ThreadSanitizer over the concurrency tests).
+# preset is one of CMakePresets.json's configure presets: release (default, g++), debug, asan
+# (AddressSanitizer + UBSan, clang++), clang (release with clang++), tsan (ThreadSanitizer over
+# the concurrency tests, clang++).
 # Missing Debian packages are installed with apt-get (as root, or through sudo when available);
 # packages already present are left alone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 usage() {
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -56,7 +57,7 @@ build_packages() {
   local preset=$1
   local pkgs=(cmake ninja-build g++ libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev)
   case "$preset" in
-    clang* | tsan) pkgs+=(clang libclang-rt-14-dev) ;;
+    clang* | asan | tsan) pkgs+=(clang libclang-rt-14-dev) ;;
   esac
   ensure_packages "${pkgs[@]}"
 }
