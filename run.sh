@@ -4,8 +4,8 @@
 #   ./run.sh demo  [preset]   install what is missing, build, run examples/quickstart
 #   ./run.sh test  [preset]   install what is missing, build, run the whole test suite (ctest)
 #   ./run.sh test-isa [preset] build, then run the suite once per instruction set this machine
-#                             offers (MLA_ISA forced), so that every kernel variant runs it all;
-#                             without AMX, once more on the AMX tile model where it can run
+#                             offers (MLA_ISA forced: avx512 without and with AVX512-BF16, the
+#                             AMX tile model), so that every kernel variant runs it all
 #   ./run.sh bench [preset]   install what is missing, build, run the benchmarks (JSON to build/)
 #   ./run.sh format           check the sources with clang-format (exit 1 on any difference)
 #   ./run.sh plot             plot build/release/bench_mla.json (from ./run.sh bench) into docs/
@@ -88,14 +88,6 @@ case "$command" in
       MLA_ISA=$isa ctest --test-dir "build/$preset" -j2 --output-on-failure --no-tests=error \
         -E '^(package|fuzz)\.'
     done
-    # Without AMX hardware, the AMX tile kernels run on their software model where the CPU has
-    # AVX512-BF16 (MLA_AMX_EMULATION=1), so that every machine of that kind tests them.
-    if ! "build/$preset/examples/isa_report" --available | grep -qw amx &&
-      MLA_AMX_EMULATION=1 "build/$preset/examples/isa_report" --available | grep -qw amx; then
-      echo "== the suite on MLA_ISA=amx with the tile model (MLA_AMX_EMULATION=1)"
-      MLA_AMX_EMULATION=1 MLA_ISA=amx ctest --test-dir "build/$preset" -j2 --output-on-failure \
-        --no-tests=error -E '^(package|fuzz)\.'
-    fi
     ;;
   bench)
     build_packages "$preset"

@@ -168,13 +168,13 @@ inline MachineLimits measure_machine(int threads) {
   });
   m.fma_gflops =
       2.0 * m.fma_width * detail::kChains * static_cast<double>(iterations) * threads / s / 1e9;
-  if (mla::detail::isa::state().cpu.avx512_bf16) {
+  if (mla::isa_available(mla::Isa::kAvx512Bf16)) {
     const double b = detail::best_seconds(threads, 3, [&](int t) {
       sink[static_cast<std::size_t>(t)] = detail::bf16_chains(iterations);
     });
     m.bf16_gflops = 64.0 * detail::kChains * static_cast<double>(iterations) * threads / b / 1e9;
   }
-  if (mla::detail::isa::state().cpu.amx) {  // the hardware (not the tile model)
+  if (mla::isa_available(mla::Isa::kAmx)) {  // the hardware (not the tile model)
     const long tiles = 5'000'000;
     const double a = detail::best_seconds(
         threads, 3, [&](int t) { sink[static_cast<std::size_t>(t)] = detail::amx_chains(tiles); });

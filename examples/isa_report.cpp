@@ -1,11 +1,12 @@
 // Prints which instruction sets this machine offers the library's kernels and which one they
 // use, as chosen at run time (mla/isa.hpp):
 //
-//   isa_report              active: avx512 / available: portable avx2 avx512 / best: avx512
+//   isa_report              active: amx / available: portable avx2 avx512 avx512_bf16 amx
+//                           amx_model / best: amx
 //   isa_report --available  the available targets, one line, space-separated
 //
-// MLA_ISA=portable|avx2|avx512|amx lowers the choice; naming a target the machine lacks (or an
-// unknown one) prints `error: ...` and exits 1.
+// MLA_ISA=portable|avx2|avx512|avx512_bf16|amx|amx_model sets the choice; naming a target the
+// machine lacks (or an unknown one) prints `error: ...` and exits 1.
 
 #include <cstdio>
 #include <string>
@@ -19,8 +20,9 @@ constexpr const char* kHelp =
     "usage: isa_report [--available]\n"
     "\n"
     "Prints the instruction set the mla kernels use here (active), the ones this CPU and\n"
-    "operating system offer (available) and the best of them. MLA_ISA=portable|avx2|avx512|amx\n"
-    "lowers the choice.\n"
+    "operating system offer (available) and the best of them (amx_model, the AMX kernels on a\n"
+    "software model of the tiles, is never the best). MLA_ISA=portable|avx2|avx512|avx512_bf16|\n"
+    "amx|amx_model sets the choice.\n"
     "\n"
     "  --available  print only the available targets, space-separated\n"
     "  --help       this text\n";
@@ -44,7 +46,7 @@ Args parse(int argc, char** argv) {
 
 int run(const Args& a) {
   std::string available;
-  for (mla::Isa isa : {mla::Isa::kPortable, mla::Isa::kAvx2, mla::Isa::kAvx512, mla::Isa::kAmx}) {
+  for (mla::Isa isa : mla::kAllIsas) {
     if (mla::isa_available(isa))
       available += std::string(available.empty() ? "" : " ") + mla::to_string(isa);
   }
@@ -55,9 +57,6 @@ int run(const Args& a) {
   const mla::Isa active = mla::active_isa();  // throws for a bad MLA_ISA
   std::printf("active: %s\navailable: %s\nbest: %s\n", mla::to_string(active), available.c_str(),
               mla::to_string(mla::best_isa()));
-  if (mla::isa_available(mla::Isa::kAmx) && !mla::detail::isa::state().cpu.amx) {
-    std::printf("amx: on the software tile model (MLA_AMX_EMULATION=1), not the hardware\n");
-  }
   return 0;
 }
 

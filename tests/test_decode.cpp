@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -378,7 +379,7 @@ TEST(DecodeTokens, EveryPrecisionStorageTokenCountKeyCountAndThreadingMatchesThe
   // 16 that is not one of 32: the AMX kernels pad the key rows to whole tiles), 1, 16 and 40
   // heads.
   double worst_fp32 = 0, worst_bf16_out = 0, worst_bf16_lse = 0, least_bf16 = INFINITY;
-  double worst_by_isa[4][2] = {};  // [isa][precision]: the worst output or lse error
+  double worst_by_isa[std::size(mla::kAllIsas)][2] = {};  // [isa][precision]: the worst error
   for (const MlaConfig& c : {dims(16, 40, 8), dims(1, 41, 8), dims(40, 48, 8)}) {
     const Index H = c.num_attention_heads, K = c.latent_cache_width();
     for (CacheStorage storage :
@@ -431,7 +432,7 @@ TEST(DecodeTokens, EveryPrecisionStorageTokenCountKeyCountAndThreadingMatchesThe
   }
   std::printf("    [measured] fp32 worst %.2e; bf16 worst out %.2e, lse %.2e\n", worst_fp32,
               worst_bf16_out, worst_bf16_lse);
-  for (mla::Isa isa : {mla::Isa::kPortable, mla::Isa::kAvx2, mla::Isa::kAvx512, mla::Isa::kAmx}) {
+  for (mla::Isa isa : mla::kAllIsas) {
     const double* w = worst_by_isa[static_cast<int>(isa)];
     if (w[0] > 0) {
       std::printf("    [measured] %s: fp32 worst %.2e, bf16 worst %.2e\n", mla::to_string(isa),

@@ -26,29 +26,29 @@
 namespace {
 
 using mla::Isa;
-const Isa kAll[] = {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx};
+const auto& kAll = mla::kAllIsas;
 
 TEST(Isa, NamesRoundTripAndUnknownNamesAreErrors) {
   for (Isa isa : kAll) EXPECT_EQ(mla::parse_isa(mla::to_string(isa)), isa);
   EXPECT_TRUE(test::throws_error_containing(
       [] { mla::parse_isa("avx9"); },
-      "unknown instruction set 'avx9': expected portable, avx2, avx512 or amx"));
+      "unknown instruction set 'avx9': expected portable, avx2, avx512, avx512_bf16, amx or "
+      "amx_model"));
 }
 
 TEST(Isa, AvailableTargetsAreNestedAndTheBestIsChosen) {
   EXPECT_TRUE(mla::isa_available(Isa::kPortable));
-  if (mla::isa_available(Isa::kAmx)) {
-    EXPECT_TRUE(mla::isa_available(Isa::kAvx512));
+  // Each of portable .. amx includes the ones before it; the tile model needs AVX512-BF16.
+  for (int i = 1; i <= static_cast<int>(Isa::kAmx); ++i) {
+    if (mla::isa_available(static_cast<Isa>(i))) {
+      EXPECT_TRUE(mla::isa_available(static_cast<Isa>(i - 1))) << mla::to_string(kAll[i]);
+    }
   }
-  if (mla::isa_available(Isa::kAvx512)) {
-    EXPECT_TRUE(mla::isa_available(Isa::kAvx2));
-  }
-  // The best available target, except the AMX tile model (MLA_AMX_EMULATION=1), which is
-  // offered but never chosen.
+  EXPECT_EQ(mla::isa_available(Isa::kAmxModel), mla::isa_available(Isa::kAvx512Bf16));
+  // The best available target, except the AMX tile model, which is offered but never chosen.
   Isa best = Isa::kPortable;
   for (Isa isa : kAll) {
-    if (isa == Isa::kAmx && mla::detail::isa::state().cpu.amx_emulated) continue;
-    if (mla::isa_available(isa)) best = isa;
+    if (isa != Isa::kAmxModel && mla::isa_available(isa)) best = isa;
   }
   EXPECT_EQ(mla::best_isa(), best);
   std::printf("    [machine] best instruction set: %s\n", mla::to_string(best));
@@ -70,6 +70,8 @@ TEST(Isa, ForcingATargetSwitchesTheKernelsAndResetRestoresTheChoice) {
     const mla::detail::isa::Kernels& k = mla::detail::isa::kernels();
     EXPECT_EQ(k.isa, isa);
     EXPECT_EQ(k.width, isa == Isa::kPortable ? 4 : isa == Isa::kAvx2 ? 8 : 16);
+    EXPECT_EQ(k.fast_dp_bf16, isa >= Isa::kAvx512Bf16);
+    EXPECT_EQ(k.tiles, isa >= Isa::kAmx);
   }
   mla::reset_isa();
   EXPECT_EQ(mla::active_isa(), before);
@@ -231,7 +233,7 @@ void check_tile_product() {
 
 TEST(IsaKernels, AnAmxTileProductMatchesScalarSums) {
 #if MLA_ISA_X86
-  if (!mla::detail::isa::state().cpu.amx) {
+  if (!mla::isa_available(Isa::kAmx)) {
     GTEST_SKIP() << "this machine does not offer AMX (" << mla::to_string(mla::best_isa())
                  << " is its best target)";
   }
@@ -242,10 +244,10 @@ TEST(IsaKernels, AnAmxTileProductMatchesScalarSums) {
 }
 
 TEST(IsaKernels, TheTileModelMatchesScalarSums) {
-  // The software model the AMX kernels run on without AMX (MLA_AMX_EMULATION=1): the same
-  // products, so that the tile kernels' operand layouts are tested on any AVX512-BF16 CPU.
+  // The software model the amx_model target runs the AMX kernels on: the same products, so
+  // that the tile kernels' operand layouts are tested on any AVX512-BF16 CPU.
 #if MLA_ISA_X86
-  if (!mla::detail::isa::state().cpu.avx512_bf16) {
+  if (!mla::isa_available(Isa::kAmxModel)) {
     GTEST_SKIP() << "the tile model needs AVX512-BF16";
   }
   check_tile_product<mla::detail::isa::amx::EmulatedTiles>();

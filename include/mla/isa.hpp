@@ -1,14 +1,16 @@
 #pragma once
 /// \file
-/// The instruction set the library's kernels run on. Every build compiles the kernels of every
-/// target (GCC and Clang on x86-64: portable, AVX2, AVX-512, AMX; other compilers and CPUs: the
-/// portable one), whatever -march it is given, and the best target the CPU and the OS offer
-/// is chosen once per process (CPUID, XGETBV, and on Linux the AMX permission). The choice can
-/// be lowered for tests and reproducibility, with the environment variable
-/// `MLA_ISA=portable|avx2|avx512|amx` or with force_isa(); asking for a target the machine
-/// lacks is an mla::Error. `MLA_AMX_EMULATION=1` makes the AMX target available on CPUs with
-/// AVX512-BF16 but no AMX, its tile kernels running on a software model of the tile
-/// instructions (for tests; slow; never chosen as the best target).
+/// The instruction set the library's kernels run on: one list of targets (kAllIsas), each
+/// with one kernel table. Every build compiles the kernels of every target (GCC and Clang on
+/// x86-64: all of them; other compilers and CPUs: the portable one), whatever -march it is
+/// given, and the best target the CPU and the OS offer is chosen once per process (CPUID,
+/// XGETBV, and on Linux the AMX permission: read in detail/isa/cpu.hpp only). The choice can
+/// be set for tests and reproducibility, with the environment variable
+/// `MLA_ISA=portable|avx2|avx512|avx512_bf16|amx|amx_model` or with force_isa(); asking for a
+/// target the machine lacks is an mla::Error. Feature variants are targets of their own:
+/// `avx512` runs without AVX512-BF16 even on a CPU that has it, and `amx_model` runs the AMX
+/// tile kernels on a software model of the tile instructions (on any CPU with AVX512-BF16; for
+/// tests; slow; never chosen as the best target).
 
 #include <atomic>
 #include <cstdint>
@@ -20,15 +22,22 @@
 
 namespace mla {
 
-/// Kernel targets, from the most portable up. Each includes the ones before it.
+/// Kernel targets, from the most portable up. Each of the first five includes the ones before
+/// it; amx_model is amx's kernels on a software model of the tiles.
 enum class Isa : std::uint8_t {
-  kPortable,  ///< plain C++ (GCC/Clang vector extensions where the compiler has them)
-  kAvx2,      ///< AVX2 + FMA + F16C
-  kAvx512,    ///< AVX-512 F/BW/DQ/VL (and BF16 / FP16 instructions where the CPU has them)
-  kAmx,       ///< AVX-512 + AMX-TILE / AMX-BF16 tiles
+  kPortable,    ///< plain C++ (GCC/Clang vector extensions where the compiler has them)
+  kAvx2,        ///< AVX2 + FMA + F16C
+  kAvx512,      ///< AVX-512 F/BW/DQ/VL (BF16 dot products emulated)
+  kAvx512Bf16,  ///< AVX-512 + AVX512-BF16 (VDPBF16PS)
+  kAmx,         ///< AVX512-BF16 + AMX-TILE / AMX-BF16 tiles
+  kAmxModel,    ///< the AMX kernels on a software model of the tiles (tests; never the best)
 };
 
-/// "portable", "avx2", "avx512" or "amx".
+/// Every target, in the order above.
+inline constexpr Isa kAllIsas[] = {Isa::kPortable,   Isa::kAvx2, Isa::kAvx512,
+                                   Isa::kAvx512Bf16, Isa::kAmx,  Isa::kAmxModel};
+
+/// "portable", "avx2", "avx512", "avx512_bf16", "amx" or "amx_model".
 inline const char* to_string(Isa isa) {
   switch (isa) {
     case Isa::kPortable:
@@ -37,18 +46,23 @@ inline const char* to_string(Isa isa) {
       return "avx2";
     case Isa::kAvx512:
       return "avx512";
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
     case Isa::kAmx:
       return "amx";
+    case Isa::kAmxModel:
+      return "amx_model";
   }
   return "unknown";
 }
 
 /// The target called `name` (as to_string writes it); throws mla::Error naming the choices.
 inline Isa parse_isa(const std::string& name) {
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
+  for (Isa isa : kAllIsas) {
     if (name == to_string(isa)) return isa;
   }
-  detail::fail("unknown instruction set '", name, "': expected portable, avx2, avx512 or amx");
+  detail::fail("unknown instruction set '", name,
+               "': expected portable, avx2, avx512, avx512_bf16, amx or amx_model");
 }
 
 namespace detail::isa {
@@ -73,8 +87,11 @@ inline bool available(const CpuFeatures& f, Isa isa) {
       return MLA_ISA_X86 && f.avx2;
     case Isa::kAvx512:
       return MLA_ISA_X86 && f.avx512;
+    case Isa::kAvx512Bf16:
+    case Isa::kAmxModel:  // the model computes its tile products with VDPBF16PS
+      return MLA_ISA_X86 && f.avx512_bf16;
     case Isa::kAmx:
-      return MLA_ISA_X86 && (f.amx || f.amx_emulated);
+      return MLA_ISA_X86 && f.amx;
   }
   return false;
 }
@@ -88,18 +105,18 @@ inline std::string why_unavailable(const CpuFeatures& f, Isa isa) {
     return "the operating system did not grant the AMX tile state (Linux arch_prctl "
            "ARCH_REQ_XCOMP_PERM, kernel 5.16 or later)";
   }
+  if (isa == Isa::kAmxModel) {
+    return "the AMX tile model computes its tile products with AVX512-BF16, which this CPU or "
+           "operating system does not offer";
+  }
   return std::string("this CPU or operating system does not offer ") + to_string(isa);
 }
 
 inline void init_state(State& s) {
   s.cpu = detect_cpu();
-  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
-    if (available(s.cpu, isa)) s.best = isa;
-  }
   // The tile model is offered for tests, never chosen as the best target.
-  if (const char* emu = std::getenv("MLA_AMX_EMULATION");
-      emu != nullptr && std::string(emu) == "1") {
-    s.cpu.amx_emulated = MLA_ISA_X86 && !s.cpu.amx && s.cpu.avx512_bf16;
+  for (Isa isa : {Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmx}) {
+    if (available(s.cpu, isa)) s.best = isa;
   }
   if (const char* env = std::getenv("MLA_ISA"); env != nullptr && *env != '\0') {
     try {

@@ -158,8 +158,7 @@ inline void index_scores(const IndexKeyView& keys, ConstMatrixRef<float> q, Cons
   // E4M3 values are exact in BF16 and their products in FP32: where the CPU has VDPBF16PS the
   // dot products take it (twice the FMA rate), with the same FP32 sums.
   // (Up to 8 query rows the kernel streams the key rows against FP32 queries instead.)
-  const bool dp =
-      kernels.isa >= Isa::kAvx512 && detail::isa::state().cpu.avx512_bf16 && rows * H > 8;
+  const bool dp = kernels.fast_dp_bf16 && rows * H > 8;
   // The kernel broadcasts key rows against query rows held in vector lanes: q transposed.
   for (Index k = 0; k < D; ++k) {
     for (Index m = 0; m < mp; ++m)

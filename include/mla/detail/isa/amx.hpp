@@ -92,7 +92,7 @@ struct HardwareTiles {
 };
 
 /// A software model of the same instructions, for running (and testing) the tile kernels on
-/// CPUs without AMX (MLA_AMX_EMULATION=1, see mla/isa.hpp): eight tiles of 16 rows x 64 bytes
+/// CPUs without AMX (the amx_model target, see mla/isa.hpp): eight tiles of 16 rows x 64 bytes
 /// in memory, loads and stores of whole rows as configured, and the tile product on VDPBF16PS
 /// (AVX512-BF16), which computes the same sums of BF16 pair products in FP32 (BF16 subnormal
 /// inputs as zero, nearest-even rounding), one 16-column row of C at a time.
@@ -173,13 +173,13 @@ using avx512::widen_record;
 #include "mla/detail/isa/decode_amx.inl"
 #include "mla/detail/isa/gemm_amx.inl"
 
-/// The AVX-512 kernels with the decode steps and the projections' BF16 matmul on AMX tiles
-/// (`Tiles`: the hardware, or its software model).
+/// The avx512_bf16 kernels with the decode steps and the projections' BF16 matmul on AMX tiles
+/// (`Tiles`: the hardware, the amx target; or its software model, the amx_model target).
 template <class Tiles>
 const Kernels& table_on() {
   static const Kernels k = [] {
-    Kernels t = avx512::table_for_cpu();
-    t.isa = Isa::kAmx;
+    Kernels t = avx512_bf16::table();
+    t.isa = Tiles::kEmulated ? Isa::kAmxModel : Isa::kAmx;
     t.tiles = true;
     t.decode_absorbed = &decode_amx::decode_absorbed<Tiles>;
     t.decode_absorbed_bf16 = &decode_amx::decode_absorbed_bf16<Tiles>;
@@ -187,12 +187,6 @@ const Kernels& table_on() {
     return t;
   }();
   return k;
-}
-
-/// The AMX table: tile kernels on the hardware where the process has the tile state, on the
-/// software model otherwise (MLA_AMX_EMULATION=1).
-inline const Kernels& table() {
-  return state().cpu.amx ? table_on<HardwareTiles>() : table_on<EmulatedTiles>();
 }
 
 }  // namespace mla::detail::isa::amx

@@ -168,9 +168,9 @@ struct Ops {
 #pragma GCC pop_options
 #endif
 
-// The BF16 decode step and the projections' matmul once more, with VDPBF16PS (AVX512-BF16) for
-// their BF16 dot products; used where the CPU has the instructions (Cooper Lake, Sapphire Rapids
-// and later, Zen 4 and later).
+// The avx512_bf16 target: the BF16 decode step and the projections' matmul once more, with
+// VDPBF16PS (AVX512-BF16) for their BF16 dot products (Cooper Lake, Sapphire Rapids and later,
+// Zen 4 and later).
 #if defined(__clang__)
 #pragma clang attribute push(                                                                \
     __attribute__((target("avx512bf16,avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi," \
@@ -211,22 +211,23 @@ using avx512::widen_record;
 #pragma GCC pop_options
 #endif
 
-namespace mla::detail::isa::avx512 {
+namespace mla::detail::isa::avx512_bf16 {
 
-/// The AVX-512 table for this CPU: the BF16 decode step on VDPBF16PS where it has them.
-inline const Kernels& table_for_cpu() {
+/// The avx512_bf16 target: the AVX-512 kernels with the BF16 decode step, the projections'
+/// matmul and the expanded attention on VDPBF16PS.
+inline const Kernels& table() {
   static const Kernels k = [] {
-    Kernels t = table();
-    if (state().cpu.avx512_bf16) {
-      t.decode_absorbed_bf16 = &avx512_bf16::decode_absorbed_bf16;
-      t.gemm = &avx512_bf16::gemm;
-      t.attention_tile = &avx512_bf16::attention_tile;
-    }
+    Kernels t = avx512::table();
+    t.isa = Isa::kAvx512Bf16;
+    t.fast_dp_bf16 = true;
+    t.decode_absorbed_bf16 = &decode_absorbed_bf16;
+    t.gemm = &gemm;
+    t.attention_tile = &attention_tile;
     return t;
   }();
   return k;
 }
 
-}  // namespace mla::detail::isa::avx512
+}  // namespace mla::detail::isa::avx512_bf16
 
 #endif  // MLA_ISA_X86

@@ -29,9 +29,6 @@ struct CpuFeatures {
   bool avx512_fp16 = false;  ///< AVX512-FP16
   bool amx_cpu = false;      ///< AMX-TILE + AMX-BF16 (+ AVX512-BF16) and the tile state in XCR0
   bool amx = false;          ///< amx_cpu and the OS granted this process the tile state
-  /// MLA_AMX_EMULATION=1 and AVX512-BF16 without usable AMX: the AMX target runs its tile
-  /// kernels on a software model of the tile instructions (slow; for testing them anywhere).
-  bool amx_emulated = false;
 };
 
 #if MLA_ISA_X86

@@ -44,9 +44,13 @@ MLA_KERNELS_LINKAGE const Kernels& kernels_for(Isa isa) {
     case Isa::kAvx2:
       return avx2::table();
     case Isa::kAvx512:
-      return avx512::table_for_cpu();
+      return avx512::table();
+    case Isa::kAvx512Bf16:
+      return avx512_bf16::table();
     case Isa::kAmx:
-      return amx::table();
+      return amx::table_on<amx::HardwareTiles>();
+    case Isa::kAmxModel:
+      return amx::table_on<amx::EmulatedTiles>();
 #endif
     default:
       return portable::table();

@@ -123,6 +123,9 @@ struct Kernels {
   Isa isa = Isa::kPortable;
   int width = 1;       ///< floats per SIMD vector
   bool tiles = false;  ///< the decode steps may run on AMX tiles (their buffers need room)
+  /// BF16 dot products (GemmArgs::dp) run in hardware (VDPBF16PS), at twice the FMA rate; where
+  /// they are emulated, callers that may choose FP32 FMA instead (the indexer) do so.
+  bool fast_dp_bf16 = false;
 
   /// dst[i] = code(src[i] / scale) (no division when scale == 1), saturating or not.
   void (*encode_e4m3)(const float* src, std::size_t n, std::uint8_t* dst, float scale,
