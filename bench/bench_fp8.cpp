@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "mla/fp8.hpp"
+#include "mla/quant.hpp"  // the bulk conversions
 
 namespace {
 

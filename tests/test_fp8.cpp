@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "mla/fp8.hpp"
+#include "mla/quant.hpp"  // the bulk conversions
 #include "reference/fp8_reference.hpp"
 
 namespace {

@@ -9,8 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "mla/detail/record_layout.hpp"
 #include "mla/error.hpp"
+#include "mla/formats.hpp"
 #include "mla/matrix.hpp"
 
 namespace mla {

@@ -20,6 +20,23 @@
 
 namespace mla {
 
+/// Scratch memory of decode_absorbed, sized on first use for a config, options, thread count
+/// and instruction set, and reused: later calls that fit allocate nothing. One workspace
+/// serves one call at a time.
+class DecodeWorkspace {
+ public:
+  /// Makes room for decode_absorbed with these dimensions and up to `tokens` query tokens on a
+  /// pool of `threads` threads, for the kernels of the active instruction set (mla/isa.hpp).
+  /// Calls grow it as they need, so this only moves the allocation out of the first call.
+  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, Index tokens = 1);
+
+  /// The buffers (internal: for the kernels).
+  detail::decode::Buffers& buffers() { return buffers_; }
+
+ private:
+  detail::decode::Buffers buffers_;
+};
+
 inline void DecodeWorkspace::reserve(const MlaConfig& c, const DecodeOptions& o, int threads,
                                      Index tokens) {
   const detail::isa::Kernels& k = detail::isa::kernels();

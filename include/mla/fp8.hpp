@@ -8,7 +8,9 @@
 /// to nearest with ties to even, and only then decides overflow. Widening to float is
 /// implicit and exact. There are no FP8 arithmetic operators: an expression such as `a + b`
 /// widens both operands and is computed in float. The bulk conversions `to_fp8` / `from_fp8`
-/// are what hot paths call; element by element they equal the scalar conversions.
+/// (mla/quant.hpp, on the kernels of the active instruction set) are what hot paths call;
+/// element by element they equal the scalar conversions. This header is vocabulary only: it
+/// includes no kernel.
 ///
 /// The conversions are integer arithmetic on the IEEE bit patterns (decoding adds one float
 /// subtraction that is always exact), so they do not depend on the floating-point environment
@@ -25,7 +27,6 @@
 
 #include "mla/detail/bit_cast.hpp"
 #include "mla/detail/fp8_codec.hpp"
-#include "mla/detail/isa/dispatch.hpp"
 
 namespace mla {
 
@@ -118,41 +119,6 @@ inline constexpr bool is_float8_v =
 template <class Derived, class Format>
 std::ostream& operator<<(std::ostream& os, const detail::Float8Base<Derived, Format>& x) {
   return os << static_cast<float>(x);
-}
-
-/// Bulk narrowing: `dst[i] = F8(src[i] / scale, mode)` for i < n, where `scale` is the
-/// dequantisation multiplier (the stored values times `scale` approximate `src`). With
-/// scale == 1 no division happens, so the result is exactly the scalar conversion; otherwise
-/// `src[i] / scale` is first rounded to float, as DeepSeek's act_quant does. The ranges must
-/// not overlap. Runs on the active instruction set (mla/isa.hpp); element by element it equals
-/// the scalar conversion on every one.
-template <class F8>
-inline std::enable_if_t<is_float8_v<F8>> to_fp8(const float* src, std::size_t n, F8* dst,
-                                                float scale = 1.0f,
-                                                Fp8Overflow mode = Fp8Overflow::kSaturate) {
-  // An FP8 object is one byte with no padding; its object representation is its code.
-  auto* out = reinterpret_cast<std::uint8_t*>(dst);
-  const detail::isa::Kernels& k = detail::isa::kernels();
-  const bool saturate = mode == Fp8Overflow::kSaturate;
-  if constexpr (std::is_same_v<F8, float8_e4m3fn>) {
-    k.encode_e4m3(src, n, out, scale, saturate);
-  } else {
-    k.encode_e5m2(src, n, out, scale, saturate);
-  }
-}
-
-/// Bulk widening: `dst[i] = float(src[i]) * scale` for i < n (exact when scale == 1; otherwise
-/// the product rounds once). The ranges must not overlap. Runs on the active instruction set.
-template <class F8>
-inline std::enable_if_t<is_float8_v<F8>> from_fp8(const F8* src, std::size_t n, float* dst,
-                                                  float scale = 1.0f) {
-  const auto* in = reinterpret_cast<const std::uint8_t*>(src);
-  const detail::isa::Kernels& k = detail::isa::kernels();
-  if constexpr (std::is_same_v<F8, float8_e4m3fn>) {
-    k.decode_e4m3(in, n, dst, scale);
-  } else {
-    k.decode_e5m2(in, n, dst, scale);
-  }
 }
 
 namespace detail {

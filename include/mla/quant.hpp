@@ -1,6 +1,7 @@
 #pragma once
 /// \file
-/// Scaled FP8 quantisation: values are stored as e4m3 codes q with one FP32 dequantisation
+/// Bulk FP8 conversions (to_fp8 / from_fp8, on the active instruction set's kernels) and
+/// scaled FP8 quantisation: values are stored as e4m3 codes q with one FP32 dequantisation
 /// multiplier per tile or block, x ~ float(q) * scale. The FP8 latent cache uses 128-value tiles
 /// per token (FlashMLA's layout); DeepSeek-V3 quantises activations the same way (1 x 128
 /// tiles, amax floored at 1e-4) and ships weights in 128 x 128 blocks (BlockFp8Matrix).
@@ -13,12 +14,48 @@
 #include <utility>
 #include <vector>
 
+#include "mla/detail/isa/dispatch.hpp"
 #include "mla/detail/record_layout.hpp"
 #include "mla/error.hpp"
 #include "mla/fp8.hpp"
 #include "mla/matrix.hpp"
 
 namespace mla {
+
+/// Bulk narrowing: `dst[i] = F8(src[i] / scale, mode)` for i < n, where `scale` is the
+/// dequantisation multiplier (the stored values times `scale` approximate `src`). With
+/// scale == 1 no division happens, so the result is exactly the scalar conversion; otherwise
+/// `src[i] / scale` is first rounded to float, as DeepSeek's act_quant does. The ranges must
+/// not overlap. Runs on the active instruction set (mla/isa.hpp); element by element it equals
+/// the scalar conversion on every one.
+template <class F8>
+inline std::enable_if_t<is_float8_v<F8>> to_fp8(const float* src, std::size_t n, F8* dst,
+                                                float scale = 1.0f,
+                                                Fp8Overflow mode = Fp8Overflow::kSaturate) {
+  // An FP8 object is one byte with no padding; its object representation is its code.
+  auto* out = reinterpret_cast<std::uint8_t*>(dst);
+  const detail::isa::Kernels& k = detail::isa::kernels();
+  const bool saturate = mode == Fp8Overflow::kSaturate;
+  if constexpr (std::is_same_v<F8, float8_e4m3fn>) {
+    k.encode_e4m3(src, n, out, scale, saturate);
+  } else {
+    k.encode_e5m2(src, n, out, scale, saturate);
+  }
+}
+
+/// Bulk widening: `dst[i] = float(src[i]) * scale` for i < n (exact when scale == 1; otherwise
+/// the product rounds once). The ranges must not overlap. Runs on the active instruction set.
+template <class F8>
+inline std::enable_if_t<is_float8_v<F8>> from_fp8(const F8* src, std::size_t n, float* dst,
+                                                  float scale = 1.0f) {
+  const auto* in = reinterpret_cast<const std::uint8_t*>(src);
+  const detail::isa::Kernels& k = detail::isa::kernels();
+  if constexpr (std::is_same_v<F8, float8_e4m3fn>) {
+    k.decode_e4m3(in, n, dst, scale);
+  } else {
+    k.decode_e5m2(in, n, dst, scale);
+  }
+}
 
 /// Largest finite e4m3 value, the target of a tile's absolute maximum.
 inline constexpr float kE4M3Max = 448.0f;

@@ -1,32 +1,17 @@
 #pragma once
 /// \file
-/// DecodeOptions and DecodeWorkspace, the options and scratch memory of decode_absorbed
-/// (mla/decode.hpp), apart from the kernels so that every target's kernels can use them.
+/// The scratch buffers of decode_absorbed (mla/decode.hpp's DecodeWorkspace holds them), apart
+/// from the kernels so that every target's kernels can use them. Internal.
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "mla/config.hpp"
+#include "mla/decode_options.hpp"
 #include "mla/matrix.hpp"
-#include "mla/precision.hpp"
 
 namespace mla {
-
-/// How decode_absorbed divides its work.
-struct DecodeOptions {
-  /// Parts the key range is split into (each merged by log-sum-exp); 0 means one per thread of
-  /// the pool. More parts than threads balance uneven progress; each costs d_c x H floats.
-  Index splits = 0;
-  /// Groups the heads are split into (each reads the cache on its own). 1 reads every key tile
-  /// once for all heads, which is what makes the kernel fast; more groups give threads work
-  /// when the context is too short to split.
-  Index head_groups = 1;
-  /// Keys per tile, a multiple of 16 (the softmax and the FP8/BF16 conversion work per tile).
-  Index tile_tokens = 64;
-  /// The arithmetic (mla/precision.hpp): kFp32 (the default) or kBf16.
-  Precision precision = Precision::kFp32;
-};
 
 namespace detail::decode {
 
@@ -143,22 +128,5 @@ struct Buffers {
 };
 
 }  // namespace detail::decode
-
-/// Scratch memory of decode_absorbed, sized on first use for a config, options, thread count
-/// and instruction set, and reused: later calls that fit allocate nothing. One workspace
-/// serves one call at a time.
-class DecodeWorkspace {
- public:
-  /// Makes room for decode_absorbed with these dimensions and up to `tokens` query tokens on a
-  /// pool of `threads` threads, for the kernels of the active instruction set (mla/isa.hpp).
-  /// Calls grow it as they need, so this only moves the allocation out of the first call.
-  void reserve(const MlaConfig& c, const DecodeOptions& o, int threads, Index tokens = 1);
-
-  /// The buffers (internal: for the kernels).
-  detail::decode::Buffers& buffers() { return buffers_; }
-
- private:
-  detail::decode::Buffers buffers_;
-};
 
 }  // namespace mla
