@@ -12,25 +12,16 @@
 #include <limits>
 #include <memory>
 #include <mutex>
-#include <new>
-#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "mla/config.hpp"
-#include "mla/detail/bfloat16.hpp"
-#include "mla/detail/isa/dispatch.hpp"
-#include "mla/detail/latent_blocks.hpp"
+#include "mla/detail/block_pool.hpp"
 #include "mla/detail/record_layout.hpp"
 #include "mla/error.hpp"
-#include "mla/fp8.hpp"
 #include "mla/index_keys.hpp"
+#include "mla/latent_view.hpp"
 #include "mla/matrix.hpp"
-#include "mla/quant.hpp"
 
 namespace mla {
 
@@ -46,390 +37,6 @@ struct LatentCacheOptions {
 
 /// Identifies a sequence of a LatentCache. Never reused by the same cache.
 using SequenceId = std::int64_t;
-
-namespace detail {
-
-/// The record codec: encodes one token, c [d_c] and k [R] of T, into its record. Quantisation
-/// (FP8) and rounding (BF16) happen here, once. Uses no heap memory.
-template <class T>
-void write_record(const LatentLayout& l, const T* c, const T* k, unsigned char* rec) {
-  const Index D = l.kv_lora_rank, R = l.rope_dim;
-  const auto store_as = [&](auto zero) {
-    using S = decltype(zero);
-    S* out = reinterpret_cast<S*>(rec);  // records of S are aligned for S (checked for buffers)
-    const auto narrow = [](T x) {
-      if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
-        return to_bfloat16(x);
-      } else {
-        return static_cast<S>(x);
-      }
-    };
-    for (Index i = 0; i < D; ++i) out[i] = narrow(c[i]);
-    for (Index i = 0; i < R; ++i) out[D + i] = narrow(k[i]);
-  };
-  switch (l.storage) {
-    case CacheStorage::kFloat32:
-      store_as(float{});
-      break;
-    case CacheStorage::kFloat64:
-      store_as(double{});
-      break;
-    case CacheStorage::kBFloat16:
-      store_as(Eigen::bfloat16{});
-      break;
-    case CacheStorage::kFp8E4M3: {
-      // The latent is quantised from its float value, in 128-value tiles.
-      constexpr Index kTile = LatentLayout::kFp8Tile;
-      auto* codes = reinterpret_cast<float8_e4m3fn*>(rec);
-      for (Index t = 0, first = 0; first < D; ++t, first += kTile) {
-        const Index n = std::min(kTile, D - first);
-        const float* cf = nullptr;
-        float tile[kTile];
-        if constexpr (std::is_same_v<T, float>) {
-          cf = c + first;
-        } else {
-          for (Index i = 0; i < n; ++i) tile[i] = static_cast<float>(c[first + i]);
-          cf = tile;
-        }
-        float scale = 0.0f;
-        quantize_e4m3_tiles(cf, n, kTile, 0.0f, l.fp8_scales, codes + first, &scale);
-        std::memcpy(rec + l.scales_offset + sizeof(float) * static_cast<std::size_t>(t), &scale,
-                    sizeof(float));
-      }
-      // k^R stays BF16: RoPE phases do not survive 3 mantissa bits.
-      for (Index i = 0; i < R; ++i) {
-        const Eigen::bfloat16 b = to_bfloat16(k[i]);
-        std::memcpy(rec + l.kpe_offset + sizeof(b) * static_cast<std::size_t>(i), &b, sizeof(b));
-      }
-      break;
-    }
-  }
-}
-
-/// The record codec: decodes one token's record into c [d_c] and k [R] of T (exact for float
-/// and double: every storage format widens to float without rounding). `scratch` holds d_c
-/// floats (used when T is not float).
-template <class T>
-void read_record(const LatentLayout& l, const unsigned char* rec, T* c, T* k, float* scratch) {
-  const Index D = l.kv_lora_rank, R = l.rope_dim;
-  const auto widen = [&](const float* src, Index n, T* dst) {
-    for (Index i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-  };
-  switch (l.storage) {
-    case CacheStorage::kFloat32:
-    case CacheStorage::kFloat64: {
-      const auto load_as = [&](auto zero) {
-        using S = decltype(zero);
-        const S* in = reinterpret_cast<const S*>(rec);
-        for (Index i = 0; i < D; ++i) c[i] = static_cast<T>(in[i]);
-        for (Index i = 0; i < R; ++i) k[i] = static_cast<T>(in[D + i]);
-      };
-      l.storage == CacheStorage::kFloat32 ? load_as(float{}) : load_as(double{});
-      break;
-    }
-    case CacheStorage::kBFloat16:
-    case CacheStorage::kFp8E4M3: {
-      // The latent: BF16 values, or FP8 codes times their tile's scale.
-      float* cf = std::is_same_v<T, float> ? reinterpret_cast<float*>(c) : scratch;
-      if (l.storage == CacheStorage::kBFloat16) {
-        bfloat16_to_float(rec, static_cast<std::size_t>(D), cf);
-      } else {
-        float scales[64];
-        std::memcpy(scales, rec + l.scales_offset,
-                    sizeof(float) * static_cast<std::size_t>(LatentLayout::fp8_tiles(D)));
-        dequantize_e4m3_tiles(reinterpret_cast<const float8_e4m3fn*>(rec), scales, D,
-                              LatentLayout::kFp8Tile, cf);
-      }
-      if constexpr (!std::is_same_v<T, float>) widen(cf, D, c);
-      // k^R: BF16 in both formats.
-      if constexpr (std::is_same_v<T, float>) {
-        bfloat16_to_float(rec + l.kpe_offset, static_cast<std::size_t>(R), k);
-      } else {
-        for (Index i = 0; i < R; ++i) {
-          k[i] = static_cast<T>(
-              bfloat16_bits_to_float(rec + l.kpe_offset + 2 * static_cast<std::size_t>(i)));
-        }
-      }
-      break;
-    }
-  }
-}
-
-/// 64-byte aligned, uninitialised byte buffer. Buffers of 2 MiB or more are aligned to 2 MiB
-/// and, on Linux, offered to the kernel for transparent huge pages: a decode step streams the
-/// whole cache, and with 4 KiB pages every other token's record needs a page walk.
-struct AlignedFree {
-  std::align_val_t align{64};
-  void operator()(unsigned char* p) const { ::operator delete(p, align); }
-};
-struct AlignedBytes {
-  static constexpr std::size_t kHugePage = std::size_t{2} << 20;
-  using Free = AlignedFree;
-  std::unique_ptr<unsigned char[], Free> data;
-  std::size_t size = 0;
-
-  static AlignedBytes allocate(std::size_t bytes) {
-    AlignedBytes b;
-    const std::align_val_t align{bytes >= kHugePage ? kHugePage : 64};
-    b.data = std::unique_ptr<unsigned char[], Free>(
-        static_cast<unsigned char*>(::operator new(bytes == 0 ? 1 : bytes, align)), Free{align});
-    b.size = bytes;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (bytes >= kHugePage) {
-      // Advice only: where huge pages are unavailable the buffer works the same.
-      (void)::madvise(b.data.get(), bytes / kHugePage * kHugePage, MADV_HUGEPAGE);
-    }
-#endif
-    return b;
-  }
-};
-
-}  // namespace detail
-
-/// The bytes of one token's record of one layer, in every storage format: the public form of
-/// the record codec, for engines that keep the latent cache in memory of their own.
-///
-/// Records are packed, with no padding (bytes() from one token to the next):
-///  - kFloat32: c^KV [d_c] then k^R [R], FP32 (4 (d_c + R) bytes; 2304 at DeepSeek sizes);
-///  - kBFloat16: the same in BF16 (2 (d_c + R); 1152: vLLM's [num_blocks, block_size, 576]
-///    BF16 MLA cache, token by token);
-///  - kFp8E4M3: FlashMLA's "fp8 with scale" record: d_c E4M3 codes at offset 0, one FP32 scale
-///    per 128 codes at offset d_c, k^R in BF16 at rope_offset() (656 bytes at DeepSeek sizes);
-///  - kFloat64: c^KV then k^R in double (for verification).
-class LatentRecordFormat {
- public:
-  LatentRecordFormat() = default;
-  /// Throws mla::Error for non-positive widths, or FP8 with d_c above 8192.
-  LatentRecordFormat(Index kv_lora_rank, Index rope_dim, CacheStorage storage,
-                     ScaleFormat fp8_scales = ScaleFormat::kFloat32) {
-    detail::require(kv_lora_rank > 0 && kv_lora_rank <= (Index{1} << 20) && rope_dim >= 0 &&
-                        rope_dim <= (Index{1} << 20),
-                    "LatentRecordFormat: kv_lora_rank must be in [1, 2^20] and rope_dim in "
-                    "[0, 2^20], got ",
-                    kv_lora_rank, " and ", rope_dim);
-    detail::require(storage != CacheStorage::kFp8E4M3 || kv_lora_rank <= 8192,
-                    "LatentRecordFormat: FP8 records support kv_lora_rank up to 8192, got ",
-                    kv_lora_rank);
-    layout_ = detail::LatentLayout::make(kv_lora_rank, rope_dim, storage, fp8_scales);
-  }
-
-  Index kv_lora_rank() const { return layout_.kv_lora_rank; }
-  Index rope_dim() const { return layout_.rope_dim; }
-  CacheStorage storage() const { return layout_.storage; }
-  /// How FP8 scales are rounded when records are written (reading accepts either).
-  ScaleFormat fp8_scales() const { return layout_.fp8_scales; }
-  /// Bytes of one record.
-  std::size_t bytes() const { return layout_.token_bytes; }
-  /// FP8: byte offset of the scales; 0 otherwise.
-  std::size_t scales_offset() const { return layout_.scales_offset; }
-  /// Byte offset of k^R in the record.
-  std::size_t rope_offset() const { return layout_.kpe_offset; }
-  /// The alignment in bytes that buffers of these records must have: their element's size
-  /// (FP8: 4, for the FP32 scales).
-  std::size_t alignment() const {
-    return layout_.storage == CacheStorage::kFp8E4M3
-               ? sizeof(float)
-               : detail::LatentLayout::element_bytes(layout_.storage);
-  }
-
-  /// Writes one token, c [d_c] and k [R] (RoPE applied), into `record` (bytes() bytes):
-  /// rounded to BF16 or quantised to FP8 here, once.
-  template <class T>
-  void encode(const T* c, const T* k, void* record) const {
-    detail::write_record(layout_, c, k, static_cast<unsigned char*>(record));
-  }
-  /// Reads one record into c [d_c] and k [R] (exact in float and double). Allocates d_c floats
-  /// of scratch for BF16 and FP8 into a T other than float.
-  template <class T>
-  void decode(const void* record, T* c, T* k) const {
-    std::vector<float> scratch;
-    if (!std::is_same_v<T, float>) scratch.resize(static_cast<std::size_t>(kv_lora_rank()));
-    detail::read_record(layout_, static_cast<const unsigned char*>(record), c, k, scratch.data());
-  }
-
-  /// (internal) The layout the kernels read.
-  const detail::LatentLayout& layout() const { return layout_; }
-
- private:
-  detail::LatentLayout layout_;
-};
-
-/// One layer's paged latent cache in memory the library does not own (an engine's buffer):
-/// block b's records start at data + b * block_stride, block_tokens records of
-/// format.bytes() each, back to back. A vLLM / FlashMLA-style tensor
-/// [num_blocks, block_size, 576] BF16 (or [num_blocks, block_size, 656] bytes of FP8 records)
-/// is {format, tensor.data_ptr(), num_blocks, block_size} with the default stride. When the
-/// layers of a model share one tensor [layers, num_blocks, ...], each layer is its own buffer.
-struct PagedLatentBuffer {
-  LatentRecordFormat format;
-  void* data = nullptr;
-  Index num_blocks = 0;
-  Index block_tokens = 0;
-  /// Bytes from one block to the next; 0 means block_tokens * format.bytes() (packed).
-  std::size_t block_stride = 0;
-
-  std::size_t stride() const {
-    return block_stride ? block_stride : static_cast<std::size_t>(block_tokens) * format.bytes();
-  }
-  /// Throws mla::Error naming what is wrong: no data, non-positive sizes, a stride smaller than
-  /// a block, or data or stride not aligned to format.alignment().
-  void validate() const {
-    detail::require(format.bytes() > 0, "PagedLatentBuffer: the record format is empty");
-    detail::require(data != nullptr, "PagedLatentBuffer: data is null");
-    detail::require(num_blocks > 0 && num_blocks <= std::numeric_limits<std::int32_t>::max() &&
-                        block_tokens > 0 && block_tokens <= (Index{1} << 20),
-                    "PagedLatentBuffer: num_blocks must be in [1, 2^31) and block_tokens in "
-                    "[1, 2^20], got ",
-                    num_blocks, " and ", block_tokens);
-    const std::size_t packed = static_cast<std::size_t>(block_tokens) * format.bytes();
-    detail::require(block_stride == 0 || block_stride >= packed, "PagedLatentBuffer: block_stride ",
-                    block_stride, " is smaller than a block of ", block_tokens, " records of ",
-                    format.bytes(), " bytes");
-    const std::size_t a = format.alignment();
-    detail::require(reinterpret_cast<std::uintptr_t>(data) % a == 0 && stride() % a == 0,
-                    "PagedLatentBuffer: data and block_stride must be aligned to ", a,
-                    " bytes for ", to_string(format.storage()), " records");
-  }
-  /// The record of slot `slot` of block `block`.
-  unsigned char* record(Index block, Index slot) const {
-    return static_cast<unsigned char*>(data) + static_cast<std::size_t>(block) * stride() +
-           static_cast<std::size_t>(slot) * format.bytes();
-  }
-};
-
-/// One sequence's cached tokens for one layer, as the attention kernels read them: a record
-/// format, the layer's blocks, the sequence's block table and its length. Non-owning.
-/// A view from LatentCache::view is valid until that sequence is changed or removed or the
-/// cache is destroyed; a view over a PagedLatentBuffer while the buffer and the table live and
-/// their records do not change.
-class LatentView {
- public:
-  /// A tile of keys as T: rows are tokens.
-  template <class T>
-  using Tile = Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>>;
-
-  /// An empty view (no tokens).
-  LatentView() = default;
-
-  /// A view of `tokens` records of an engine's buffer: token t is slot t % block_tokens of
-  /// block block_table[t / block_tokens]. Throws mla::Error for an invalid buffer, a negative
-  /// length, a null table, or a table entry outside [0, num_blocks) (the
-  /// ceil(tokens / block_tokens) entries used are checked).
-  LatentView(const PagedLatentBuffer& buffer, const std::int32_t* block_table, Index tokens) {
-    buffer.validate();
-    detail::require(tokens >= 0, "LatentView: negative length ", tokens);
-    const Index used = (tokens + buffer.block_tokens - 1) / buffer.block_tokens;
-    detail::require(used == 0 || block_table != nullptr, "LatentView: the block table is null");
-    for (Index b = 0; b < used; ++b) {
-      detail::require(block_table[b] >= 0 && block_table[b] < buffer.num_blocks,
-                      "LatentView: block table entry ", b, " is ", block_table[b],
-                      ", outside the buffer's [0, ", buffer.num_blocks, ") blocks");
-    }
-    b_.layer_base = static_cast<const unsigned char*>(buffer.data);
-    b_.block_table = block_table;
-    b_.block_bytes = buffer.stride();
-    b_.block_tokens = buffer.block_tokens;
-    b_.tokens = tokens;
-    b_.layout = buffer.format.layout();
-  }
-
-  /// Tokens cached for this layer.
-  Index tokens() const { return b_.tokens; }
-  Index block_tokens() const { return b_.block_tokens; }
-  CacheStorage storage() const { return b_.layout.storage; }
-  /// Where each part of a record lies (for kernels that widen records themselves).
-  const detail::LatentLayout& layout() const { return b_.layout; }
-  Index kv_lora_rank() const { return b_.layout.kv_lora_rank; }
-  Index rope_dim() const { return b_.layout.rope_dim; }
-  /// Bytes from one token's record to the next.
-  std::size_t token_bytes() const { return b_.layout.token_bytes; }
-
-  /// Start of the records of the b-th block of the sequence (b < ceil(tokens / block_tokens)).
-  const unsigned char* block(Index b) const { return b_.block(b); }
-  /// The record of one token.
-  const unsigned char* record(Index token) const { return b_.record(token); }
-  /// Where the records are (for the kernels).
-  const detail::LatentBlocks& blocks() const { return b_; }
-
-  /// The tokens [first, first + count) as a view of their own, for splitting attention over key
-  /// ranges (each part's result merges by its log-sum-exp). `first` must start a block.
-  LatentView subview(Index first, Index count) const {
-    detail::require(
-        first >= 0 && count >= 0 && first + count <= b_.tokens && first % b_.block_tokens == 0,
-        "LatentView::subview: tokens [", first, ", ", first + count, ") must lie in [0, ",
-        b_.tokens, ") and start a block of ", b_.block_tokens);
-    LatentView v = *this;
-    v.b_.block_table += first / b_.block_tokens;
-    v.b_.tokens = count;
-    return v;
-  }
-
-  /// True when the records hold T itself (FP32 records for float), so [c ; k^R] of a token is
-  /// d_c + R contiguous T at record(token).
-  template <class T>
-  bool holds() const {
-    return b_.layout.holds<T>();
-  }
-
-  /// Decodes one token's record into out[0, d_c + R) as float: c, then k^R (exact for FP32,
-  /// BF16 and FP8 records). `scratch` holds d_c floats (unused for float output of FP8).
-  void decode(Index token, float* out, float* scratch) const {
-    detail::read_record(b_.layout, record(token), out, out + b_.layout.kv_lora_rank, scratch);
-  }
-
-  /// Calls f(first, n, c, k_pe) for consecutive tiles of at most `max_tile` tokens, in order,
-  /// none crossing a block: c is [n, d_c] and k_pe [n, R] of T. When the storage holds T they
-  /// point into the cache (read in place); otherwise each tile is converted into the scratch
-  /// matrices ([max_tile, d_c], [max_tile, R], and `scratch` of d_c floats), tile by tile.
-  template <class T, class F>
-  void for_each_tile(Index max_tile, RowMatrix<T>& c_buf, RowMatrix<T>& k_buf, float* scratch,
-                     F&& f) const {
-    MLA_ASSERT(max_tile > 0 && c_buf.rows() >= max_tile && k_buf.rows() >= max_tile);
-    const Index D = b_.layout.kv_lora_rank, R = b_.layout.rope_dim;
-    for (Index first = 0; first < b_.tokens;) {
-      const Index in_block = first % b_.block_tokens;
-      const Index n = std::min({max_tile, b_.block_tokens - in_block, b_.tokens - first});
-      const unsigned char* rec = record(first);
-      if (b_.layout.holds<T>()) {
-        const auto* p = reinterpret_cast<const T*>(rec);
-        const Eigen::OuterStride<> stride(static_cast<Index>(b_.layout.token_bytes / sizeof(T)));
-        f(first, n, Tile<T>(p, n, D, stride), Tile<T>(p + D, n, R, stride));
-      } else {
-        for (Index i = 0; i < n; ++i) {
-          detail::read_record(b_.layout, rec + static_cast<std::size_t>(i) * b_.layout.token_bytes,
-                              c_buf.row(i).data(), k_buf.row(i).data(), scratch);
-        }
-        f(first, n, Tile<T>(c_buf.data(), n, D, Eigen::OuterStride<>(c_buf.cols())),
-          Tile<T>(k_buf.data(), n, R, Eigen::OuterStride<>(k_buf.cols())));
-      }
-      first += n;
-    }
-  }
-
-  /// Converts tokens [first, first + count) to T: c_kv [count, d_c] and k_pe [count, R]
-  /// (dequantised for BF16 and FP8 storage). For inspection and tests; the kernels use
-  /// for_each_tile.
-  template <class T>
-  void read(Index first, Index count, MatrixRef<detail::identity_t<T>> c_kv,
-            MatrixRef<detail::identity_t<T>> k_pe) const {
-    detail::require(first >= 0 && count >= 0 && first + count <= b_.tokens,
-                    "LatentView::read: tokens [", first, ", ", first + count, ") out of [0, ",
-                    b_.tokens, ")");
-    detail::require(c_kv.rows() >= count && c_kv.cols() == b_.layout.kv_lora_rank &&
-                        k_pe.rows() >= count && k_pe.cols() == b_.layout.rope_dim,
-                    "LatentView::read: outputs must be [", count, ", ", b_.layout.kv_lora_rank,
-                    "] and [", count, ", ", b_.layout.rope_dim, "]");
-    std::vector<float> scratch(static_cast<std::size_t>(b_.layout.kv_lora_rank));
-    for (Index i = 0; i < count; ++i) {
-      detail::read_record(b_.layout, record(first + i), c_kv.row(i).data(), k_pe.row(i).data(),
-                          scratch.data());
-    }
-  }
-
- private:
-  friend class LatentCache;
-  detail::LatentBlocks b_;
-};
 
 /// Paged latent KV cache for the layers of one model and any number of sequences.
 ///
@@ -478,27 +85,7 @@ class LatentCache {
           align64(index_codes_offset_ + bt * static_cast<std::size_t>(config.index_head_dim));
       block_bytes_ = align64(index_scales_offset_ + sizeof(float) * bt);
     }
-    // The pool size in double first, so that an absurd request fails with a clear message
-    // instead of wrapping around.
-    const double pool_bytes = static_cast<double>(block_bytes_) *
-                              static_cast<double>(options.num_blocks) *
-                              static_cast<double>(options.num_layers);
-    detail::require(pool_bytes < 0x1p62, "LatentCache: a pool of ", pool_bytes,
-                    " bytes is too large");
-    layer_bytes_ = block_bytes_ * static_cast<std::size_t>(options.num_blocks);
-    try {
-      pool_ = detail::AlignedBytes::allocate(layer_bytes_ *
-                                             static_cast<std::size_t>(options.num_layers));
-    } catch (const std::bad_alloc&) {
-      detail::fail("LatentCache: cannot allocate ", pool_bytes / (1 << 20), " MiB for ",
-                   options.num_blocks, " blocks x ", options.num_layers, " layers");
-    }
-    refs_.assign(static_cast<std::size_t>(options.num_blocks), 0);
-    free_blocks_.reserve(static_cast<std::size_t>(options.num_blocks));
-    // Hand out low block ids first.
-    for (Index b = options.num_blocks - 1; b >= 0; --b) {
-      free_blocks_.push_back(static_cast<std::int32_t>(b));
-    }
+    pool_ = detail::BlockPool(options.num_layers, options.num_blocks, block_bytes_);
   }
 
   LatentCache(LatentCache&&) noexcept = default;
@@ -549,19 +136,18 @@ class LatentCache {
   /// Tokens the pool can hold (per layer), all sequences together.
   Index capacity_tokens() const { return options_.num_blocks * options_.block_tokens; }
   /// Bytes of the pool: capacity_tokens() * bytes_per_token().
-  std::size_t capacity_bytes() const { return pool_.size; }
+  std::size_t capacity_bytes() const { return pool_.bytes(); }
   /// Blocks held by sequences (a block shared by several counts once).
   Index blocks_in_use() const { return options_.num_blocks - free_blocks(); }
   /// Blocks not held by any sequence.
   Index free_blocks() const {
     const std::lock_guard<std::mutex> lock(*mutex_);
-    return static_cast<Index>(free_blocks_.size());
+    return pool_.free_blocks();
   }
   /// Blocks held by more than one sequence.
   Index shared_blocks() const {
     const std::lock_guard<std::mutex> lock(*mutex_);
-    return static_cast<Index>(
-        std::count_if(refs_.begin(), refs_.end(), [](std::int32_t r) { return r > 1; }));
+    return pool_.shared_blocks();
   }
   /// Bytes of the blocks held by sequences (all layers): what is taken from the pool. Shared
   /// blocks count once.
@@ -610,7 +196,7 @@ class LatentCache {
   void remove_sequence(SequenceId id) {
     const std::lock_guard<std::mutex> lock(*mutex_);
     Sequence& s = find(id, "remove_sequence");
-    release_blocks(s, 0);
+    pool_.release(s.blocks, 0);
     sequences_.erase(id);
   }
 
@@ -638,21 +224,12 @@ class LatentCache {
     const Index shared = shortest / bt;          // full in every layer
     const Index used = (longest + bt - 1) / bt;  // blocks the child's tokens touch
     const Index copies = used - shared;
-    detail::require(copies <= static_cast<Index>(free_blocks_.size()),
-                    "LatentCache::fork: ", "sequence ", parent, " needs ", copies,
+    detail::require(copies <= pool_.free_blocks(), "LatentCache::fork: ", "sequence ", parent,
+                    " needs ", copies,
                     " free blocks for its partly filled blocks, but the pool has ",
-                    free_blocks_.size(), " of ", options_.num_blocks, " free");
+                    pool_.free_blocks(), " of ", options_.num_blocks, " free");
     // Nothing fails from here on.
-    for (Index b = 0; b < shared; ++b) {
-      const std::int32_t id = p.blocks[static_cast<std::size_t>(b)];
-      ++refs_[static_cast<std::size_t>(id)];
-      child.blocks.push_back(id);
-    }
-    for (Index b = shared; b < used; ++b) {
-      const std::int32_t id = take_block();
-      copy_block(p.blocks[static_cast<std::size_t>(b)], id);
-      child.blocks.push_back(id);
-    }
+    pool_.fork(p.blocks, shared, used, child.blocks);
     child.first_position = p.first_position;
     const SequenceId id = next_id_++;
     sequences_.emplace(id, std::move(child));
@@ -675,7 +252,7 @@ class LatentCache {
       len = std::min(len, tokens);
       kept = std::max(kept, len);
     }
-    release_blocks(s, (kept + options_.block_tokens - 1) / options_.block_tokens);
+    pool_.release(s.blocks, (kept + options_.block_tokens - 1) / options_.block_tokens);
   }
 
   bool contains(SequenceId id) const {
@@ -929,24 +506,17 @@ class LatentCache {
         index_codes_offset_(other.index_codes_offset_),
         index_scales_offset_(other.index_scales_offset_),
         block_bytes_(other.block_bytes_),
-        layer_bytes_(other.layer_bytes_),
-        pool_(detail::AlignedBytes::allocate(other.pool_.size)),
         mutex_(std::make_unique<std::mutex>()) {
     const std::lock_guard<std::mutex> lock(*other.mutex_);
-    refs_ = other.refs_;
-    free_blocks_ = other.free_blocks_;
+    pool_ = other.pool_.clone();
     sequences_ = other.sequences_;
     next_id_ = other.next_id_;
-    std::memcpy(pool_.data.get(), other.pool_.data.get(), pool_.size);
-    free_blocks_.reserve(static_cast<std::size_t>(options_.num_blocks));
     for (auto& entry : sequences_) {
       entry.second.blocks.reserve(static_cast<std::size_t>(options_.num_blocks));
     }
   }
 
-  unsigned char* layer_base(Index layer) const {
-    return pool_.data.get() + static_cast<std::size_t>(layer) * layer_bytes_;
-  }
+  unsigned char* layer_base(Index layer) const { return pool_.layer_base(layer); }
 
   std::int64_t next_position_locked(const Sequence& s, Index layer) const {
     return holds_tokens(s) ? s.first_position + s.lengths[static_cast<std::size_t>(layer)] : -1;
@@ -967,16 +537,8 @@ class LatentCache {
   /// Blocks that `count` more tokens of (s, layer) take from the pool: new blocks past the
   /// table's end, and copies of shared blocks the tokens would write.
   Index blocks_needed(const Sequence& s, Index layer, Index count) const {
-    if (count <= 0) return 0;
-    const Index bt = options_.block_tokens;
-    const Index len = s.lengths[static_cast<std::size_t>(layer)];
-    const Index have = static_cast<Index>(s.blocks.size());
-    const Index last = (len + count - 1) / bt;  // last block written
-    Index needed = std::max<Index>(0, last + 1 - have);
-    for (Index b = len / bt; b <= last && b < have; ++b) {
-      if (refs_[static_cast<std::size_t>(s.blocks[static_cast<std::size_t>(b)])] > 1) ++needed;
-    }
-    return needed;
+    return pool_.needed(s.blocks, s.lengths[static_cast<std::size_t>(layer)], count,
+                        options_.block_tokens);
   }
 
   /// The blocks a batch of appends needs (lock held); throws when they are not free.
@@ -991,7 +553,7 @@ class LatentCache {
       }
       needed += blocks_needed(find(ids[i], "append"), layer, counts(i));
     }
-    const Index free = static_cast<Index>(free_blocks_.size());
+    const Index free = pool_.free_blocks();
     if (needed <= free) return needed;
     if (n == 1) {
       detail::fail("LatentCache::append: sequence ", ids[0], " layer ", layer, " needs ", needed,
@@ -1007,45 +569,8 @@ class LatentCache {
   /// Takes and copies the blocks `count` more tokens of (s, layer) write (lock held; room was
   /// checked).
   void prepare_blocks(Sequence& s, Index layer, Index count) {
-    if (count <= 0) return;
-    const Index bt = options_.block_tokens;
-    const Index len = s.lengths[static_cast<std::size_t>(layer)];
-    const Index last = (len + count - 1) / bt;
-    for (Index b = len / bt; b <= last && b < static_cast<Index>(s.blocks.size()); ++b) {
-      std::int32_t& id = s.blocks[static_cast<std::size_t>(b)];
-      if (refs_[static_cast<std::size_t>(id)] > 1) {  // copy on write
-        const std::int32_t fresh = take_block();
-        copy_block(id, fresh);
-        --refs_[static_cast<std::size_t>(id)];
-        id = fresh;
-      }
-    }
-    while (static_cast<Index>(s.blocks.size()) <= last) s.blocks.push_back(take_block());
-  }
-
-  std::int32_t take_block() {
-    const std::int32_t id = free_blocks_.back();
-    free_blocks_.pop_back();
-    refs_[static_cast<std::size_t>(id)] = 1;
-    return id;
-  }
-
-  /// Copies block `from` to block `to` in every layer.
-  void copy_block(std::int32_t from, std::int32_t to) {
-    for (Index layer = 0; layer < options_.num_layers; ++layer) {
-      unsigned char* base = layer_base(layer);
-      std::memcpy(base + static_cast<std::size_t>(to) * block_bytes_,
-                  base + static_cast<std::size_t>(from) * block_bytes_, block_bytes_);
-    }
-  }
-
-  /// Gives up the sequence's blocks from index `keep` on (lock held).
-  void release_blocks(Sequence& s, Index keep) {
-    for (std::size_t b = static_cast<std::size_t>(keep); b < s.blocks.size(); ++b) {
-      const std::int32_t id = s.blocks[b];
-      if (--refs_[static_cast<std::size_t>(id)] == 0) free_blocks_.push_back(id);
-    }
-    s.blocks.resize(std::min(s.blocks.size(), static_cast<std::size_t>(keep)));
+    pool_.prepare(s.blocks, s.lengths[static_cast<std::size_t>(layer)], count,
+                  options_.block_tokens);
   }
 
   const Sequence& find(SequenceId id, const char* what) const {
@@ -1067,11 +592,8 @@ class LatentCache {
   IndexKeyFormat index_format_;                                   // dim() 0: no index keys
   std::size_t index_codes_offset_ = 0, index_scales_offset_ = 0;  // within a block
   std::size_t block_bytes_ = 0;
-  std::size_t layer_bytes_ = 0;
-  detail::AlignedBytes pool_;
   std::unique_ptr<std::mutex> mutex_;  // guards everything below
-  std::vector<std::int32_t> refs_;     // per block: sequences holding it
-  std::vector<std::int32_t> free_blocks_;
+  detail::BlockPool pool_;
   std::unordered_map<SequenceId, Sequence> sequences_;
   SequenceId next_id_ = 0;
 };

@@ -16,6 +16,7 @@
 #include "mla/index_keys.hpp"
 #include "mla/isa.hpp"
 #include "mla/latent_cache.hpp"
+#include "mla/latent_view.hpp"
 #include "mla/layer.hpp"
 #include "mla/matrix.hpp"
 #include "mla/norm.hpp"

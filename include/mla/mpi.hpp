@@ -34,6 +34,7 @@
 
 #include "mla/config.hpp"
 #include "mla/decode.hpp"
+#include "mla/detail/lse_merge.hpp"
 #include "mla/error.hpp"
 #include "mla/latent_cache.hpp"
 #include "mla/layer.hpp"
@@ -131,25 +132,25 @@ inline void require_same_config(MPI_Comm comm, const MlaConfig& c) {
 // The log-sum-exp merge
 
 /// Merges partial absorbed-attention results of `n` (token, head) pairs, each stored as
-/// [lse, o~_0 .. o~_{d_c - 1}] (d_c + 1 floats): in (one part) into inout (another part) as
-///   m = max(l1, l2), w_i = exp(l_i - m), o = (w1 o1 + w2 o2) / (w1 + w2), l = m + log(w1 + w2).
-/// A part over no keys has lse = -inf (and any o~) and leaves the other as it is. Exact up to
-/// FP32 rounding: the merged o~ and lse equal the softmax over the union of the keys.
+/// [lse, o~_0 .. o~_{d_c - 1}] (d_c + 1 floats): in (one part) into inout (another part) by the
+/// library's one log-sum-exp merge (detail::lse_merge): w_i = exp(l_i - m) / sum_j exp(l_j - m),
+/// o = w1 o1 + w2 o2, l = m + log(sum_j exp(l_j - m)) with m = max(l1, l2). A part over no keys
+/// has lse = -inf (and any o~) and leaves the other as it is. Exact up to FP32 rounding: the
+/// merged o~ and lse equal the softmax over the union of the keys.
 inline void merge_partials(const float* in, float* inout, Index n, Index d_c) {
   for (Index i = 0; i < n; ++i) {
     const float* a = in + i * (d_c + 1);
     float* b = inout + i * (d_c + 1);
-    const float la = a[0], lb = b[0];
-    if (la == -std::numeric_limits<float>::infinity()) continue;
-    if (lb == -std::numeric_limits<float>::infinity()) {
-      std::copy(a, a + d_c + 1, b);
-      continue;
+    const float lse[2] = {a[0], b[0]};
+    float w[2];
+    const float merged = detail::lse_merge(2, lse, nullptr, 1, w);
+    if (w[0] == 0.0f && w[1] != 0.0f) continue;  // a over no keys (or negligible): b stays
+    if (w[1] == 0.0f && w[0] != 0.0f) {
+      std::copy(a + 1, a + d_c + 1, b + 1);
+    } else if (merged != -std::numeric_limits<float>::infinity()) {
+      for (Index k = 1; k <= d_c; ++k) b[k] = w[0] * a[k] + w[1] * b[k];
     }
-    const float m = std::max(la, lb);
-    const float wa = std::exp(la - m), wb = std::exp(lb - m);
-    const float inv = 1.0f / (wa + wb);
-    for (Index k = 1; k <= d_c; ++k) b[k] = (wa * a[k] + wb * b[k]) * inv;
-    b[0] = m + std::log(wa + wb);
+    b[0] = merged;
   }
 }
 

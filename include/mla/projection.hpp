@@ -53,12 +53,6 @@ enum class WeightStorage : std::uint8_t {
 
 namespace detail {
 
-/// x rounded to the nearest BF16 value (even on ties; NaN stays NaN), as float.
-inline float round_bf16(float x) {
-  const std::uint32_t bits = bit_cast<std::uint16_t>(to_bfloat16(x));
-  return bit_cast<float>(bits << 16);
-}
-
 /// Calls f(i0, i1) for [0, n) in blocks of `block`, on the pool when it has several threads.
 template <class F>
 void for_blocks(Executor* pool, Index n, Index block, F&& f) {
@@ -427,12 +421,10 @@ class Linear {
             for (Index p = p0; p < p1; ++p) {
               for (Index m = m0; m < m0 + 16; ++m) {
                 const Index k = 2 * p;
-                const auto bits = [&](Index kk) -> std::uint32_t {
-                  if (m >= M || kk >= K) return 0;
-                  return detail::bit_cast<std::uint32_t>(detail::round_bf16(src[m * ld + kk])) >>
-                         16;
+                const auto bits = [&](Index kk) -> std::uint16_t {
+                  return m < M && kk < K ? detail::bf16_bits(src[m * ld + kk]) : 0;
                 };
-                xt[p * mp + m] = bits(k) | (bits(k + 1) << 16);
+                xt[p * mp + m] = detail::bf16_pair(bits(k), bits(k + 1));
               }
             }
           }

@@ -165,12 +165,15 @@ inline void index_scores(const IndexKeyView& keys, ConstMatrixRef<float> q, Cons
       ws.qt[static_cast<std::size_t>(k * mp + m)] = m < M ? q(m, k) : 0.0f;
   }
   if (dp) {
-    const auto bits = [&](Index m, Index k) -> std::uint32_t {
-      return m < M && k < D ? detail::bit_cast<std::uint32_t>(q(m, k)) >> 16 : 0u;
+    const auto bits = [&](Index m, Index k) -> std::uint16_t {
+      return m < M && k < D
+                 ? static_cast<std::uint16_t>(detail::bit_cast<std::uint32_t>(q(m, k)) >> 16)
+                 : 0;
     };
     for (Index k = 0; k < D; k += 2) {
       for (Index m = 0; m < mp; ++m) {
-        ws.qt_pairs[static_cast<std::size_t>(k / 2 * mp + m)] = bits(m, k) | (bits(m, k + 1) << 16);
+        ws.qt_pairs[static_cast<std::size_t>(k / 2 * mp + m)] =
+            detail::bf16_pair(bits(m, k), bits(m, k + 1));
       }
     }
   }
@@ -276,22 +279,21 @@ struct TopkSelection {
   std::int32_t* row(Index r) { return positions.data() + r * topk; }
 };
 
-/// Scratch of sparse_attention_absorbed: the gathered records and the dense kernels'
+/// Scratch of sparse_attention_absorbed: the valid positions and the dense kernels'
 /// workspaces. Grows to the largest selection seen, then allocates nothing.
 template <class T>
 class SparseWorkspace {
  public:
-  DecodeWorkspace decode;           ///< float: decode_absorbed over the gathered records
-  AttentionWorkspace<T> attention;  ///< other T: attention_absorbed
-  detail::AlignedBytes gathered;    ///< (internal) the selected records, back to back
-  std::int32_t table[1] = {0};      ///< (internal) their one-block table
+  DecodeWorkspace decode;              ///< float: decode_absorbed over the selection
+  AttentionWorkspace<T> attention;     ///< other T: attention_absorbed
+  std::vector<std::int32_t> selected;  ///< (internal) the valid positions, in order
 };
 
 /// Absorbed attention of one query token over the cached positions `selected[0, count)` of
 /// `cache` (any order; -1 marks an unused slot and is skipped, as engines mark them):
 /// o~_h = sum over s in S of softmax_s(scale (<q~_h, c_s> + <q^pe_h, k^R_s>)) c_s. q_latent
 /// [H, d_c + R], out_latent [H, d_c], lse [1, H] as for decode_absorbed. The selected records
-/// are gathered (copied as they are) and attended by the dense kernel, so the result equals
+/// are attended where they are by the dense kernel (LatentView::select), so the result equals
 /// dense attention over those positions, with the same precision contract (options.precision,
 /// float; other T use attention_absorbed). Throws mla::Error for a position outside
 /// [0, cache.tokens()), no valid position, or shapes that do not match; nothing is written then.
@@ -308,36 +310,23 @@ void sparse_attention_absorbed(const MlaConfig& c, const LatentView& cache,
   detail::require(count >= 0 && (count == 0 || selected != nullptr),
                   "sparse_attention_absorbed: ", count, " positions at ",
                   static_cast<const void*>(selected));
-  Index valid = 0;
+  ws.selected.clear();
   for (Index i = 0; i < count; ++i) {
     const std::int32_t s = selected[i];
     detail::require(s == -1 || (s >= 0 && s < cache.tokens()),
                     "sparse_attention_absorbed: ", "selected position ", s, " (entry ", i,
                     ") is outside the cache's [0, ", cache.tokens(), ") tokens");
-    valid += s >= 0;
+    if (s >= 0) ws.selected.push_back(s);
   }
+  const auto valid = static_cast<Index>(ws.selected.size());
   detail::require(valid > 0, "sparse_attention_absorbed: no valid position among ", count,
                   " entries");
-  const std::size_t rec = cache.token_bytes();
-  const std::size_t need = rec * static_cast<std::size_t>(valid);
-  if (ws.gathered.size < need) ws.gathered = detail::AlignedBytes::allocate(need);
-  unsigned char* dst = ws.gathered.data.get();
-  for (Index i = 0; i < count; ++i) {
-    if (selected[i] < 0) continue;
-    std::memcpy(dst, cache.record(selected[i]), rec);
-    dst += rec;
-  }
-  const detail::LatentLayout& l = cache.layout();
-  PagedLatentBuffer buffer;
-  buffer.format = LatentRecordFormat(l.kv_lora_rank, l.rope_dim, l.storage, l.fp8_scales);
-  buffer.data = ws.gathered.data.get();
-  buffer.num_blocks = 1;
-  buffer.block_tokens = valid;
-  const LatentView gathered(buffer, ws.table, valid);
+  // The selected records are read where they are (no copy).
+  const LatentView selection = cache.select(ws.selected.data(), valid);
   if constexpr (std::is_same_v<T, float>) {
-    decode_absorbed(c, gathered, q_latent, scale, out_latent, lse, ws.decode, executor, options);
+    decode_absorbed(c, selection, q_latent, scale, out_latent, lse, ws.decode, executor, options);
   } else {
-    attention_absorbed<T>(c, gathered, q_latent, scale, out_latent, lse, ws.attention);
+    attention_absorbed<T>(c, selection, q_latent, scale, out_latent, lse, ws.attention);
   }
 }
 

@@ -37,4 +37,21 @@ inline float bfloat16_bits_to_float(const unsigned char* p) noexcept {
   return bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
 }
 
+/// The bits of x rounded to the nearest BF16 (even on ties; NaN stays NaN).
+inline std::uint16_t bf16_bits(float x) { return bit_cast<std::uint16_t>(to_bfloat16(x)); }
+
+/// The float value of BF16 bits (exact).
+inline float bf16_value(std::uint16_t bits) {
+  return bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
+}
+
+/// x rounded to the nearest BF16 value (even on ties; NaN stays NaN), as float.
+inline float round_bf16(float x) { return bf16_value(bf16_bits(x)); }
+
+/// Two BF16 values as one 32-bit word, `lo` in the low half: the pair layout of VDPBF16PS
+/// operands and AMX B tiles (two consecutive k of one column per word).
+inline std::uint32_t bf16_pair(std::uint16_t lo, std::uint16_t hi) {
+  return static_cast<std::uint32_t>(lo) | (static_cast<std::uint32_t>(hi) << 16);
+}
+
 }  // namespace mla::detail

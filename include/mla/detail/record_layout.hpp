@@ -1,12 +1,15 @@
 #pragma once
 /// \file
 /// The byte layout of one token's latent-cache record, for every storage format (mla/formats.hpp
-/// names them). Plain data: the record codec (mla/latent_cache.hpp) and the kernels
-/// (detail/isa/) read and write records through it. Internal.
+/// names them), and its one description as segments (for_each_segment): the cache's writes and
+/// reads (mla/latent_cache.hpp), the kernels' widening and BF16 packing (detail/isa/) and the
+/// sparse path all walk a record through it. Internal.
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "mla/formats.hpp"
@@ -74,6 +77,74 @@ struct LatentLayout {
            (std::is_same_v<T, double> && storage == CacheStorage::kFloat64);
   }
 };
+
+/// How the values of one segment of a record are stored.
+enum class Element : std::uint8_t { kFloat32, kFloat64, kBFloat16, kE4M3 };
+
+/// One segment of a record: the values [first, first + count) of the token's [c ; k^R] (first
+/// >= d_c: k^R), stored from byte `offset` as `element`. The values of an E4M3 segment are its
+/// codes times the FP32 scale at byte `scale_offset`; the others hold their values. `index`
+/// numbers the segments from 0 (each has its own scale, so kernels that keep per-segment
+/// multipliers index them by it).
+struct RecordSegment {
+  Index first = 0, count = 0;
+  std::size_t offset = 0;
+  Element element = Element::kFloat32;
+  std::size_t scale_offset = 0;
+  Index index = 0;
+
+  /// The segment's scale in the record `rec` (1 for segments that hold their values).
+  float scale(const unsigned char* rec) const {
+    if (element != Element::kE4M3) return 1.0f;
+    float s;
+    std::memcpy(&s, rec + scale_offset, sizeof(s));
+    return s;
+  }
+};
+
+/// Segments of a record of layout l: one per FP8 scale tile of the latent plus one for k^R (FP8),
+/// or the latent and k^R (the others).
+inline Index record_segments(const LatentLayout& l) {
+  return (l.storage == CacheStorage::kFp8E4M3 ? LatentLayout::fp8_tiles(l.kv_lora_rank) : 1) +
+         (l.rope_dim > 0 ? 1 : 0);
+}
+
+/// Calls f(segment) for each segment of a record of layout l, in order of their values: the
+/// one description of the record formats.
+///  - kFloat32 / kFloat64 / kBFloat16: c [d_c] at 0, then k^R [R], in that element;
+///  - kFp8E4M3 (FlashMLA's record): c as E4M3 codes in tiles of 128 values, tile t's FP32 scale
+///    at scales_offset + 4 t, then k^R in BF16 at kpe_offset (RoPE phases do not survive 3
+///    mantissa bits).
+template <class F>
+void for_each_segment(const LatentLayout& l, F&& f) {
+  const Index D = l.kv_lora_rank, R = l.rope_dim;
+  RecordSegment s;
+  if (l.storage == CacheStorage::kFp8E4M3) {
+    for (Index first = 0; first < D; first += LatentLayout::kFp8Tile, ++s.index) {
+      s.first = first;
+      s.count = std::min(LatentLayout::kFp8Tile, D - first);
+      s.offset = static_cast<std::size_t>(first);
+      s.element = Element::kE4M3;
+      s.scale_offset = l.scales_offset + sizeof(float) * static_cast<std::size_t>(s.index);
+      f(static_cast<const RecordSegment&>(s));
+    }
+    s.element = Element::kBFloat16;
+  } else {
+    s.element = l.storage == CacheStorage::kFloat64    ? Element::kFloat64
+                : l.storage == CacheStorage::kBFloat16 ? Element::kBFloat16
+                                                       : Element::kFloat32;
+    s.count = D;
+    f(static_cast<const RecordSegment&>(s));
+    ++s.index;
+  }
+  if (R > 0) {
+    s.first = D;
+    s.count = R;
+    s.offset = l.kpe_offset;
+    s.scale_offset = 0;
+    f(static_cast<const RecordSegment&>(s));
+  }
+}
 
 }  // namespace detail
 }  // namespace mla

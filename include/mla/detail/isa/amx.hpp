@@ -165,13 +165,20 @@ void tile_dot_bf16(const std::uint16_t* a, Index a_stride_bytes, const std::uint
   tiles.release();
 }
 
-// The parts of the AVX-512 kernels the tile kernels share.
-namespace decode_kernel = avx512::decode_kernel;
+// The tile kernels run the decode frame on the avx512_bf16 target's operations, primitives and
+// BF16 helpers; the frame is compiled here again so that it can inline the tile policy.
+using Ops = avx512_bf16::Ops;
+using V = Ops::V;
+inline constexpr int kW = Ops::kWidth;
 using avx512::online_softmax_step;
-using avx512::widen_record;
+using avx512::widen_segment;
+namespace decode_bf16 = avx512_bf16::decode_bf16;
 
+// clang-format off
+#include "mla/detail/isa/decode_frame.inl"
 #include "mla/detail/isa/decode_amx.inl"
 #include "mla/detail/isa/gemm_amx.inl"
+// clang-format on
 
 /// The avx512_bf16 kernels with the decode steps and the projections' BF16 matmul on AMX tiles
 /// (`Tiles`: the hardware, the amx target; or its software model, the amx_model target).

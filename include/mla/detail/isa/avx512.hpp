@@ -193,15 +193,20 @@ struct Ops : avx512::Ops {
 };
 using V = Ops::V;
 inline constexpr int kW = Ops::kWidth;
-// The parts of the AVX-512 kernels the BF16 step shares.
-namespace decode_kernel = avx512::decode_kernel;
+// The primitives and the FP32 decode policy of the AVX-512 kernels; the frame again, for the
+// BF16 policy with VDPBF16PS.
 using avx512::exp;
 using avx512::online_softmax_step;
-using avx512::widen_record;
+using avx512::widen_segment;
+namespace decode_fma = avx512::decode_fma;
 
-#include "mla/detail/isa/attention.inl"
+// In this order: each file uses the ones before it.
+// clang-format off
+#include "mla/detail/isa/decode_frame.inl"
 #include "mla/detail/isa/decode_bf16.inl"
+#include "mla/detail/isa/attention.inl"
 #include "mla/detail/isa/gemm.inl"
+// clang-format on
 
 }  // namespace mla::detail::isa::avx512_bf16
 

@@ -1,7 +1,7 @@
 // The absorbed decode step on AMX tiles (TDPBF16PS: BF16 products, FP32 sums), written once
-// over a tile backend (HardwareTiles, or the software model EmulatedTiles). Included inside the
-// AMX namespace, after amx.hpp's backends; shares the AVX-512 kernels' frame (query rows,
-// splits, log-sum-exp merge) and softmax. No include guard on purpose.
+// over a tile backend (HardwareTiles, or the software model EmulatedTiles): the block policy of
+// the decode frame (decode_frame.inl) for the amx and amx_model targets. Included inside the
+// AMX namespace, after amx.hpp's backends and the frame. No include guard on purpose.
 //
 // Per tile of keys:
 //   scores  S [keys][rows] = K [keys][k] Q^T: A = the keys as BF16 rows (exact for BF16
@@ -22,11 +22,6 @@
 // cannot reach the rows before it.
 
 namespace decode_amx {
-
-using Ops = avx512_bf16::Ops;
-using V = Ops::V;
-inline constexpr int kW = Ops::kWidth;
-using decode_kernel::Rows;
 
 /// Tile roles: C accumulators 0..3 (C(i, j) = 2 i + j), A operands 4, 5, B operands 6, 7.
 /// An operand's 16-row tile at (i, k, part): base + i * step_i + k * step_k + part * step_p.
@@ -159,117 +154,153 @@ struct Layout {
   bool fp8 = false;
 };
 
-/// One (split, head group) part of a decode step on tiles.
+/// The tile policy (see the file comment).
 template <class Tiles>
-struct Part {
-  const DecodeArgs* a;
-  const Rows* q;
-  const decode::Geometry* geo;
-  Index split_keys;
+struct TilePolicy {
   const std::uint32_t* qp;  // [parts][k_pad / 2][h_pad] query pairs
   const float* units;       // [h_pad] the rows' units
   Layout L;
 
-  // The key rows of one tile as BF16 [n][k_pad] (latent, zeros, k^R, zeros), multipliers per
-  // key and segment, and the latent transposed into 32-key blocks [block][d_c][32].
-  void load_keys(const LatentBlocks& cache, Index j0, Index n, decode::Buffers::PerThread& t,
-                 Index segments) const {
-    avx512_bf16::decode_bf16_kernel::KeyLayout kl(cache.layout);
-    kl.d_even = L.d_pad;
-    kl.k_even = L.d_pad + L.R;
-    const Index n16 = (n + 15) / 16 * 16;
-    for (Index j = 0; j < n16; ++j) {
-      std::uint16_t* row = t.tile_keys.data() + j * L.k_pad;
-      if (j >= n) {
-        std::fill(row, row + L.k_pad, std::uint16_t{0});
-        continue;
+  TilePolicy(const DecodeArgs& a, const decode_frame::Rows& q, const decode::Geometry& geo,
+             Index parts) {
+    const LatentBlocks& cache = a.cache;
+    L.D = cache.layout.kv_lora_rank;
+    L.R = cache.layout.rope_dim;
+    L.d_pad = (L.D + 31) / 32 * 32;
+    L.k_pad = L.d_pad + (L.R + 31) / 32 * 32;
+    L.parts = parts;
+    L.fp8 = cache.layout.storage == CacheStorage::kFp8E4M3;
+    L.tiles8 = L.fp8 ? (L.D + 127) / 128 : 0;
+    // sigma * queries as `parts` BF16 parts in pairs [k_pad / 2][h_pad] each, in the key rows'
+    // layout; padding rows and columns zero.
+    const Index rows = geo.h_pad, kp_n = L.k_pad / 2;
+    std::uint32_t* pairs = a.buffers->tile_q.data();
+    // Each row divided by a power of two near its largest value (its unit, multiplied back into
+    // the FP32 scores), so that the BF16 parts stay clear of the subnormals the tiles treat as
+    // zero, whatever the queries' magnitude.
+    float* u = reinterpret_cast<float*>(pairs + parts * kp_n * rows);
+    const auto source = [&](Index k) {  // position in q of position k of a key row, or -1
+      return k < L.d_pad ? (k < L.D ? k : -1) : (k - L.d_pad < L.R ? L.D + k - L.d_pad : -1);
+    };
+    for (Index r = 0; r < rows; ++r) {
+      const Index t = q.token(r), h = r - t * q.h_pad1;
+      float mx = 0.0f;
+      if (h < q.heads) {
+        const float* qr = a.q + (t * q.heads + h) * a.q_stride;
+        for (Index k = 0; k < L.D + L.R; ++k) mx = std::max(mx, std::fabs(a.scale * qr[k]));
       }
-      const unsigned char* rec = cache.record(j0 + j);
-      avx512_bf16::decode_bf16_kernel::key_to_bf16(cache.layout, kl, rec, row, t.tile.data());
-      std::fill(row + L.D, row + L.d_pad, std::uint16_t{0});
-      std::fill(row + L.d_pad + L.R, row + L.k_pad, std::uint16_t{0});
-      if (L.fp8) {
-        float* mu = t.mult.data() + j * segments;
-        std::memcpy(mu, rec + cache.layout.scales_offset,
-                    sizeof(float) * static_cast<std::size_t>(L.tiles8));
-        mu[L.tiles8] = 1.0f;
+      u[r] = power_of_two_above(mx);
+    }
+    for (Index kp = 0; kp < kp_n; ++kp) {
+      for (Index r = 0; r < rows; ++r) {
+        const Index t = q.token(r), h = r - t * q.h_pad1;
+        const float inv = 1.0f / u[r];
+        float x[2] = {0.0f, 0.0f};
+        for (int i = 0; i < 2; ++i) {
+          const Index src = source(2 * kp + i);
+          if (h < q.heads && src >= 0) {
+            x[i] = a.scale * a.q[(t * q.heads + h) * a.q_stride + src] * inv;
+          }
+        }
+        for (Index p = 0; p < parts; ++p) {
+          std::uint16_t b[2];
+          for (int i = 0; i < 2; ++i) {
+            b[i] = bf16_bits(x[i]);
+            x[i] -= bf16_value(b[i]);
+          }
+          pairs[(p * kp_n + kp) * rows + r] = bf16_pair(b[0], b[1]);
+        }
       }
     }
-    // Latent transposed: block b, row d holds keys 32 b .. 32 b + 31 at d (zero past n).
-    const Index blocks = (n + 31) / 32;
-    for (Index b = 0; b < blocks; ++b) {
-      for (Index d = 0; d < L.D; d += 16) {
-        __m512i r[16];
-        for (int i = 0; i < 16; ++i) {
-          const Index j = 32 * b + 2 * i;
-          const __m512i lo =
-              j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                          reinterpret_cast<const __m256i*>(t.tile_keys.data() + j * L.k_pad + d)))
-                    : _mm512_setzero_si512();
-          const __m512i hi =
-              j + 1 < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                              t.tile_keys.data() + (j + 1) * L.k_pad + d)))
-                        : _mm512_setzero_si512();
-          r[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));  // lane = d, pair i
-        }
-        transpose16(r);  // r[d'] lane i = pair i of dimension d + d'
-        std::uint16_t* dst = t.tile_ct.data() + (b * L.D + d) * 32;
-        for (int i = 0; i < 16; ++i) {
-          _mm512_storeu_si512(reinterpret_cast<void*>(dst + i * 32), r[i]);
-        }
-      }
-    }
+    qp = pairs;
+    units = u;
   }
 
-  void operator()(Index item, int thread) const {
-    const LatentBlocks& cache = a->cache;
-    decode::Buffers& ws = *a->buffers;
-    const Index D = L.D;
-    const Index groups = geo->groups, h_group = geo->h_group, h_pad = geo->h_pad;
-    const Index s = item / groups, g = item % groups;
-    const Index h0 = g * h_group;
-    const Index hw = std::min(h_group, h_pad - h0);
-    decode::Buffers::PerThread& t = ws.per_thread[static_cast<std::size_t>(thread)];
-    float* o = ws.partial_o.data() + item * D * h_group;
-    float* m = ws.partial_m.data() + item * h_group;
-    float* l = ws.partial_l.data() + item * h_group;
-    float* ot = t.tile_ot.data();
-    std::fill(ot, ot + D * h_group, 0.0f);
-    std::fill(m, m + h_group, -std::numeric_limits<float>::infinity());
-    std::fill(l, l + h_group, 0.0f);
-    const Index tile = a->options.tile_tokens;
-    const Index first = s * split_keys, last = std::min(a->keys, first + split_keys);
-    const Index segments = L.tiles8 + 1;
-    const Index out_segments = L.fp8 ? L.tiles8 : 1;
-    const Index pair_rows = tile / 2 + 16;  // weight pairs per part, room for 32-key rounding
-    float* sc = t.scores.data();
-    float* corr = t.correction.data();
-    float* ctmp = t.tile_c.data();
-    std::uint32_t* pp = t.tile_p.data();
-    std::uint16_t* ct_mask = t.tile_ct.data() + ((tile + 31) / 32) * D * 32;
-    const Index hb = hw / 16;  // head (row) blocks of this group
-    const Index kblocks_latent = L.d_pad / 32, kblocks = L.k_pad / 32;
+  struct Worker {
+    const TilePolicy& p;
+    const decode_frame::Group& g;
+    const Layout& L;
     Tiles tiles;
-    tiles.configure(full_tiles());
+    float* ot;
+    Operand qB, kA;
+    Index n = 0;  // keys of the current block
 
-    // Queries: B(j, k, p) = 16 pair rows of k block k, 16 rows from head block j, part p.
-    Operand qB;
-    qB.base = reinterpret_cast<const unsigned char*>(qp + h0);
-    qB.stride = h_pad * 4;
-    qB.step_i = 16 * 4;
-    qB.step_k = 16 * h_pad * 4;
-    qB.step_p = (L.k_pad / 2) * h_pad * 4;
-    // Keys: A(i, k) = key block i (16 rows), k block k.
-    Operand kA;
-    kA.base = reinterpret_cast<const unsigned char*>(t.tile_keys.data());
-    kA.stride = L.k_pad * 2;
-    kA.step_i = 16 * L.k_pad * 2;
-    kA.step_k = 64;
+    // The key rows of one tile as BF16 [n][k_pad] (latent, zeros, k^R, zeros), multipliers per
+    // key and segment, and the latent transposed into 32-key blocks [block][d_c][32].
+    void load_keys(const LatentBlocks& cache, Index j0, decode::Buffers::PerThread& t,
+                   Index segments) const {
+      decode_bf16::KeyLayout kl(cache.layout);
+      kl.d_even = L.d_pad;
+      kl.k_even = L.d_pad + L.R;
+      const Index n16 = (n + 15) / 16 * 16;
+      for (Index j = 0; j < n16; ++j) {
+        std::uint16_t* row = t.tile_keys.data() + j * L.k_pad;
+        if (j >= n) {
+          std::fill(row, row + L.k_pad, std::uint16_t{0});
+          continue;
+        }
+        const unsigned char* rec = cache.record(j0 + j);
+        decode_bf16::key_to_bf16(cache.layout, kl, rec, row, t.tile.data());
+        std::fill(row + L.D, row + L.d_pad, std::uint16_t{0});
+        std::fill(row + L.d_pad + L.R, row + L.k_pad, std::uint16_t{0});
+        if (L.fp8)
+          decode_bf16::segment_multipliers(cache.layout, rec, t.mult.data() + j * segments);
+      }
+      // Latent transposed: block b, row d holds keys 32 b .. 32 b + 31 at d (zero past n).
+      const Index blocks = (n + 31) / 32;
+      for (Index b = 0; b < blocks; ++b) {
+        for (Index d = 0; d < L.D; d += 16) {
+          __m512i r[16];
+          for (int i = 0; i < 16; ++i) {
+            const Index j = 32 * b + 2 * i;
+            const __m512i lo =
+                j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                            reinterpret_cast<const __m256i*>(t.tile_keys.data() + j * L.k_pad + d)))
+                      : _mm512_setzero_si512();
+            const __m512i hi =
+                j + 1 < n
+                    ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                          t.tile_keys.data() + (j + 1) * L.k_pad + d)))
+                    : _mm512_setzero_si512();
+            r[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));  // lane = d, pair i
+          }
+          transpose16(r);  // r[d'] lane i = pair i of dimension d + d'
+          std::uint16_t* dst = t.tile_ct.data() + (b * L.D + d) * 32;
+          for (int i = 0; i < 16; ++i) {
+            _mm512_storeu_si512(reinterpret_cast<void*>(dst + i * 32), r[i]);
+          }
+        }
+      }
+    }
 
-    for (Index j0 = first; j0 < last; j0 += tile) {
-      const Index n = std::min(tile, last - j0);
-      const Index nb = (n + 15) / 16;
-      load_keys(cache, j0, n, t, segments);
+    Worker(const TilePolicy& policy, const decode_frame::Group& group)
+        : p(policy), g(group), L(policy.L), ot(group.t->tile_ot.data()) {
+      std::fill(ot, ot + L.D * g.stride, 0.0f);
+      tiles.configure(full_tiles());
+      // Queries: B(j, k, p) = 16 pair rows of k block k, 16 rows from head block j, part p.
+      qB.base = reinterpret_cast<const unsigned char*>(p.qp + g.h0);
+      qB.stride = g.h_pad * 4;
+      qB.step_i = 16 * 4;
+      qB.step_k = 16 * g.h_pad * 4;
+      qB.step_p = (L.k_pad / 2) * g.h_pad * 4;
+      // Keys: A(i, k) = key block i (16 rows), k block k.
+      kA.base = reinterpret_cast<const unsigned char*>(g.t->tile_keys.data());
+      kA.stride = L.k_pad * 2;
+      kA.step_i = 16 * L.k_pad * 2;
+      kA.step_k = 64;
+    }
+
+    void score(Index j0, Index keys) {
+      n = keys;
+      decode::Buffers::PerThread& t = *g.t;
+      const Index h_group = g.stride, segments = L.tiles8 + 1;
+      const Index nb = (n + 15) / 16, hb = g.hw / 16;  // key and row blocks
+      const Index kblocks_latent = L.d_pad / 32, kblocks = L.k_pad / 32;
+      const float* units = p.units;
+      const Index h0 = g.h0;
+      float* sc = g.scores;
+      float* ctmp = t.tile_c.data();
+      load_keys(g.a->cache, j0, t, segments);
       // Scores per segment (FP8: each scale tile of the latent, then k^R; otherwise the whole
       // row), each segment's FP32 sums times the rows' units and the keys' multipliers, added.
       const Index score_segments = L.fp8 ? segments : 1;
@@ -310,192 +341,141 @@ struct Part {
       }
       // Per query token: online softmax over the keys it sees, the weights as BF16 pairs, the
       // outputs O^T over the same keys.
-      q->for_each_segment(h0, hw, j0, n, [&](Index r0, Index r1, Index seen) {
-        if (seen == 0) return;
-        online_softmax_step(sc + r0, seen, r1 - r0, h_group, m + r0, l + r0, corr + r0);
-        for (Index d = 0; d < D; ++d) {
-          float* row = ot + d * h_group;
+    }
+
+    /// Rows [r0, r1): the weights as BF16 pairs, the outputs O^T over the keys they see.
+    void accumulate(Index r0, Index r1, Index seen, Index) {
+      decode::Buffers::PerThread& t = *g.t;
+      const Index D = L.D, h_group = g.stride, segments = L.tiles8 + 1;
+      const Index out_segments = L.fp8 ? L.tiles8 : 1;
+      const Index tile = g.a->options.tile_tokens;
+      const Index pair_rows = tile / 2 + 16;  // weight pairs per part, room for 32-key rounding
+      const float* sc = g.scores;
+      const float* corr = g.corr;
+      float* ctmp = t.tile_c.data();
+      std::uint32_t* pp = t.tile_p.data();
+      std::uint16_t* ct_mask = t.tile_ct.data() + ((tile + 31) / 32) * D * 32;
+      for (Index d = 0; d < D; ++d) {
+        float* row = ot + d * h_group;
+        for (Index r = r0; r < r1; r += kW) {
+          Ops::store(row + r, Ops::mul(Ops::load(row + r), Ops::load(corr + r)));
+        }
+      }
+      const Index kb_seen = (seen + 31) / 32;  // 32-key blocks the weights cover
+      const Index pairs = kb_seen * 16;
+      // FP8: each output segment's scales divided by a power of two near their largest
+      // (unit[os], multiplied back into the FP32 sums), so that the BF16 parts of the
+      // weights stay clear of the subnormals the tiles treat as zero, whatever the scales.
+      float unit[kMaxTiles8];
+      for (Index os = 0; os < out_segments; ++os) {
+        float mx = 0.0f;
+        if (L.fp8) {
+          for (Index j = 0; j < seen; ++j) {
+            mx = std::max(mx, t.mult[static_cast<std::size_t>(j * segments + os)]);
+          }
+        }
+        unit[os] = L.fp8 ? power_of_two_above(mx) : 1.0f;
+      }
+      for (Index os = 0; os < out_segments; ++os) {
+        const float inv = 1.0f / unit[os];
+        for (Index jp = 0; jp < pairs; ++jp) {
+          const Index j = 2 * jp;
+          const float mu0 =
+              L.fp8 && j < n ? t.mult[static_cast<std::size_t>(j * segments + os)] * inv : 1.0f;
+          const float mu1 = L.fp8 && j + 1 < n
+                                ? t.mult[static_cast<std::size_t>((j + 1) * segments + os)] * inv
+                                : 1.0f;
           for (Index r = r0; r < r1; r += kW) {
-            Ops::store(row + r, Ops::mul(Ops::load(row + r), Ops::load(corr + r)));
-          }
-        }
-        const Index kb_seen = (seen + 31) / 32;  // 32-key blocks the weights cover
-        const Index pairs = kb_seen * 16;
-        // FP8: each output segment's scales divided by a power of two near their largest
-        // (unit[os], multiplied back into the FP32 sums), so that the BF16 parts of the
-        // weights stay clear of the subnormals the tiles treat as zero, whatever the scales.
-        float unit[kMaxTiles8];
-        for (Index os = 0; os < out_segments; ++os) {
-          float mx = 0.0f;
-          if (L.fp8) {
-            for (Index j = 0; j < seen; ++j) {
-              mx = std::max(mx, t.mult[static_cast<std::size_t>(j * segments + os)]);
-            }
-          }
-          unit[os] = L.fp8 ? power_of_two_above(mx) : 1.0f;
-        }
-        for (Index os = 0; os < out_segments; ++os) {
-          const float inv = 1.0f / unit[os];
-          for (Index jp = 0; jp < pairs; ++jp) {
-            const Index j = 2 * jp;
-            const float mu0 =
-                L.fp8 && j < n ? t.mult[static_cast<std::size_t>(j * segments + os)] * inv : 1.0f;
-            const float mu1 = L.fp8 && j + 1 < n
-                                  ? t.mult[static_cast<std::size_t>((j + 1) * segments + os)] * inv
-                                  : 1.0f;
-            for (Index r = r0; r < r1; r += kW) {
-              V x0 = j < seen ? Ops::mul(Ops::load(sc + j * h_group + r), Ops::set1(mu0))
-                              : Ops::zero();
-              V x1 = j + 1 < seen ? Ops::mul(Ops::load(sc + (j + 1) * h_group + r), Ops::set1(mu1))
-                                  : Ops::zero();
-              for (Index p = 0; p < L.parts; ++p) {
-                _mm512_storeu_si512(reinterpret_cast<void*>(
-                                        pp + ((os * L.parts + p) * pair_rows + jp) * h_group + r),
-                                    next_part(x0, x1));
-              }
+            V x0 =
+                j < seen ? Ops::mul(Ops::load(sc + j * h_group + r), Ops::set1(mu0)) : Ops::zero();
+            V x1 = j + 1 < seen ? Ops::mul(Ops::load(sc + (j + 1) * h_group + r), Ops::set1(mu1))
+                                : Ops::zero();
+            for (Index p = 0; p < L.parts; ++p) {
+              _mm512_storeu_si512(
+                  reinterpret_cast<void*>(pp + ((os * L.parts + p) * pair_rows + jp) * h_group + r),
+                  next_part(x0, x1));
             }
           }
         }
-        // The block holding the first key this token must not see, with that key and the
-        // ones after it zero (their weights are zero; their values may not be finite).
-        const Index full = seen / 32;
-        const bool masked = seen % 32 != 0 && seen < n;
-        if (masked) {
-          const std::uint16_t* src = t.tile_ct.data() + full * D * 32;
-          for (Index d = 0; d < D; ++d) {
-            for (Index jj = 0; jj < 32; ++jj) {
-              ct_mask[d * 32 + jj] = full * 32 + jj < seen ? src[d * 32 + jj] : std::uint16_t{0};
-            }
+      }
+      // The block holding the first key this token must not see, with that key and the
+      // ones after it zero (their weights are zero; their values may not be finite).
+      const Index full = seen / 32;
+      const bool masked = seen % 32 != 0 && seen < n;
+      if (masked) {
+        const std::uint16_t* src = t.tile_ct.data() + full * D * 32;
+        for (Index d = 0; d < D; ++d) {
+          for (Index jj = 0; jj < 32; ++jj) {
+            ct_mask[d * 32 + jj] = full * 32 + jj < seen ? src[d * 32 + jj] : std::uint16_t{0};
           }
         }
-        const Index kb_plain = masked ? full : kb_seen;
-        const Index db = D / 16, rb0 = r0 / 16, rbn = (r1 - r0) / 16;
-        for (Index os = 0; os < out_segments; ++os) {
-          const Index d0 = L.fp8 ? os * 8 : 0, d1 = L.fp8 ? std::min(db, os * 8 + 8) : db;
-          Operand B;  // weights: B(j, k, p) = pair rows 16 k.., rows from block rb0 + j
-          B.base = reinterpret_cast<const unsigned char*>(
-              pp + (os * L.parts * pair_rows) * h_group + rb0 * 16);
-          B.stride = h_group * 4;
-          B.step_i = 16 * 4;
-          B.step_k = 16 * h_group * 4;
-          B.step_p = pair_rows * h_group * 4;
-          for_blocks(d1 - d0, rbn, [&](auto mi, auto nj, Index i, Index j) {
-            constexpr int MI = decltype(mi)::value, NJ = decltype(nj)::value;
-            Operand A;  // latent: A(i, k) = dimensions 16 (d0 + i).., key block k
-            A.base = reinterpret_cast<const unsigned char*>(t.tile_ct.data() + (d0 + i) * 16 * 32);
-            A.stride = 64;
-            A.step_i = 16 * 64;
-            A.step_k = D * 64;
-            Operand Bj = B;
-            Bj.base += j * B.step_i;
-            float* c = ot + (d0 + i) * 16 * h_group + (rb0 + j) * 16;
-            // Non-FP8: the products add to O^T in the tiles. FP8: into fresh tiles, then
-            // O^T += unit * tiles.
-            const auto add = [&](const Operand& Ak, Index k0, Index k1) {
-              if (!L.fp8) {
-                product<MI, NJ>(tiles, Ak, Bj, k0, k1, L.parts, reinterpret_cast<unsigned char*>(c),
-                                h_group * 4, 16 * h_group * 4, 16 * 4, true);
-                return;
-              }
-              product<MI, NJ>(tiles, Ak, Bj, k0, k1, L.parts,
-                              reinterpret_cast<unsigned char*>(ctmp), 16 * 4, 2 * 256 * 4, 256 * 4,
-                              false);
-              const V u = Ops::set1(unit[os]);
-              for (int ii = 0; ii < MI; ++ii) {
-                for (int jj = 0; jj < NJ; ++jj) {
-                  const float* src = ctmp + (2 * ii + jj) * 256;
-                  for (int r = 0; r < 16; ++r) {
-                    float* dst = c + (ii * 16 + r) * h_group + jj * 16;
-                    Ops::store(dst, Ops::fmadd(u, Ops::load(src + r * 16), Ops::load(dst)));
-                  }
+      }
+      const Index kb_plain = masked ? full : kb_seen;
+      const Index db = D / 16, rb0 = r0 / 16, rbn = (r1 - r0) / 16;
+      for (Index os = 0; os < out_segments; ++os) {
+        const Index d0 = L.fp8 ? os * 8 : 0, d1 = L.fp8 ? std::min(db, os * 8 + 8) : db;
+        Operand B;  // weights: B(j, k, p) = pair rows 16 k.., rows from block rb0 + j
+        B.base = reinterpret_cast<const unsigned char*>(pp + (os * L.parts * pair_rows) * h_group +
+                                                        rb0 * 16);
+        B.stride = h_group * 4;
+        B.step_i = 16 * 4;
+        B.step_k = 16 * h_group * 4;
+        B.step_p = pair_rows * h_group * 4;
+        for_blocks(d1 - d0, rbn, [&](auto mi, auto nj, Index i, Index j) {
+          constexpr int MI = decltype(mi)::value, NJ = decltype(nj)::value;
+          Operand A;  // latent: A(i, k) = dimensions 16 (d0 + i).., key block k
+          A.base = reinterpret_cast<const unsigned char*>(t.tile_ct.data() + (d0 + i) * 16 * 32);
+          A.stride = 64;
+          A.step_i = 16 * 64;
+          A.step_k = D * 64;
+          Operand Bj = B;
+          Bj.base += j * B.step_i;
+          float* c = ot + (d0 + i) * 16 * h_group + (rb0 + j) * 16;
+          // Non-FP8: the products add to O^T in the tiles. FP8: into fresh tiles, then
+          // O^T += unit * tiles.
+          const auto add = [&](const Operand& Ak, Index k0, Index k1) {
+            if (!L.fp8) {
+              product<MI, NJ>(tiles, Ak, Bj, k0, k1, L.parts, reinterpret_cast<unsigned char*>(c),
+                              h_group * 4, 16 * h_group * 4, 16 * 4, true);
+              return;
+            }
+            product<MI, NJ>(tiles, Ak, Bj, k0, k1, L.parts, reinterpret_cast<unsigned char*>(ctmp),
+                            16 * 4, 2 * 256 * 4, 256 * 4, false);
+            const V u = Ops::set1(unit[os]);
+            for (int ii = 0; ii < MI; ++ii) {
+              for (int jj = 0; jj < NJ; ++jj) {
+                const float* src = ctmp + (2 * ii + jj) * 256;
+                for (int r = 0; r < 16; ++r) {
+                  float* dst = c + (ii * 16 + r) * h_group + jj * 16;
+                  Ops::store(dst, Ops::fmadd(u, Ops::load(src + r * 16), Ops::load(dst)));
                 }
               }
-            };
-            if (kb_plain > 0) add(A, 0, kb_plain);
-            if (masked) {
-              Operand Am = A;
-              Am.base = reinterpret_cast<const unsigned char*>(ct_mask + (d0 + i) * 16 * 32) -
-                        full * A.step_k;
-              add(Am, full, full + 1);
             }
-          });
-        }
-      });
+          };
+          if (kb_plain > 0) add(A, 0, kb_plain);
+          if (masked) {
+            Operand Am = A;
+            Am.base = reinterpret_cast<const unsigned char*>(ct_mask + (d0 + i) * 16 * 32) -
+                      full * A.step_k;
+            add(Am, full, full + 1);
+          }
+        });
+      }
     }
-    tiles.release();
-    // O^T [d_c][h_group] back to the frame's [h_group][d_c].
-    for (Index d = 0; d < D; ++d) {
-      for (Index r = 0; r < hw; ++r) o[r * D + d] = ot[d * h_group + r];
+
+    /// O^T [d_c][h_group] back to the frame's [h_group][d_c].
+    void finish() {
+      tiles.release();
+      for (Index d = 0; d < L.D; ++d) {
+        for (Index r = 0; r < g.hw; ++r) g.o[r * L.D + d] = ot[d * g.stride + r];
+      }
     }
-  }
+  };
 };
 
 /// Latent widths the tile kernels take: whole 16-wide output tiles, up to kMaxTiles8 FP8 tiles.
 inline bool tiles_take(const LatentLayout& l) {
   return l.kv_lora_rank % 16 == 0 && l.kv_lora_rank <= 128 * kMaxTiles8;
-}
-
-template <class Tiles>
-void run(const DecodeArgs& a, Index parts) {
-  const LatentBlocks& cache = a.cache;
-  const int threads = mla::concurrency(a.pool);
-  const Rows q = decode_kernel::rows_of(a);
-  const decode::Geometry geo(a.tokens * q.h_pad1, a.options, threads, kW);
-  const Index tile = a.options.tile_tokens;
-  const Index split_len = (a.keys + geo.splits - 1) / geo.splits;
-  const Index split_keys = (split_len + tile - 1) / tile * tile;
-  Layout L;
-  L.D = cache.layout.kv_lora_rank;
-  L.R = cache.layout.rope_dim;
-  L.d_pad = (L.D + 31) / 32 * 32;
-  L.k_pad = L.d_pad + (L.R + 31) / 32 * 32;
-  L.parts = parts;
-  L.fp8 = cache.layout.storage == CacheStorage::kFp8E4M3;
-  L.tiles8 = L.fp8 ? (L.D + 127) / 128 : 0;
-  // sigma * queries as `parts` BF16 parts in pairs [k_pad / 2][h_pad] each, in the key rows'
-  // layout; padding rows and columns zero.
-  const Index rows = geo.h_pad, kp_n = L.k_pad / 2;
-  std::uint32_t* qp = a.buffers->tile_q.data();
-  // Each row divided by a power of two near its largest value (its unit, multiplied back into
-  // the FP32 scores), so that the BF16 parts stay clear of the subnormals the tiles treat as
-  // zero, whatever the queries' magnitude.
-  float* units = reinterpret_cast<float*>(qp + parts * kp_n * rows);
-  const auto source = [&](Index k) {  // position in q of position k of a key row, or -1
-    return k < L.d_pad ? (k < L.D ? k : -1) : (k - L.d_pad < L.R ? L.D + k - L.d_pad : -1);
-  };
-  for (Index r = 0; r < rows; ++r) {
-    const Index t = q.token(r), h = r - t * q.h_pad1;
-    float mx = 0.0f;
-    if (h < q.heads) {
-      const float* qr = a.q + (t * q.heads + h) * a.q_stride;
-      for (Index k = 0; k < L.D + L.R; ++k) mx = std::max(mx, std::fabs(a.scale * qr[k]));
-    }
-    units[r] = power_of_two_above(mx);
-  }
-  for (Index kp = 0; kp < kp_n; ++kp) {
-    for (Index r = 0; r < rows; ++r) {
-      const Index t = q.token(r), h = r - t * q.h_pad1;
-      const float inv = 1.0f / units[r];
-      float x[2] = {0.0f, 0.0f};
-      for (int i = 0; i < 2; ++i) {
-        const Index src = source(2 * kp + i);
-        if (h < q.heads && src >= 0) {
-          x[i] = a.scale * a.q[(t * q.heads + h) * a.q_stride + src] * inv;
-        }
-      }
-      for (Index p = 0; p < parts; ++p) {
-        std::uint32_t w = 0;
-        for (int i = 0; i < 2; ++i) {
-          const std::uint16_t b = avx512_bf16::decode_bf16_kernel::bf16_bits(x[i]);
-          x[i] -= bit_cast<float>(std::uint32_t{b} << 16);
-          w |= std::uint32_t{b} << (16 * i);
-        }
-        qp[(p * kp_n + kp) * rows + r] = w;
-      }
-    }
-  }
-  const Part<Tiles> part{&a, &q, &geo, split_keys, qp, units, L};
-  decode_kernel::run_parts(a, q, geo, part);
 }
 
 /// Precision::kFp32: tiles for BF16 and FP8 caches (three parts), the AVX-512 FMA kernel for
@@ -508,7 +488,7 @@ void decode_absorbed(const DecodeArgs& a) {
     avx512::decode_absorbed(a);
     return;
   }
-  run<Tiles>(a, decode::tile_parts(Precision::kFp32));
+  decode_frame::run<TilePolicy<Tiles>>(a, decode::tile_parts(Precision::kFp32));
 }
 
 /// Precision::kBf16: tiles for every cache whose latent width is a multiple of 16.
@@ -518,7 +498,7 @@ void decode_absorbed_bf16(const DecodeArgs& a) {
     avx512_bf16::decode_absorbed_bf16(a);
     return;
   }
-  run<Tiles>(a, decode::tile_parts(Precision::kBf16));
+  decode_frame::run<TilePolicy<Tiles>>(a, decode::tile_parts(Precision::kBf16));
 }
 
 }  // namespace decode_amx

@@ -261,7 +261,7 @@ inline void decode_panel(const GemmArgs& a, Index n0, Index np, Index k0, Index 
 /// 1][j]), exact for BF16 and FP8 weights, rounded for FP32; zero beyond np and past kl.
 inline void decode_panel_pairs(const GemmArgs& a, Index n0, Index np, Index k0, Index kl,
                                std::uint32_t* p) {
-  const auto bits = [&](Index k, Index n) -> std::uint32_t {
+  const auto bits = [&](Index k, Index n) -> std::uint16_t {
     if (k >= kl || n >= np) return 0;
     if (a.format == Format::kBf16) {
       const Index r = a.layout == Layout::kTransposedRows ? a.row0 + n0 + n : a.row0 + k0 + k;
@@ -270,11 +270,12 @@ inline void decode_panel_pairs(const GemmArgs& a, Index n0, Index np, Index k0, 
       std::memcpy(&b, static_cast<const unsigned char*>(a.w) + 2 * (r * a.w_stride + c), 2);
       return b;
     }
-    return bit_cast<std::uint16_t>(to_bfloat16(b_value(a, k0 + k, n0 + n)));
+    return bf16_bits(b_value(a, k0 + k, n0 + n));
   };
   const Index pairs = (kl + 1) / 2;
   for (Index kp = 0; kp < pairs; ++kp) {
-    for (Index j = 0; j < kNP; ++j) p[kp * kNP + j] = bits(2 * kp, j) | (bits(2 * kp + 1, j) << 16);
+    for (Index j = 0; j < kNP; ++j)
+      p[kp * kNP + j] = bf16_pair(bits(2 * kp, j), bits(2 * kp + 1, j));
   }
 }
 

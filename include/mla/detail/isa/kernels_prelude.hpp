@@ -19,6 +19,7 @@
 #include "mla/detail/fp8_codec.hpp"
 #include "mla/detail/isa/kernels.hpp"
 #include "mla/detail/latent_blocks.hpp"
+#include "mla/detail/lse_merge.hpp"
 #include "mla/detail/record_layout.hpp"
 #include "mla/matrix.hpp"
 #include "mla/thread_pool.hpp"
