@@ -8,11 +8,14 @@
 #include <atomic>
 #include <cmath>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mla/decode.hpp"
+#include "mla/detail/lse_merge.hpp"
 #include "mla/layer.hpp"
 #include "reference/mla_reference.hpp"
 #include "test_util.hpp"
@@ -615,3 +618,73 @@ TEST(ThreadPool, RethrowsTheFirstExceptionAfterEveryTaskRan) {
 }
 
 }  // namespace
+
+namespace {
+
+// The softmax over scores s of values v, in double: its output and log-sum-exp.
+std::pair<double, double> softmax_of(const std::vector<double>& s, const std::vector<double>& v) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (double x : s) mx = std::max(mx, x);
+  double sum = 0, acc = 0;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    sum += std::exp(s[i] - mx);
+    acc += std::exp(s[i] - mx) * v[i];
+  }
+  return {acc / sum, mx + std::log(sum)};
+}
+
+}  // namespace
+
+TEST(LseMerge, StatesOverDisjointKeysMergeIntoTheSoftmaxOverTheirUnion) {
+  // Scores far apart (the merge must not overflow) split into parts of different sizes, one
+  // empty; each part's state as the decode kernels keep it (maximum, sum, unnormalised output)
+  // and as mla::mpi keeps it (log-sum-exp, normalised output).
+  std::mt19937 rng(7);
+  std::normal_distribution<double> z(0.0, 30.0);
+  std::vector<double> s(40), v(40);
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    s[i] = z(rng);
+    v[i] = z(rng);
+  }
+  const auto [want_o, want_lse] = softmax_of(s, v);
+  const std::size_t bounds[] = {0, 3, 3, 20, 40};  // parts [0,3) [3,3) [3,20) [20,40)
+  constexpr int kParts = 4;
+  float m[kParts], l[kParts], o[kParts], lse[kParts], on[kParts];
+  for (int p = 0; p < kParts; ++p) {
+    std::vector<double> sp(s.begin() + bounds[p], s.begin() + bounds[p + 1]);
+    std::vector<double> vp(v.begin() + bounds[p], v.begin() + bounds[p + 1]);
+    double mx = -std::numeric_limits<double>::infinity(), sum = 0, acc = 0;
+    for (double x : sp) mx = std::max(mx, x);
+    for (std::size_t i = 0; i < sp.size(); ++i) {
+      sum += std::exp(sp[i] - mx);
+      acc += std::exp(sp[i] - mx) * vp[i];
+    }
+    m[p] = static_cast<float>(mx);
+    l[p] = static_cast<float>(sum);
+    o[p] = static_cast<float>(acc);
+    lse[p] = sp.empty() ? -std::numeric_limits<float>::infinity()
+                        : static_cast<float>(mx + std::log(sum));
+    on[p] = sp.empty() ? 0.0f : static_cast<float>(acc / sum);
+  }
+  float w[kParts];
+  const float got_lse = mla::detail::lse_merge(kParts, m, l, 1, w);
+  double got_o = 0;
+  for (int p = 0; p < kParts; ++p) got_o += static_cast<double>(w[p]) * o[p];
+  EXPECT_NEAR(got_lse, want_lse, 1e-5 * std::fabs(want_lse) + 1e-5);
+  EXPECT_NEAR(got_o, want_o, 1e-5 * std::fabs(want_o) + 1e-5);
+  EXPECT_EQ(w[1], 0.0f);  // the empty part
+  const float got_lse_n = mla::detail::lse_merge(kParts, lse, nullptr, 1, w);
+  double got_on = 0;
+  for (int p = 0; p < kParts; ++p) got_on += static_cast<double>(w[p]) * on[p];
+  EXPECT_NEAR(got_lse_n, want_lse, 1e-5 * std::fabs(want_lse) + 1e-5);
+  EXPECT_NEAR(got_on, want_o, 1e-5 * std::fabs(want_o) + 1e-5);
+  // Every part empty: weights 0 and log-sum-exp -inf. A NaN state: NaN.
+  const float empty[2] = {-std::numeric_limits<float>::infinity(),
+                          -std::numeric_limits<float>::infinity()};
+  EXPECT_EQ(mla::detail::lse_merge(2, empty, nullptr, 1, w),
+            -std::numeric_limits<float>::infinity());
+  EXPECT_EQ(w[0], 0.0f);
+  EXPECT_EQ(w[1], 0.0f);
+  const float with_nan[2] = {1.0f, std::numeric_limits<float>::quiet_NaN()};
+  EXPECT_TRUE(std::isnan(mla::detail::lse_merge(2, with_nan, nullptr, 1, w)));
+}

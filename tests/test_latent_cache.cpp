@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "mla/attention.hpp"
 #include "mla/latent_cache.hpp"
 #include "test_util.hpp"
 
@@ -504,4 +505,102 @@ TEST(LatentCache, SubviewsSeeTheirTokensOnly) {
                                             "must lie in [0, 100) and start a block of 16"));
   EXPECT_TRUE(test::throws_error_containing([&] { (void)cache.view(a, 0).subview(96, 5); },
                                             "tokens [96, 101)"));
+}
+
+TEST(LatentCache, ASelectionReadsTheChosenRecordsWhereTheyAre) {
+  const MlaConfig c = MlaConfig::small_v2_lite();
+  for (const CacheStorage s : {CacheStorage::kFloat32, CacheStorage::kBFloat16,
+                               CacheStorage::kFp8E4M3, CacheStorage::kFloat64}) {
+    SCOPED_TRACE(mla::to_string(s));
+    LatentCache cache(c, options(1, 16, 16, s));
+    const SequenceId a = cache.add_sequence(), b = cache.add_sequence();
+    RowMatrix<float> x = RowMatrix<float>::Random(60, c.latent_cache_width());
+    for (Index t = 0; t < 60; t += 10) {  // interleaved: the blocks alternate
+      cache.append<float>(a, 0, x.block(t, 0, 10, 32), x.block(t, 32, 10, 8));
+      cache.append<float>(b, 0, -x.block(t, 0, 10, 32), -x.block(t, 32, 10, 8));
+    }
+    const mla::LatentView all = cache.view(a, 0);
+    const std::vector<std::int32_t> pos = {17, 0, 59, 17, 33};
+    const mla::LatentView sel = all.select(pos.data(), static_cast<Index>(pos.size()));
+    ASSERT_EQ(sel.tokens(), 5);
+    RowMatrix<double> got_c(5, 32), got_k(5, 8), want_c(1, 32), want_k(1, 8);
+    sel.read<double>(0, 5, got_c, got_k);
+    for (Index j = 0; j < 5; ++j) {
+      EXPECT_EQ(sel.record(j), all.record(pos[static_cast<std::size_t>(j)]));  // no copy
+      all.read<double>(pos[static_cast<std::size_t>(j)], 1, want_c, want_k);
+      EXPECT_EQ(got_c.row(j), want_c.row(0));
+      EXPECT_EQ(got_k.row(j), want_k.row(0));
+    }
+    // The tiles the reference kernels read go record by record too.
+    mla::AttentionWorkspace<double> ws;
+    ws.reserve(c, 1);
+    Index seen = 0;
+    sel.for_each_tile<double>(3, ws.c_tile, ws.kpe_tile, ws.convert_scratch.data(),
+                              [&](Index first, Index n, const auto& ct, const auto& kt) {
+                                for (Index i = 0; i < n; ++i) {
+                                  EXPECT_EQ(ct.row(i), got_c.row(first + i));
+                                  EXPECT_EQ(kt.row(i), got_k.row(first + i));
+                                }
+                                seen += n;
+                              });
+    EXPECT_EQ(seen, 5);
+    const std::vector<std::int32_t> bad = {3, 60};
+    EXPECT_TRUE(test::throws_error_containing([&] { (void)all.select(bad.data(), 2); },
+                                              "position 60 (entry 1) is outside [0, 60)"));
+    EXPECT_TRUE(test::throws_error_containing([&] { (void)sel.select(pos.data(), 1); },
+                                              "the view is a selection"));
+    EXPECT_TRUE(
+        test::throws_error_containing([&] { (void)sel.subview(0, 1); }, "the view is a selection"));
+  }
+}
+
+TEST(LatentCacheStorage, RecordSegmentsAreTheDocumentedBytes) {
+  using mla::detail::Element;
+  const auto layout = [](Index d, Index r, CacheStorage s) {
+    return mla::LatentRecordFormat(d, r, s).layout();
+  };
+  // FlashMLA's FP8 record at DeepSeek widths: 4 tiles of 128 codes, their scales at 512 + 4 t,
+  // then k^R in BF16 at 528.
+  const mla::detail::RecordSegments fp8 =
+      mla::detail::segments_of(layout(512, 64, CacheStorage::kFp8E4M3));
+  ASSERT_EQ(fp8.count, 5);
+  for (Index t = 0; t < 4; ++t) {
+    const auto& s = fp8.at[t];
+    EXPECT_EQ(s.first, 128 * t);
+    EXPECT_EQ(s.count, 128);
+    EXPECT_EQ(s.offset, static_cast<std::size_t>(128 * t));
+    EXPECT_EQ(s.element, Element::kE4M3);
+    EXPECT_EQ(s.scale_offset, static_cast<std::size_t>(512 + 4 * t));
+    EXPECT_EQ(s.index, t);
+  }
+  EXPECT_EQ(fp8.at[4].first, 512);
+  EXPECT_EQ(fp8.at[4].count, 64);
+  EXPECT_EQ(fp8.at[4].offset, 528u);
+  EXPECT_EQ(fp8.at[4].element, Element::kBFloat16);
+  // A ragged last tile (d_c = 200: tiles of 128 and 72, scales at 200 and 204, k^R at 208).
+  const mla::detail::RecordSegments ragged =
+      mla::detail::segments_of(layout(200, 8, CacheStorage::kFp8E4M3));
+  ASSERT_EQ(ragged.count, 3);
+  EXPECT_EQ(ragged.at[1].count, 72);
+  EXPECT_EQ(ragged.at[1].scale_offset, 204u);
+  EXPECT_EQ(ragged.at[2].offset, 208u);
+  // The others: the latent, then k^R, in one element.
+  const std::pair<CacheStorage, Element> plain[] = {{CacheStorage::kFloat32, Element::kFloat32},
+                                                    {CacheStorage::kBFloat16, Element::kBFloat16},
+                                                    {CacheStorage::kFloat64, Element::kFloat64}};
+  for (const auto& [storage, element] : plain) {
+    const mla::detail::RecordSegments s = mla::detail::segments_of(layout(512, 64, storage));
+    const std::size_t bytes = element == Element::kFloat64    ? 8
+                              : element == Element::kBFloat16 ? 2
+                                                              : 4;
+    ASSERT_EQ(s.count, 2);
+    EXPECT_EQ(s.at[0].count, 512);
+    EXPECT_EQ(s.at[0].offset, 0u);
+    EXPECT_EQ(s.at[1].first, 512);
+    EXPECT_EQ(s.at[1].offset, 512 * bytes);
+    EXPECT_EQ(s.at[0].element, element);
+    EXPECT_EQ(s.at[1].element, element);
+  }
+  // No k^R: no segment for it.
+  EXPECT_EQ(mla::detail::segments_of(layout(256, 0, CacheStorage::kBFloat16)).count, 1);
 }

@@ -118,7 +118,7 @@ struct AttentionWorkspace {
 namespace detail {
 
 /// One step of the online softmax for a row of n scores (already scaled), the same step the
-/// decode kernels take (detail/isa/kernels.inl, for one softmax row): on return s holds
+/// decode kernels take (detail/isa/primitives.inl, for one softmax row): on return s holds
 /// exp(s - m_new), (m, l) are the running maximum and sum over everything seen so far, and the
 /// result is the factor exp(m_old - m_new) by which the row's accumulator must be scaled.
 template <class T>

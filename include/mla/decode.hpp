@@ -40,7 +40,7 @@ class DecodeWorkspace {
 inline void DecodeWorkspace::reserve(const MlaConfig& c, const DecodeOptions& o, int threads,
                                      Index tokens) {
   const detail::isa::Kernels& k = detail::isa::kernels();
-  buffers_.reserve(c, o, threads, k.width, tokens, k.tiles);
+  k.reserve_decode(buffers_, c, o, threads, tokens);
 }
 
 /// Most query tokens one decode_absorbed call takes (speculative decoding and multi-token
@@ -94,7 +94,7 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
                   options.tile_tokens, ", ", options.splits, ", ", options.head_groups);
   const detail::isa::Kernels& k = detail::isa::kernels();
   const int threads = mla::concurrency(pool);
-  ws.buffers().reserve(c, options, threads, k.width, T, k.tiles);
+  k.reserve_decode(ws.buffers(), c, options, threads, T);
 
   detail::isa::DecodeArgs a;
   a.cache = cache.blocks();

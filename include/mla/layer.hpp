@@ -1,7 +1,8 @@
 #pragma once
 /// \file
-/// `MlaLayer`: DeepSeek's Multi-Head Latent Attention for a chunk of new tokens of one
-/// sequence, over a LatentCache, with a reusable `MlaWorkspace`.
+/// `MlaLayer`: DeepSeek's Multi-Head Latent Attention for chunks of new tokens of one or many
+/// sequences, over a LatentCache or an engine's paged buffers, with a reusable `MlaWorkspace`
+/// (mla/workspace.hpp).
 
 #include <algorithm>
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include "mla/attention.hpp"
 #include "mla/config.hpp"
 #include "mla/decode.hpp"
+#include "mla/detail/forward_targets.hpp"
 #include "mla/error.hpp"
 #include "mla/executor.hpp"
 #include "mla/latent_cache.hpp"
@@ -21,6 +23,7 @@
 #include "mla/rope.hpp"
 #include "mla/sparse.hpp"
 #include "mla/weights.hpp"
+#include "mla/workspace.hpp"
 
 namespace mla {
 
@@ -34,160 +37,6 @@ struct BatchEntry {
   SequenceId seq = 0;
   std::int64_t start_pos = 0;
   Index tokens = 1;
-};
-
-/// One sequence's share of a batch over an engine's own cache (MlaLayer::forward_paged): its
-/// block table (it must already hold the blocks of the new tokens: the engine allocates them),
-/// the `cached` tokens it holds before the call, and `tokens` new ones at positions start_pos,
-/// start_pos + 1, ... The new tokens' records are written into slots cached, cached + 1, ...
-struct PagedEntry {
-  const std::int32_t* block_table = nullptr;
-  Index cached = 0;
-  std::int64_t start_pos = 0;
-  Index tokens = 1;
-};
-
-/// Scratch memory of MlaLayer::forward: sized by the longest chunk seen so far and reused.
-/// Once it has been sized (by a call or by reserve), a call with a chunk that fits allocates
-/// nothing. One workspace can serve every layer of a model, one call at a time.
-template <class T>
-class MlaWorkspace {
- public:
-  /// Makes room for chunks of up to `tokens` tokens of `config` on `path` (kAuto: both).
-  void reserve(const MlaConfig& c, Index tokens, AttentionPath path = AttentionPath::kAuto) {
-    const Index H = c.num_attention_heads;
-    using detail::grow;
-    grow(cq, tokens, c.q_lora_rank);
-    grow(q, tokens, H * c.qk_head_dim());
-    grow(kv, tokens, c.latent_cache_width());
-    if (path != AttentionPath::kExpanded) {
-      grow(q_latent, tokens * H, c.latent_cache_width());
-      grow(o_latent, tokens * H, c.kv_lora_rank);
-    }
-    grow(o, tokens, H * c.v_head_dim);
-    if (c.mla_use_output_gate) grow(gate, tokens, H * c.v_head_dim);
-    grow(lse, tokens, H);
-    grow(rope_scratch, 1, c.qk_rope_head_dim);
-    if (c.has_indexer()) {
-      const Index HI = c.index_n_heads, DI = c.index_head_dim;
-      grow(index_q, tokens * HI, DI);
-      grow(index_w, tokens, HI);
-      grow(index_k, tokens, DI);
-      if constexpr (!std::is_same_v<T, float>) {
-        grow(index_t, tokens, std::max(HI * DI, HI));
-      }
-      grow(index_codes, DI);
-      grow(index_rope, std::max<Index>(c.qk_rope_head_dim, 1));
-      grow(index_visible, kSparseChunk);
-      selection.visible.reserve(static_cast<std::size_t>(tokens));
-    }
-    attention.reserve(c, tokens, path);
-    // A batch has at most one sequence per token.
-    const auto entries = static_cast<std::size_t>(std::max<Index>(tokens, 1));
-    parts.reserve(entries);
-    part_ids.reserve(entries);
-    part_counts.reserve(entries);
-    part_positions.reserve(entries);
-    const int threads = mla::concurrency(pool_);
-    if (static_cast<int>(per_thread.size()) < threads) {
-      per_thread.resize(static_cast<std::size_t>(threads));
-    }
-    // Projections: the pool's panels, and BF16 activations of the decode shapes.
-    const bool bf16 = projection_precision_ == Precision::kBf16;
-    const Index widest = std::max({c.hidden_size, c.q_lora_rank, c.kv_lora_rank, H * c.v_head_dim});
-    projection.reserve(threads, std::min<Index>(tokens, 8), widest, bf16);
-    for (ProjectionWorkspace& p : per_thread) {
-      p.reserve(1, std::min<Index>(tokens, 8), std::max(c.qk_nope_head_dim, c.kv_lora_rank), bf16);
-    }
-    if constexpr (std::is_same_v<T, float>) {
-      if (path != AttentionPath::kAbsorbed) attention.reserve_threads(c, threads);
-      if (path != AttentionPath::kExpanded) {
-        decode.reserve(c, decode_options_, mla::concurrency(pool_), std::min<Index>(tokens, 8));
-      }
-    }
-  }
-
-  /// Query tokens whose indexer scores are computed together (DeepSeek-V3.2 layers).
-  static constexpr Index kSparseChunk = 8;
-
-  /// Log-sum-exp of the last forward call's attention, [tokens, H] in the top rows.
-  const RowMatrix<T>& last_lse() const { return lse; }
-
-  /// The top-k positions of the last call of a layer with an indexer of its own, row by row
-  /// of its input, which a following layer with MlaConfig::index_shared reads (GLM-5.1's
-  /// IndexShare). A model that runs its layers on one workspace passes it on as it is; to run a
-  /// shared layer on another workspace, copy it there.
-  const TopkSelection& topk_selection() const { return selection; }
-  TopkSelection& topk_selection() { return selection; }
-
-  /// Threads for the projections, the absorbed per-head products and the decode attention of
-  /// float layers: the pool is used, not owned, and must outlive the calls; nullptr (the
-  /// default) runs on the calling thread.
-  void set_executor(Executor* executor) { pool_ = executor; }
-  Executor* executor() const { return pool_; }
-  /// The same as set_executor (an mla::ThreadPool is an Executor).
-  void set_thread_pool(Executor* pool) { pool_ = pool; }
-
-  /// The arithmetic of the projections of float layers whose weights are BF16 or FP8
-  /// (Precision::kFp32, the default, or kBf16: activations rounded to BF16 once). The decode
-  /// attention's precision is DecodeOptions::precision.
-  void set_projection_precision(Precision p) { projection_precision_ = p; }
-  Precision projection_precision() const { return projection_precision_; }
-
-  /// How decode_absorbed divides its work and which arithmetic it uses (float layers; the
-  /// default is Precision::kFp32).
-  void set_decode_options(const DecodeOptions& options) { decode_options_ = options; }
-  const DecodeOptions& decode_options() const { return decode_options_; }
-
- private:
-  friend class MlaLayer<T>;
-
-  RowMatrix<T> cq;        // [tokens, q_lora_rank]       c^Q
-  RowMatrix<T> q;         // [tokens, H * (P + R)]        q
-  RowMatrix<T> kv;        // [tokens, d_c + R]            [c^KV ; k^R]
-  RowMatrix<T> q_latent;  // [tokens * H, d_c + R]        [q~ ; q^pe] per (token, head)
-  RowMatrix<T> o_latent;  // [tokens * H, d_c]            o~
-  RowMatrix<T> o;         // [tokens, H * V]              o
-  RowMatrix<T> gate;      // [tokens, H * V]              sigmoid(W_g x) (output gate)
-  RowMatrix<T> lse;       // [tokens, H]
-  RowMatrix<T> rope_scratch;
-  // DeepSeek-V3.2's indexer (layers with one): FP32, as the reference computes it.
-  RowMatrix<float> index_q;       // [tokens * H_I, d_I]  E4M3 query values per (token, head)
-  RowMatrix<float> index_w;       // [tokens, H_I]        folded head weights
-  RowMatrix<float> index_k;       // [tokens, d_I]        keys before quantisation
-  RowMatrix<T> index_t;           // projections in T (non-float layers)
-  RowMatrix<float> index_scores;  // [kSparseChunk, context]
-  std::vector<unsigned char> index_codes;
-  std::vector<float> index_rope;
-  std::vector<Index> index_visible;
-  TopkSelection selection;  // the selection of the last call of a layer with an indexer
-  std::vector<std::uint64_t> topk_scratch;
-  IndexerWorkspace indexer;
-  SparseWorkspace<T> sparse;
-  bool index_queries = false;  // whether this call needs the index queries (sparse rows)
-  AttentionWorkspace<T> attention;
-  DecodeWorkspace decode;
-  ProjectionWorkspace projection;
-  std::vector<ProjectionWorkspace> per_thread;  // the per-head products on the pool's threads
-  struct Part {
-    Index row0 = 0, tokens = 0;
-    std::int64_t start_pos = 0;
-    AttentionPath path = AttentionPath::kAbsorbed;
-  };
-  std::vector<Part> parts;  // the sequences of a batch, in row order
-  std::vector<SequenceId> part_ids;
-  std::vector<Index> part_counts;
-  std::vector<std::int64_t> part_positions;
-  Executor* pool_ = nullptr;
-  DecodeOptions decode_options_;
-  Precision projection_precision_ = Precision::kFp32;
-
-  /// Whole projections: on the pool, with this workspace's scratch.
-  ProjectionContext context() { return {pool_, projection_precision_, &projection}; }
-  /// One thread's part of the per-head products (the threads run heads, not columns).
-  ProjectionContext thread_context(int thread) {
-    return {nullptr, projection_precision_, &per_thread[static_cast<std::size_t>(thread)]};
-  }
 };
 
 /// One MLA layer: weights, their absorbed forms, and the forward pass. Holds no per-sequence
@@ -488,7 +337,7 @@ class MlaLayer {
     return common;
   }
 
-  /// forward_paged (index_buffer: V3.2 layers' index keys, else nullptr).
+  /// forward_paged (index_buffer: V3.2 layers' index keys, else nullptr): the checks, then run.
   void run_paged(const ConstMatrixRef<T>& x, const PagedLatentBuffer& buffer,
                  const PagedIndexBuffer* index_buffer, const std::vector<PagedEntry>& entries,
                  MatrixRef<T> y, MlaWorkspace<T>& ws, AttentionPath path) const {
@@ -513,79 +362,44 @@ class MlaLayer {
       if (index_buffer) (void)IndexKeyView(*index_buffer, entries[i].block_table, n);
     }
     if (x.rows() == 0) return;
-    auto past = [&](std::size_t i) { return entries[i].cached; };
-    choose_paths(past, path, x.rows(), ws);
-    ws.reserve(config_, x.rows(), batch_path(ws));
-    project_queries_and_latents(x, ws);
-    const Index D = c.kv_lora_rank, bt = buffer.block_tokens;
-    for (std::size_t i = 0; i < entries.size(); ++i) {
-      const auto& part = ws.parts[i];
-      const PagedEntry& e = entries[i];
-      for (Index t = 0; t < part.tokens; ++t) {
-        const Index token = e.cached + t, block = e.block_table[token / bt], slot = token % bt;
-        buffer.format.encode<T>(ws.kv.row(part.row0 + t).data(),
-                                ws.kv.row(part.row0 + t).data() + D, buffer.record(block, slot));
-        if (index_buffer) {
-          unsigned char* b = index_buffer->block(block);
-          index_buffer->format.encode(
-              ws.index_k.row(part.row0 + t).data(),
-              b + index_buffer->codes_offset + static_cast<std::size_t>(slot * c.index_head_dim),
-              reinterpret_cast<float*>(b + index_buffer->scales_at()) + slot);
-        }
-      }
-    }
-    attend_parts(
-        ws,
-        [&](std::size_t i) {
-          return LatentView(buffer, entries[i].block_table, entries[i].cached + entries[i].tokens);
-        },
-        [&](std::size_t i) {
-          return index_buffer ? IndexKeyView(*index_buffer, entries[i].block_table,
-                                             entries[i].cached + entries[i].tokens)
-                              : IndexKeyView();
-        });
-    finish(y, x.rows(), ws);
+    detail::PagedTarget<T> target{buffer, index_buffer, entries};
+    run(x, target, y, ws, path);
   }
 
   /// The batch in ws.parts (sequences in ws.part_ids) over a LatentCache.
   void run_on_cache(const ConstMatrixRef<T>& x, LatentCache& cache, MatrixRef<T> y,
                     MlaWorkspace<T>& ws, AttentionPath path) const {
-    const std::size_t n = ws.parts.size();
-    ws.part_counts.resize(n);
-    ws.part_positions.resize(n);
-    for (std::size_t i = 0; i < n; ++i) {
-      ws.part_counts[i] = ws.parts[i].tokens;
-      ws.part_positions[i] = ws.parts[i].start_pos;
-    }
-    choose_paths([&](std::size_t i) { return cache.length(ws.part_ids[i], layer_index_); }, path,
-                 x.rows(), ws);
+    detail::CacheTarget<T, Part> target{cache,       layer_index_,   ws.parts,
+                                        ws.part_ids, ws.part_counts, ws.part_positions};
+    run(x, target, y, ws, path);
+  }
+
+  /// The one forward pass, for the parts in ws.parts over `target`: each part's path, the
+  /// checks and reservations that can fail (before anything is written), the projections, the
+  /// new records written, every part's attention over its records, and the output projection.
+  template <class Target>
+  void run(const ConstMatrixRef<T>& x, Target& target, MatrixRef<T> y, MlaWorkspace<T>& ws,
+           AttentionPath path) const {
+    choose_paths([&](std::size_t i) { return target.cached(i); }, path, x.rows(), ws);
     ws.reserve(config_, x.rows(), batch_path(ws));
-    // Before anything changes: positions, room, and the blocks, atomically (under the cache's
-    // lock); the appends below cannot fail.
-    cache.reserve_append(ws.part_ids.data(), ws.part_counts.data(), ws.part_positions.data(),
-                         static_cast<Index>(n), layer_index_);
+    target.prepare();  // nothing fails after this
     project_queries_and_latents(x, ws);
     const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim;
-    if (cache.has_index_keys() && !config_.has_indexer()) {
+    const Index DI = target.index_key_dim();
+    if (DI > 0 && !config_.has_indexer()) {
       // A layer that shares its top-k computes no index keys: zeros fill its slots.
-      detail::grow(ws.index_k, x.rows(), cache.index_key_format().dim());
+      detail::grow(ws.index_k, x.rows(), DI);
       ws.index_k.topRows(x.rows()).setZero();
     }
-    for (std::size_t i = 0; i < n; ++i) {
+    for (std::size_t i = 0; i < ws.parts.size(); ++i) {
       const Part& p = ws.parts[i];
-      if (cache.has_index_keys()) {
-        cache.append<T>(ws.part_ids[i], layer_index_, ws.kv.block(p.row0, 0, p.tokens, D),
-                        ws.kv.block(p.row0, D, p.tokens, R),
-                        ws.index_k.block(p.row0, 0, p.tokens, cache.index_key_format().dim()),
-                        p.start_pos);
-      } else {
-        cache.append<T>(ws.part_ids[i], layer_index_, ws.kv.block(p.row0, 0, p.tokens, D),
-                        ws.kv.block(p.row0, D, p.tokens, R), p.start_pos);
-      }
+      target.write(
+          i, ws.kv.block(p.row0, 0, p.tokens, D), ws.kv.block(p.row0, D, p.tokens, R),
+          DI > 0 ? ws.index_k.block(p.row0, 0, p.tokens, DI) : ws.index_k.block(0, 0, 0, 0));
     }
     attend_parts(
-        ws, [&](std::size_t i) { return cache.view(ws.part_ids[i], layer_index_); },
-        [&](std::size_t i) { return cache.index_view(ws.part_ids[i], layer_index_); });
+        ws, [&](std::size_t i) { return target.view(i); },
+        [&](std::size_t i) { return target.index_view(i); });
     finish(y, x.rows(), ws);
   }
 

@@ -109,6 +109,18 @@ inline Index record_segments(const LatentLayout& l) {
          (l.rope_dim > 0 ? 1 : 0);
 }
 
+/// The segments of a layout's records, listed once (the kernels loop over them record after
+/// record, in plain loops that keep their accumulators in registers).
+struct RecordSegments {
+  /// Most segments of a record: FP8 latents of up to 8192 values (LatentRecordFormat's limit)
+  /// have 64 scale tiles, plus k^R.
+  static constexpr Index kMax = 65;
+  RecordSegment at[kMax];
+  Index count = 0;
+  const RecordSegment* begin() const { return at; }
+  const RecordSegment* end() const { return at + count; }
+};
+
 /// Calls f(segment) for each segment of a record of layout l, in order of their values: the
 /// one description of the record formats.
 ///  - kFloat32 / kFloat64 / kBFloat16: c [d_c] at 0, then k^R [R], in that element;
@@ -144,6 +156,13 @@ void for_each_segment(const LatentLayout& l, F&& f) {
     s.scale_offset = 0;
     f(static_cast<const RecordSegment&>(s));
   }
+}
+
+/// The segments of layout l's records (for_each_segment's, in a list).
+inline RecordSegments segments_of(const LatentLayout& l) {
+  RecordSegments list;
+  for_each_segment(l, [&](const RecordSegment& s) { list.at[list.count++] = s; });
+  return list;
 }
 
 }  // namespace detail

@@ -180,6 +180,12 @@ namespace decode_bf16 = avx512_bf16::decode_bf16;
 #include "mla/detail/isa/gemm_amx.inl"
 // clang-format on
 
+/// The decode steps' scratch, with room for the tile kernels' operands.
+inline void reserve_decode(decode::Buffers& b, const MlaConfig& c, const DecodeOptions& o,
+                           int threads, Index tokens) {
+  b.reserve(c, o, threads, kW, tokens, true);
+}
+
 /// The avx512_bf16 kernels with the decode steps and the projections' BF16 matmul on AMX tiles
 /// (`Tiles`: the hardware, the amx target; or its software model, the amx_model target).
 template <class Tiles>
@@ -188,6 +194,7 @@ const Kernels& table_on() {
     Kernels t = avx512_bf16::table();
     t.isa = Tiles::kEmulated ? Isa::kAmxModel : Isa::kAmx;
     t.tiles = true;
+    t.reserve_decode = &reserve_decode;
     t.decode_absorbed = &decode_amx::decode_absorbed<Tiles>;
     t.decode_absorbed_bf16 = &decode_amx::decode_absorbed_bf16<Tiles>;
     t.gemm = &gemm_amx::gemm<Tiles>;

@@ -157,12 +157,15 @@ struct Layout {
 /// The tile policy (see the file comment).
 template <class Tiles>
 struct TilePolicy {
+  static constexpr bool kAccumulatesInOutput = false;
+  RecordSegments record;    // the cache's record segments
   const std::uint32_t* qp;  // [parts][k_pad / 2][h_pad] query pairs
   const float* units;       // [h_pad] the rows' units
   Layout L;
 
   TilePolicy(const DecodeArgs& a, const decode_frame::Rows& q, const decode::Geometry& geo,
-             Index parts) {
+             Index parts)
+      : record(segments_of(a.cache.layout)) {
     const LatentBlocks& cache = a.cache;
     L.D = cache.layout.kv_lora_rank;
     L.R = cache.layout.rope_dim;
@@ -240,11 +243,10 @@ struct TilePolicy {
           continue;
         }
         const unsigned char* rec = cache.record(j0 + j);
-        decode_bf16::key_to_bf16(cache.layout, kl, rec, row, t.tile.data());
+        decode_bf16::key_to_bf16(p.record, kl, rec, row, t.tile.data());
         std::fill(row + L.D, row + L.d_pad, std::uint16_t{0});
         std::fill(row + L.d_pad + L.R, row + L.k_pad, std::uint16_t{0});
-        if (L.fp8)
-          decode_bf16::segment_multipliers(cache.layout, rec, t.mult.data() + j * segments);
+        if (L.fp8) decode_bf16::segment_multipliers(p.record, rec, t.mult.data() + j * segments);
       }
       // Latent transposed: block b, row d holds keys 32 b .. 32 b + 31 at d (zero past n).
       const Index blocks = (n + 31) / 32;

@@ -26,9 +26,9 @@ struct KeyLayout {
 /// One record's [c ; k^R] as BF16 into dst [k_even], segment by segment: exact for BF16
 /// segments and E4M3 codes (unscaled: the scales are applied as multipliers), rounded for FP32
 /// and FP64. `scratch` holds d + r floats.
-inline void key_to_bf16(const LatentLayout& l, const KeyLayout& k, const unsigned char* rec,
-                        std::uint16_t* dst, float* scratch) {
-  for_each_segment(l, [&](const RecordSegment& s) {
+inline void key_to_bf16(const RecordSegments& segments, const KeyLayout& k,
+                        const unsigned char* rec, std::uint16_t* dst, float* scratch) {
+  for (const RecordSegment& s : segments) {
     const unsigned char* src = rec + s.offset;
     std::uint16_t* out = dst + (s.first < k.d ? s.first : k.d_even + (s.first - k.d));
     Index i = 0;
@@ -46,14 +46,15 @@ inline void key_to_bf16(const LatentLayout& l, const KeyLayout& k, const unsigne
         for (; i < s.count; ++i) out[i] = bf16_bits(scratch[i]);
         break;
     }
-  });
+  }
   if (k.d_even != k.d) dst[k.d] = 0;
 }
 
 /// The multipliers of one record's score segments (see for_each_segment: the E4M3 scales, 1
 /// for k^R) into mult [record_segments].
-inline void segment_multipliers(const LatentLayout& l, const unsigned char* rec, float* mult) {
-  for_each_segment(l, [&](const RecordSegment& s) { mult[s.index] = s.scale(rec); });
+inline void segment_multipliers(const RecordSegments& segments, const unsigned char* rec,
+                                float* mult) {
+  for (const RecordSegment& s : segments) mult[s.index] = s.scale(rec);
 }
 
 /// S[r][h] (+)= mult_r * sum_{kp0 <= kp < kp1} K_r . Q over the pairs kp, for MR key rows and NR
@@ -145,13 +146,15 @@ MLA_KERNEL_INLINE void output_block(const std::uint32_t* cp, Index D, Index pair
 /// The BF16 policy: keys as BF16 rows (in place for BF16 records of even d_c), the latent as
 /// pairs of consecutive keys, weights as BF16 pairs per output segment.
 struct Bf16Policy {
+  static constexpr bool kAccumulatesInOutput = true;
+  RecordSegments record;  // the cache's record segments
   KeyLayout kl;
   const float* qp;  // query pairs [k_even / 2][h_pad], as float-typed 32-bit words
   Index segments;   // FP8: one per scale tile + k^R; otherwise 1
   bool fp8, in_place;
 
   Bf16Policy(const DecodeArgs& a, const decode_frame::Rows& q, const decode::Geometry& geo)
-      : kl(a.cache.layout) {
+      : record(segments_of(a.cache.layout)), kl(a.cache.layout) {
     // sigma * queries as BF16 pairs [k_even / 2][h_pad], in the key rows' layout (latent padded
     // to even length, then k^R); padding rows and the pad column zero.
     const Index rows = geo.h_pad;
@@ -204,10 +207,10 @@ struct Bf16Policy {
           rows[j] = reinterpret_cast<const std::uint16_t*>(rec);
         } else {
           std::uint16_t* row = g.t->keys16.data() + j * p.kl.k_even;
-          key_to_bf16(cache.layout, p.kl, rec, row, g.t->tile.data());
+          key_to_bf16(p.record, p.kl, rec, row, g.t->tile.data());
           rows[j] = row;
         }
-        if (p.fp8) segment_multipliers(cache.layout, rec, mult + j * p.segments);
+        if (p.fp8) segment_multipliers(p.record, rec, mult + j * p.segments);
       }
       // Latent pairs of consecutive keys, [n / 2][d_c]: the output's B operand. Meanwhile the
       // next block's records are prefetched, two per pair: this block's scores, softmax and

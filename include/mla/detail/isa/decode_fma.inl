@@ -96,25 +96,32 @@ MLA_KERNEL_INLINE void score_row(const float* row, Index width, const float* q, 
 /// [c ; k^R] is also stored at `row` for the output pass, so the record is read once and no
 /// separate conversion pass runs. Needs d_c and R multiples of kW (checked by the caller).
 /// `ahead` is a record to prefetch.
-MLA_KERNEL_INLINE void score_record(const LatentLayout& l, const unsigned char* rec, const float* q,
-                                    float* s, float* row, const unsigned char* ahead) {
-  for (std::size_t b = 0; b < l.token_bytes; b += 64) Ops::prefetch(ahead + b);
+MLA_KERNEL_INLINE void score_record(const RecordSegments& segments, std::size_t record_bytes,
+                                    const unsigned char* rec, const float* q, float* s, float* row,
+                                    const unsigned char* ahead) {
+  for (std::size_t b = 0; b < record_bytes; b += 64) Ops::prefetch(ahead + b);
   V acc[kW];
   for (int v = 0; v < kW; ++v) acc[v] = Ops::zero();
-  for_each_segment(l, [&](const RecordSegment& seg) {
+  for (const RecordSegment& seg : segments) {
     const unsigned char* src = rec + seg.offset;
-    // An E4M3 segment's codes are exact values; one multiply by its scale rounds once, as
-    // float(code) * scale does.
-    const bool fp8 = seg.element == Element::kE4M3;
-    const V mul = Ops::set1(seg.scale(rec));
-    for (Index k = 0; k < seg.count; k += kW) {
-      const V a = fp8 ? Ops::mul(Ops::widen_e4m3(src + k), mul)
-                      : Ops::widen_bf16(src + 2 * static_cast<std::size_t>(k));
-      Ops::store(row + seg.first + k, a);
-      for (int v = 0; v < kW; ++v) acc[v] = Ops::fmadd(a, Ops::load(q + v * kW), acc[v]);
-      q += kW * kW;
+    float* dst = row + seg.first;
+    if (seg.element == Element::kE4M3) {
+      // The codes are exact values; one multiply by the segment's scale rounds once, as
+      // float(code) * scale does.
+      const V mul = Ops::set1(seg.scale(rec));
+      for (Index k = 0; k < seg.count; k += kW, q += kW * kW) {
+        const V a = Ops::mul(Ops::widen_e4m3(src + k), mul);
+        Ops::store(dst + k, a);
+        for (int v = 0; v < kW; ++v) acc[v] = Ops::fmadd(a, Ops::load(q + v * kW), acc[v]);
+      }
+    } else {  // BF16
+      for (Index k = 0; k < seg.count; k += kW, q += kW * kW) {
+        const V a = Ops::widen_bf16(src + 2 * static_cast<std::size_t>(k));
+        Ops::store(dst + k, a);
+        for (int v = 0; v < kW; ++v) acc[v] = Ops::fmadd(a, Ops::load(q + v * kW), acc[v]);
+      }
     }
-  });
+  }
   Ops::store(s, Ops::transpose_sum(acc));
 }
 
@@ -190,12 +197,15 @@ inline void layout_queries(const DecodeArgs& a, const decode_frame::Rows& q, Ind
 /// The FMA policy: FP32 records read in place, BF16 and FP8 records widened (in the score kernel
 /// for groups of one head vector, into the thread's block buffer otherwise).
 struct FmaPolicy {
+  static constexpr bool kAccumulatesInOutput = true;
+  RecordSegments segments;  // of the cache's records
   Index K, D, k_pad;
   const float* qs;
   bool by_row, in_place, widen_in_score;
 
   FmaPolicy(const DecodeArgs& a, const decode_frame::Rows& q, const decode::Geometry& geo) {
     const LatentLayout& l = a.cache.layout;
+    segments = segments_of(l);
     D = l.kv_lora_rank;
     K = D + l.rope_dim;
     // Groups of one head vector take their scores along the key width (score_row); wider
@@ -237,14 +247,14 @@ struct FmaPolicy {
       if (p.widen_in_score) {
         for (Index j = 0; j < n; ++j) {
           const unsigned char* ahead = cache.record(std::min(j0 + j + decode::kAhead, g.last - 1));
-          score_record(cache.layout, cache.record(j0 + j), p.qs + g.h0 * p.k_pad, sc + j * kW,
-                       tile + j * p.K, ahead);
+          score_record(p.segments, cache.layout.token_bytes, cache.record(j0 + j),
+                       p.qs + g.h0 * p.k_pad, sc + j * kW, tile + j * p.K, ahead);
         }
         return;
       }
       if (!p.in_place) {
         for (Index j = 0; j < n; ++j)
-          widen_record(cache.layout, cache.record(j0 + j), tile + j * p.K);
+          widen_record(p.segments, cache.record(j0 + j), tile + j * p.K);
       }
       if (p.by_row) {
         for (Index j = 0; j < n; ++j) {

@@ -11,6 +11,8 @@
 //   void score(Index j0, Index n);   // scores of keys [j0, j0 + n) into group.scores [n][stride]
 //   void accumulate(Index r0, Index r1, Index seen, Index n);  // rows [r0, r1): o = corr o + P C
 //   void finish();                   // the part's output in group.o [hw][d_c]
+// and says whether its Worker adds to group.o from the start (kAccumulatesInOutput: the frame
+// zeroes it) or writes it in finish() (accumulating elsewhere).
 // and the frame calls them in that order for every block. Included inside a target namespace,
 // after primitives.inl. No include guard on purpose.
 
@@ -126,7 +128,7 @@ struct Part {
             t.scores.data(),
             t.correction.data(),
             &t};
-    std::fill(g.o, g.o + D * h_group, 0.0f);
+    if constexpr (Policy::kAccumulatesInOutput) std::fill(g.o, g.o + D * h_group, 0.0f);
     std::fill(g.m, g.m + h_group, -std::numeric_limits<float>::infinity());
     std::fill(g.l, g.l + h_group, 0.0f);
     typename Policy::Worker w(*policy, g);

@@ -140,6 +140,10 @@ struct Kernels {
   /// dst[i] = e^src[i] with the kernels' vector exp (within 2 ulp for src <= 88; 0 below
   /// -87.33; NaN stays NaN).
   void (*exp)(const float* src, std::size_t n, float* dst) = nullptr;
+  /// Makes room in `b` for this target's decode steps with these dimensions (the scratch of its
+  /// own SIMD width, and of the tile kernels where it has them).
+  void (*reserve_decode)(decode::Buffers& b, const MlaConfig& c, const DecodeOptions& o,
+                         int threads, Index tokens) = nullptr;
   /// The absorbed decode step in FP32 (Precision::kFp32).
   void (*decode_absorbed)(const DecodeArgs& args) = nullptr;
   /// The absorbed decode step with queries and softmax weights in BF16 (kBf16).

@@ -24,11 +24,18 @@ inline constexpr int kW = Ops::kWidth;
 // ---------------------------------------------------------------------------------------------
 // The table
 
+/// The decode steps' scratch at this target's width.
+inline void reserve_decode(decode::Buffers& b, const MlaConfig& c, const DecodeOptions& o,
+                           int threads, Index tokens) {
+  b.reserve(c, o, threads, kW, tokens, false);
+}
+
 inline const Kernels& table() {
   static const Kernels k = [] {
     Kernels t;
     t.isa = Ops::kIsa;
     t.width = kW;
+    t.reserve_decode = &reserve_decode;
     t.encode_e4m3 = &encode_e4m3;
     t.encode_e5m2 = &encode_e5m2;
     t.decode_e4m3 = &decode_e4m3;

@@ -137,9 +137,10 @@ inline void widen_segment(const RecordSegment& s, const unsigned char* rec, floa
   }
 }
 
-/// One token's record as floats: out[0, d_c) = c, out[d_c, d_c + R) = k^R.
-inline void widen_record(const LatentLayout& l, const unsigned char* rec, float* out) {
-  for_each_segment(l, [&](const RecordSegment& s) { widen_segment(s, rec, out + s.first); });
+/// One token's record as floats: out[0, d_c) = c, out[d_c, d_c + R) = k^R (`segments`: the
+/// record's, segments_of(layout)).
+inline void widen_record(const RecordSegments& segments, const unsigned char* rec, float* out) {
+  for (const RecordSegment& s : segments) widen_segment(s, rec, out + s.first);
 }
 
 // ---------------------------------------------------------------------------------------------
