@@ -29,21 +29,23 @@ struct KeyLayout {
 inline void key_to_bf16(const RecordSegments& segments, const KeyLayout& k,
                         const unsigned char* rec, std::uint16_t* dst, float* scratch) {
   for (const RecordSegment& s : segments) {
+    // The segment's fields in locals: the vector stores below may alias anything in memory.
     const unsigned char* src = rec + s.offset;
     std::uint16_t* out = dst + (s.first < k.d ? s.first : k.d_even + (s.first - k.d));
+    const Index count = s.count;
     Index i = 0;
     switch (s.element) {
       case Element::kBFloat16:
-        std::memcpy(out, src, sizeof(std::uint16_t) * static_cast<std::size_t>(s.count));
+        std::memcpy(out, src, sizeof(std::uint16_t) * static_cast<std::size_t>(count));
         break;
       case Element::kE4M3:
-        for (; i + kW <= s.count; i += kW) Ops::store_bf16_exact(out + i, Ops::widen_e4m3(src + i));
-        for (; i < s.count; ++i) out[i] = bf16_bits(decode_fp8<E4M3FNFormat>(src[i]));
+        for (; i + kW <= count; i += kW) Ops::store_bf16_exact(out + i, Ops::widen_e4m3(src + i));
+        for (; i < count; ++i) out[i] = bf16_bits(decode_fp8<E4M3FNFormat>(src[i]));
         break;
       default:  // FP32, FP64: widened to float (FP64 rounds once), then rounded to BF16
         widen_segment(s, rec, scratch);
-        for (; i + kW <= s.count; i += kW) Ops::store_bf16(out + i, Ops::load(scratch + i));
-        for (; i < s.count; ++i) out[i] = bf16_bits(scratch[i]);
+        for (; i + kW <= count; i += kW) Ops::store_bf16(out + i, Ops::load(scratch + i));
+        for (; i < count; ++i) out[i] = bf16_bits(scratch[i]);
         break;
     }
   }
@@ -197,7 +199,7 @@ struct Bf16Policy {
           pp(group.t->p_pairs.data()),
           max_pairs((group.a->options.tile_tokens + 1) / 2) {}
 
-    void score(Index j0, Index n) {
+    MLA_KERNEL_NOINLINE void score(Index j0, Index n) {
       const LatentBlocks& cache = g.a->cache;
       const Index D = p.kl.d, tiles8 = p.segments - 1;
       // Keys as BF16 rows, and their multipliers.
@@ -264,7 +266,7 @@ struct Bf16Policy {
 
     /// The weights as BF16 pairs (times each output segment's FP8 scale) and the outputs over
     /// the keys the rows [r0, r1) see.
-    void accumulate(Index r0, Index r1, Index seen, Index) {
+    MLA_KERNEL_NOINLINE void accumulate(Index r0, Index r1, Index seen, Index) {
       const Index D = p.kl.d, h_group = g.stride, segments = p.segments;
       const bool fp8 = p.fp8;
       const float* sc = g.scores;

@@ -103,19 +103,21 @@ MLA_KERNEL_INLINE void score_record(const RecordSegments& segments, std::size_t 
   V acc[kW];
   for (int v = 0; v < kW; ++v) acc[v] = Ops::zero();
   for (const RecordSegment& seg : segments) {
+    // The segment's fields in locals: the vector stores below may alias anything in memory.
     const unsigned char* src = rec + seg.offset;
     float* dst = row + seg.first;
+    const Index count = seg.count;
     if (seg.element == Element::kE4M3) {
       // The codes are exact values; one multiply by the segment's scale rounds once, as
       // float(code) * scale does.
       const V mul = Ops::set1(seg.scale(rec));
-      for (Index k = 0; k < seg.count; k += kW, q += kW * kW) {
+      for (Index k = 0; k < count; k += kW, q += kW * kW) {
         const V a = Ops::mul(Ops::widen_e4m3(src + k), mul);
         Ops::store(dst + k, a);
         for (int v = 0; v < kW; ++v) acc[v] = Ops::fmadd(a, Ops::load(q + v * kW), acc[v]);
       }
     } else {  // BF16
-      for (Index k = 0; k < seg.count; k += kW, q += kW * kW) {
+      for (Index k = 0; k < count; k += kW, q += kW * kW) {
         const V a = Ops::widen_bf16(src + 2 * static_cast<std::size_t>(k));
         Ops::store(dst + k, a);
         for (int v = 0; v < kW; ++v) acc[v] = Ops::fmadd(a, Ops::load(q + v * kW), acc[v]);
@@ -229,7 +231,7 @@ struct FmaPolicy {
     Worker(const FmaPolicy& policy, const decode_frame::Group& group)
         : p(policy), g(group), rows(group.t->rows.data()) {}
 
-    void score(Index j0, Index n) {
+    MLA_KERNEL_NOINLINE void score(Index j0, Index n) {
       const LatentBlocks& cache = g.a->cache;
       float* tile = g.t->tile.data();
       float* sc = g.scores;
@@ -271,7 +273,7 @@ struct FmaPolicy {
     }
 
     /// O [rows][D] = corr O + P^T C over the keys the rows see.
-    void accumulate(Index r0, Index r1, Index seen, Index) {
+    MLA_KERNEL_NOINLINE void accumulate(Index r0, Index r1, Index seen, Index) {
       output_heads(rows, seen, p.D, g.scores + r0, g.stride, g.o + r0 * p.D, p.D, g.corr + r0,
                    r1 - r0);
     }
