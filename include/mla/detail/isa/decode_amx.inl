@@ -292,7 +292,7 @@ struct TilePolicy {
       kA.step_k = 64;
     }
 
-    void score(Index j0, Index keys) {
+    MLA_KERNEL_NOINLINE void score(Index j0, Index keys) {
       n = keys;
       decode::Buffers::PerThread& t = *g.t;
       const Index h_group = g.stride, segments = L.tiles8 + 1;
@@ -346,7 +346,7 @@ struct TilePolicy {
     }
 
     /// Rows [r0, r1): the weights as BF16 pairs, the outputs O^T over the keys they see.
-    void accumulate(Index r0, Index r1, Index seen, Index) {
+    MLA_KERNEL_NOINLINE void accumulate(Index r0, Index r1, Index seen, Index) {
       decode::Buffers::PerThread& t = *g.t;
       const Index D = L.D, h_group = g.stride, segments = L.tiles8 + 1;
       const Index out_segments = L.fp8 ? L.tiles8 : 1;
