@@ -636,48 +636,53 @@ std::pair<double, double> softmax_of(const std::vector<double>& s, const std::ve
 }  // namespace
 
 TEST(LseMerge, StatesOverDisjointKeysMergeIntoTheSoftmaxOverTheirUnion) {
-  // Scores far apart (the merge must not overflow) split into parts of different sizes, one
-  // empty; each part's state as the decode kernels keep it (maximum, sum, unnormalised output)
-  // and as mla::mpi keeps it (log-sum-exp, normalised output).
+  // Parts of different sizes, one empty; each part's state as the decode kernels keep it
+  // (maximum, sum, unnormalised output) and as mla::mpi keeps it (log-sum-exp, normalised
+  // output). Two score sets: comparable scores (every part and every sum matters), and one
+  // part 100 above the others (exp(100) overflows float: the merge must not form it).
   std::mt19937 rng(7);
-  std::normal_distribution<double> z(0.0, 30.0);
-  std::vector<double> s(40), v(40);
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    s[i] = z(rng);
-    v[i] = z(rng);
-  }
-  const auto [want_o, want_lse] = softmax_of(s, v);
-  const std::size_t bounds[] = {0, 3, 3, 20, 40};  // parts [0,3) [3,3) [3,20) [20,40)
-  constexpr int kParts = 4;
-  float m[kParts], l[kParts], o[kParts], lse[kParts], on[kParts];
-  for (int p = 0; p < kParts; ++p) {
-    std::vector<double> sp(s.begin() + bounds[p], s.begin() + bounds[p + 1]);
-    std::vector<double> vp(v.begin() + bounds[p], v.begin() + bounds[p + 1]);
-    double mx = -std::numeric_limits<double>::infinity(), sum = 0, acc = 0;
-    for (double x : sp) mx = std::max(mx, x);
-    for (std::size_t i = 0; i < sp.size(); ++i) {
-      sum += std::exp(sp[i] - mx);
-      acc += std::exp(sp[i] - mx) * vp[i];
+  std::normal_distribution<double> z(0.0, 2.0);
+  for (const double offset : {0.0, 100.0}) {
+    SCOPED_TRACE(offset);
+    std::vector<double> s(40), v(40);
+    for (std::size_t i = 0; i < s.size(); ++i) {
+      s[i] = z(rng) + (i >= 20 ? offset : 0.0);
+      v[i] = 10 * z(rng);
     }
-    m[p] = static_cast<float>(mx);
-    l[p] = static_cast<float>(sum);
-    o[p] = static_cast<float>(acc);
-    lse[p] = sp.empty() ? -std::numeric_limits<float>::infinity()
-                        : static_cast<float>(mx + std::log(sum));
-    on[p] = sp.empty() ? 0.0f : static_cast<float>(acc / sum);
+    const auto [want_o, want_lse] = softmax_of(s, v);
+    const std::size_t bounds[] = {0, 3, 3, 20, 40};  // parts [0,3) [3,3) [3,20) [20,40)
+    constexpr int kParts = 4;
+    float m[kParts], l[kParts], o[kParts], lse[kParts], on[kParts];
+    for (int p = 0; p < kParts; ++p) {
+      std::vector<double> sp(s.begin() + bounds[p], s.begin() + bounds[p + 1]);
+      std::vector<double> vp(v.begin() + bounds[p], v.begin() + bounds[p + 1]);
+      double mx = -std::numeric_limits<double>::infinity(), sum = 0, acc = 0;
+      for (double x : sp) mx = std::max(mx, x);
+      for (std::size_t i = 0; i < sp.size(); ++i) {
+        sum += std::exp(sp[i] - mx);
+        acc += std::exp(sp[i] - mx) * vp[i];
+      }
+      m[p] = static_cast<float>(mx);
+      l[p] = static_cast<float>(sum);
+      o[p] = static_cast<float>(acc);
+      lse[p] = sp.empty() ? -std::numeric_limits<float>::infinity()
+                          : static_cast<float>(mx + std::log(sum));
+      on[p] = sp.empty() ? 0.0f : static_cast<float>(acc / sum);
+    }
+    float w[kParts];
+    const float got_lse = mla::detail::lse_merge(kParts, m, l, 1, w);
+    double got_o = 0;
+    for (int p = 0; p < kParts; ++p) got_o += static_cast<double>(w[p]) * o[p];
+    EXPECT_NEAR(got_lse, want_lse, 1e-5 * std::fabs(want_lse) + 1e-5);
+    EXPECT_NEAR(got_o, want_o, 1e-5 * std::fabs(want_o) + 1e-5);
+    EXPECT_EQ(w[1], 0.0f);  // the empty part
+    const float got_lse_n = mla::detail::lse_merge(kParts, lse, nullptr, 1, w);
+    double got_on = 0;
+    for (int p = 0; p < kParts; ++p) got_on += static_cast<double>(w[p]) * on[p];
+    EXPECT_NEAR(got_lse_n, want_lse, 1e-5 * std::fabs(want_lse) + 1e-5);
+    EXPECT_NEAR(got_on, want_o, 1e-5 * std::fabs(want_o) + 1e-5);
   }
-  float w[kParts];
-  const float got_lse = mla::detail::lse_merge(kParts, m, l, 1, w);
-  double got_o = 0;
-  for (int p = 0; p < kParts; ++p) got_o += static_cast<double>(w[p]) * o[p];
-  EXPECT_NEAR(got_lse, want_lse, 1e-5 * std::fabs(want_lse) + 1e-5);
-  EXPECT_NEAR(got_o, want_o, 1e-5 * std::fabs(want_o) + 1e-5);
-  EXPECT_EQ(w[1], 0.0f);  // the empty part
-  const float got_lse_n = mla::detail::lse_merge(kParts, lse, nullptr, 1, w);
-  double got_on = 0;
-  for (int p = 0; p < kParts; ++p) got_on += static_cast<double>(w[p]) * on[p];
-  EXPECT_NEAR(got_lse_n, want_lse, 1e-5 * std::fabs(want_lse) + 1e-5);
-  EXPECT_NEAR(got_on, want_o, 1e-5 * std::fabs(want_o) + 1e-5);
+  float w[2];
   // Every part empty: weights 0 and log-sum-exp -inf. A NaN state: NaN.
   const float empty[2] = {-std::numeric_limits<float>::infinity(),
                           -std::numeric_limits<float>::infinity()};
