@@ -104,6 +104,12 @@ struct PagedIndexBuffer {
   unsigned char* block(Index b) const {
     return static_cast<unsigned char*>(data) + static_cast<std::size_t>(b) * stride();
   }
+  /// Writes one key (dim floats) into slot `slot` of block `b`: its codes and its scale.
+  void encode(Index b, Index slot, const float* key) const {
+    unsigned char* p = block(b);
+    format.encode(key, p + codes_offset + static_cast<std::size_t>(slot * format.dim()),
+                  reinterpret_cast<float*>(p + scales_at()) + slot);
+  }
 };
 
 /// One sequence's index keys of one layer, as the indexer reads them: the buffer, the block

@@ -426,27 +426,16 @@ class LatentCache {
       s = &find(id, "append");
       cached = s->lengths[static_cast<std::size_t>(layer)];
     }
-    unsigned char* base = layer_base(layer);
+    // The layer's records and index keys as the engine-facing buffers address them.
+    const PagedLatentBuffer records = buffer(layer);
+    const PagedIndexBuffer index = keys ? index_buffer(layer) : PagedIndexBuffer{};
+    const Index bt = options_.block_tokens;
     for (Index i = 0; i < count; ++i) {
-      const Index token = cached + i;
-      unsigned char* rec =
-          base +
-          static_cast<std::size_t>(
-              s->blocks[static_cast<std::size_t>(token / options_.block_tokens)]) *
-              block_bytes_ +
-          static_cast<std::size_t>(token % options_.block_tokens) * layout_.token_bytes;
-      detail::write_record(layout_, c_kv.row(i).data(), k_pe.row(i).data(), rec);
-      if (keys) {
-        unsigned char* block =
-            base + static_cast<std::size_t>(
-                       s->blocks[static_cast<std::size_t>(token / options_.block_tokens)]) *
-                       block_bytes_;
-        const Index slot = token % options_.block_tokens;
-        index_format_.encode(
-            keys + i * key_stride,
-            block + index_codes_offset_ + static_cast<std::size_t>(slot * index_format_.dim()),
-            reinterpret_cast<float*>(block + index_scales_offset_) + slot);
-      }
+      const Index token = cached + i, slot = token % bt;
+      const std::int32_t block = s->blocks[static_cast<std::size_t>(token / bt)];
+      detail::write_record(layout_, c_kv.row(i).data(), k_pe.row(i).data(),
+                           records.record(block, slot));
+      if (keys) index.encode(block, slot, keys + i * key_stride);
     }
     const std::lock_guard<std::mutex> lock(*mutex_);
     if (!holds_tokens(*s)) s->first_position = start_pos;

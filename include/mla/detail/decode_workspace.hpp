@@ -9,6 +9,7 @@
 
 #include "mla/config.hpp"
 #include "mla/decode_options.hpp"
+#include "mla/detail/record_layout.hpp"
 #include "mla/matrix.hpp"
 
 namespace mla {
@@ -42,7 +43,9 @@ inline Index query_rows(Index heads, Index tokens, int width) {
 
 /// Score segments of a record in the BF16 kernel: one per FP8 scale tile plus k^R for FP8
 /// records (each has its own multiplier), one for the whole record otherwise.
-inline Index bf16_segments(const MlaConfig& c) { return (c.kv_lora_rank + 127) / 128 + 1; }
+inline Index bf16_segments(const MlaConfig& c) {
+  return LatentLayout::fp8_tiles(c.kv_lora_rank) + 1;
+}
 
 /// Key width of the AMX kernels' BF16 key rows: the latent and k^R each padded to 32 values
 /// (one tile row of 64 bytes per k block).
@@ -59,7 +62,6 @@ struct Buffers {
   struct PerThread {
     AlignedVector<float> scores;      // [tile][h_group]: scores, then softmax weights
     AlignedVector<float> correction;  // [h_group]
-    AlignedVector<float> new_max;     // [h_group]
     AlignedVector<float> tile;        // [tile][d_c + R], widened keys (BF16 / FP8 / FP64 caches)
     std::vector<const float*> rows;
     // Precision::kBf16 only:
@@ -100,7 +102,6 @@ struct Buffers {
     for (PerThread& t : per_thread) {
       grow(t.scores, o.tile_tokens * h_group);
       grow(t.correction, h_group);
-      grow(t.new_max, h_group);
       grow(t.tile, o.tile_tokens * K);
       grow(t.rows, o.tile_tokens + kAhead);
       if (o.precision == Precision::kBf16) {

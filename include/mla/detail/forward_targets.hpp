@@ -86,13 +86,7 @@ struct PagedTarget {
     for (Index t = 0; t < c.rows(); ++t) {
       const Index token = e.cached + t, block = e.block_table[token / bt], slot = token % bt;
       buffer.format.encode<T>(c.row(t).data(), k.row(t).data(), buffer.record(block, slot));
-      if (index_buffer) {
-        unsigned char* b = index_buffer->block(block);
-        index_buffer->format.encode(
-            index_key.row(t).data(),
-            b + index_buffer->codes_offset + static_cast<std::size_t>(slot * index_key_dim()),
-            reinterpret_cast<float*>(b + index_buffer->scales_at()) + slot);
-      }
+      if (index_buffer) index_buffer->encode(block, slot, index_key.row(t).data());
     }
   }
   LatentView view(std::size_t i) const {

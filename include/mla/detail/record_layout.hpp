@@ -102,13 +102,6 @@ struct RecordSegment {
   }
 };
 
-/// Segments of a record of layout l: one per FP8 scale tile of the latent plus one for k^R (FP8),
-/// or the latent and k^R (the others).
-inline Index record_segments(const LatentLayout& l) {
-  return (l.storage == CacheStorage::kFp8E4M3 ? LatentLayout::fp8_tiles(l.kv_lora_rank) : 1) +
-         (l.rope_dim > 0 ? 1 : 0);
-}
-
 /// The segments of a layout's records, listed once (the kernels loop over them record after
 /// record, in plain loops that keep their accumulators in registers).
 struct RecordSegments {

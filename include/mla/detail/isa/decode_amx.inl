@@ -173,7 +173,7 @@ struct TilePolicy {
     L.k_pad = L.d_pad + (L.R + 31) / 32 * 32;
     L.parts = parts;
     L.fp8 = cache.layout.storage == CacheStorage::kFp8E4M3;
-    L.tiles8 = L.fp8 ? (L.D + 127) / 128 : 0;
+    L.tiles8 = L.fp8 ? LatentLayout::fp8_tiles(L.D) : 0;
     // sigma * queries as `parts` BF16 parts in pairs [k_pad / 2][h_pad] each, in the key rows'
     // layout; padding rows and columns zero.
     const Index rows = geo.h_pad, kp_n = L.k_pad / 2;

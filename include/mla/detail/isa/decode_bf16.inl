@@ -53,7 +53,7 @@ inline void key_to_bf16(const RecordSegments& segments, const KeyLayout& k,
 }
 
 /// The multipliers of one record's score segments (see for_each_segment: the E4M3 scales, 1
-/// for k^R) into mult [record_segments].
+/// for k^R) into mult [segments.count].
 inline void segment_multipliers(const RecordSegments& segments, const unsigned char* rec,
                                 float* mult) {
   for (const RecordSegment& s : segments) mult[s.index] = s.scale(rec);
@@ -178,7 +178,7 @@ struct Bf16Policy {
     qp = reinterpret_cast<const float*>(pairs);
     fp8 = a.cache.layout.storage == CacheStorage::kFp8E4M3;
     in_place = a.cache.layout.storage == CacheStorage::kBFloat16 && kl.d == kl.d_even;
-    segments = fp8 ? (kl.d + 127) / 128 + 1 : 1;
+    segments = fp8 ? LatentLayout::fp8_tiles(kl.d) + 1 : 1;
   }
 
   struct Worker {
