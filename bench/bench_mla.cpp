@@ -440,17 +440,16 @@ void prefill(benchmark::State& state, std::string preset_name, Index tokens,
   const RowMatrix<float> x = random_matrix(tokens, c.hidden_size, 2);
   RowMatrix<float> y(tokens, c.hidden_size);
   mla::MlaWorkspace<float> ws;
-  ws.set_executor(&pool());
-  ws.set_projection_precision(precision);
-  mla::DecodeOptions d;
-  d.precision = precision;
-  ws.set_decode_options(d);
+  mla::RunOptions run;
+  run.executor = &pool();
+  run.projection_precision = precision;
+  run.decode.precision = precision;
   auto step = [&] {
     const mla::SequenceId seq = cache.add_sequence();
     const Index n = chunk > 0 ? chunk : tokens;
     for (Index t0 = 0; t0 < tokens; t0 += n) {
       const Index m = std::min(n, tokens - t0);
-      layer.forward(x.middleRows(t0, m), t0, cache, seq, y.middleRows(t0, m), ws);
+      layer.forward(x.middleRows(t0, m), t0, cache, seq, y.middleRows(t0, m), ws, run);
     }
     cache.remove_sequence(seq);
   };

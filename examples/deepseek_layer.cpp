@@ -158,13 +158,14 @@ int run(const Args& a) {
   const mla::SequenceId seq = cache.add_sequence();
   mla::ThreadPool pool(static_cast<int>(a.threads));
   mla::MlaWorkspace<float> ws;
-  ws.set_executor(&pool);
+  mla::RunOptions run;
+  run.executor = &pool;
   mla::RowMatrix<float> y(tokens, config.hidden_size);
   if (prefill > 0) {
-    layer.forward(x.topRows(prefill), a.start, cache, seq, y.topRows(prefill), ws);
+    layer.forward(x.topRows(prefill), a.start, cache, seq, y.topRows(prefill), ws, run);
   }
   for (mla::Index t = prefill; t < tokens; ++t) {
-    layer.forward(x.row(t), a.start + t, cache, seq, y.row(t), ws);
+    layer.forward(x.row(t), a.start + t, cache, seq, y.row(t), ws, run);
   }
   // Nothing is written before the whole computation has succeeded.
   mla::io::write_npy(a.output, y);

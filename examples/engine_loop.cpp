@@ -3,7 +3,7 @@
 //
 // Requests with random prompt lengths arrive over time. Each step builds one mixed batch of at
 // most --max-batch sequences: chunks of waiting prompts (prefill, 32 tokens a chunk) beside the
-// decode tokens of running requests, all in one MlaLayer::forward_batch call. Some requests
+// decode tokens of running requests, all in one MlaLayer::forward call. Some requests
 // fork after their prompt (parallel sampling: the child shares the prompt's full blocks); some
 // decode speculatively (three draft tokens verified in one chunk, then the rejected ones
 // dropped with LatentCache::truncate). Finished requests free their blocks; a request is
@@ -155,7 +155,8 @@ int main(int argc, char** argv) try {
   mla::LatentCache cache(c, co);
 
   mla::MlaWorkspace<float> ws;
-  ws.set_executor(pool.get());
+  mla::RunOptions run;
+  run.executor = pool.get();
   std::vector<std::size_t> running;  // indices into seqs
   Index tokens_through = 0;
   int steps = 0, forks = 0, rollbacks = 0, max_rows = 0;
@@ -200,7 +201,7 @@ int main(int argc, char** argv) try {
           hidden_states(entries[k].tokens, c.hidden_size, s.seed + 1000003u * (++s.attempt));
       r += entries[k].tokens;
     }
-    layer.forward_batch(x, entries, cache, y, ws);
+    layer.forward(x, entries, cache, y, ws, run);
     tokens_through += rows;
     max_rows = std::max(max_rows, static_cast<int>(rows));
     ++steps;
@@ -269,7 +270,7 @@ int main(int argc, char** argv) try {
     double err2 = 0.0, ref2 = 0.0;
     for (const Chunk& ch : s.kept) {
       RowMatrix<float> y(ch.x.rows(), c.hidden_size);
-      layer.forward(ch.x, ch.start, alone, id, y, ws);
+      layer.forward(ch.x, ch.start, alone, id, y, ws, run);
       err2 += (y - ch.y).cast<double>().squaredNorm();
       ref2 += y.cast<double>().squaredNorm();
     }

@@ -33,12 +33,13 @@ inline OdrResult odr_run() {
   const auto seq = cache.add_sequence();
   mla::MlaWorkspace<float> ws;
   mla::ThreadPool pool(2);
-  ws.set_thread_pool(&pool);
+  mla::RunOptions run;
+  run.executor = &pool;
   mla::RowMatrix<float> x(18, c.hidden_size), y(18, c.hidden_size);
   for (mla::Index i = 0; i < x.size(); ++i)
     x.data()[i] = static_cast<float>((i * 37 % 101) - 50) / 50;
-  layer.forward(x.topRows(12), 0, cache, seq, y.topRows(12), ws);
-  for (mla::Index t = 12; t < 18; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+  layer.forward(x.topRows(12), 0, cache, seq, y.topRows(12), ws, run);
+  for (mla::Index t = 12; t < 18; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws, run);
   for (mla::Index i = 0; i < y.size(); ++i) r.layer.push_back(y.data()[i]);
 
   // The kernel alone over a BF16 cache, with 16 heads of DeepSeek widths.

@@ -278,24 +278,24 @@ TEST(DecodeAbsorbed, AFloatLayerOnAPoolDecodesLikeTheDoubleLayer) {
     mla::MlaWorkspace<double> wsd;
     mla::MlaWorkspace<float> wsf;
     mla::ThreadPool pool(2);
-    wsf.set_thread_pool(&pool);
-    DecodeOptions opt;
-    opt.splits = 3;
-    opt.tile_tokens = 16;
-    wsf.set_decode_options(opt);
+    mla::RunOptions run;
+    run.executor = &pool;
+    run.decode.splits = 3;
+    run.decode.tile_tokens = 16;
+    mla::RunOptions run_absorbed = run;
+    run_absorbed.path = mla::AttentionPath::kAbsorbed;
     RowMatrix<double> yd(90, c.hidden_size);
     RowMatrix<float> yf(90, c.hidden_size);
     const RowMatrix<float> xf = x.cast<float>();
     // A prefill, an absorbed chunk of 10, then single-token steps.
     ld.forward(x.topRows(40), 0, cd, sd, yd.topRows(40), wsd);
-    lf.forward(xf.topRows(40), 0, cf, sf, yf.topRows(40), wsf);
+    lf.forward(xf.topRows(40), 0, cf, sf, yf.topRows(40), wsf, run);
     ld.forward(x.middleRows(40, 10), 40, cd, sd, yd.middleRows(40, 10), wsd,
                mla::AttentionPath::kAbsorbed);
-    lf.forward(xf.middleRows(40, 10), 40, cf, sf, yf.middleRows(40, 10), wsf,
-               mla::AttentionPath::kAbsorbed);
+    lf.forward(xf.middleRows(40, 10), 40, cf, sf, yf.middleRows(40, 10), wsf, run_absorbed);
     for (Index t = 50; t < 90; ++t) {
       ld.forward(x.row(t), t, cd, sd, yd.row(t), wsd);
-      lf.forward(xf.row(t), t, cf, sf, yf.row(t), wsf);
+      lf.forward(xf.row(t), t, cf, sf, yf.row(t), wsf, run);
     }
     EXPECT_LE(test::rel_error(test::to_vec(yf.bottomRows(50)), test::to_vec(yd.bottomRows(50))),
               1e-5);
@@ -558,16 +558,16 @@ TEST(DecodeTokens, AFloatLayerInBf16PrecisionStaysWithinTheBound) {
         LatentCache cache(c, o);
         const auto seq = cache.add_sequence();
         mla::MlaWorkspace<float> ws;
-        DecodeOptions d;
-        d.precision = mla::Precision::kBf16;
-        ws.set_decode_options(d);
+        mla::RunOptions run;
+        run.decode.precision = mla::Precision::kBf16;
+        mla::RunOptions run_absorbed = run;
+        run_absorbed.path = mla::AttentionPath::kAbsorbed;
         const Index n = 60;
         const RowMatrix<float> x = test::random_input<float>(n, c.hidden_size, 20);
         RowMatrix<float> y(n, c.hidden_size);
-        layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws);
-        layer.forward(x.middleRows(30, 6), 30, cache, seq, y.middleRows(30, 6), ws,
-                      mla::AttentionPath::kAbsorbed);
-        for (Index t = 36; t < n; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+        layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws, run);
+        layer.forward(x.middleRows(30, 6), 30, cache, seq, y.middleRows(30, 6), ws, run_absorbed);
+        for (Index t = 36; t < n; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws, run);
         const std::vector<double> latent = test::to_vec(test::cache_contents(cache, seq, 0));
         const std::vector<double> want =
             ref::mla_forward(test::to_ref(c), test::to_ref(w), test::to_vec(x), static_cast<int>(n),

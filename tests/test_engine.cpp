@@ -52,11 +52,12 @@ RowMatrix<float> run_alone(const mla::MlaLayer<float>& layer, const RowMatrix<fl
   LatentCache cache(layer.config(), cache_options(64, 16, storage));
   const SequenceId s = cache.add_sequence();
   mla::MlaWorkspace<float> ws;
-  ws.set_executor(executor);
+  mla::RunOptions run;
+  run.executor = executor;
   RowMatrix<float> y(x.rows(), x.cols());
   Index row = 0;
   for (Index n : chunks) {
-    layer.forward(x.middleRows(row, n), row, cache, s, y.middleRows(row, n), ws);
+    layer.forward(x.middleRows(row, n), row, cache, s, y.middleRows(row, n), ws, run);
     row += n;
   }
   return y;
@@ -208,7 +209,72 @@ TEST(EngineBuffer, WrongLayoutsAreClearErrors) {
   EXPECT_THROW(layer.forward_paged(x, buf, {{table.data(), 0, 0, 1}}, y, ws), mla::Error);
   table[0] = 9;
   EXPECT_THROW(layer.forward_paged(x, buf, {{table.data(), 0, 0, 2}}, y, ws), mla::Error);
+  table[0] = 1;
+  // A PagedCache without its latent buffer, and index keys for a layer without an indexer.
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward(x, {{table.data(), 0, 0, 2}}, mla::PagedCache{}, y, ws);
+      },
+      "names no latent buffer"));
+  const mla::IndexKeyFormat keys(128);
+  std::vector<float> key_memory(keys.bytes_per_token() * 8 * 4 / sizeof(float) + 16);
+  mla::PagedIndexBuffer index_buffer;
+  index_buffer.format = keys;
+  index_buffer.data = key_memory.data();
+  index_buffer.num_blocks = 4;
+  index_buffer.block_tokens = 8;
+  EXPECT_TRUE(test::throws_error_containing(
+      [&] {
+        layer.forward(x, {{table.data(), 0, 0, 2}}, mla::PagedCache{&buf, &index_buffer}, y, ws);
+      },
+      "has no indexer of its own"));
   EXPECT_EQ(std::memcmp(before.data(), memory.data(), sizeof(float) * memory.size()), 0);
+}
+
+TEST(EngineRun, OneWorkspaceServesCallsWithDifferentRunOptions) {
+  // The workspace holds memory only: calls with other threads, path and precisions in between
+  // leave a call's result bit for bit what it is on a fresh workspace.
+  const MlaConfig c = MlaConfig::small_v3();
+  mla::MlaWeights<float> w = mla::MlaWeights<float>::random(c, 21);
+  for (mla::Linear<float>* l : {&w.wq_a, &w.wq_b, &w.wkv_a, &w.wo}) {
+    *l = mla::Linear<float>::bf16(l->to_dense());
+  }
+  const mla::MlaLayer<float> layer(c, std::move(w));
+  const RowMatrix<float> x = test::random_input<float>(24, c.hidden_size, 22);
+  mla::ThreadPool pool(2);
+  std::vector<mla::RunOptions> options(4);
+  options[1].executor = &pool;
+  options[1].decode.precision = mla::Precision::kBf16;
+  options[1].projection_precision = mla::Precision::kBf16;
+  options[2].path = mla::AttentionPath::kAbsorbed;
+  options[2].decode.splits = 3;
+  options[2].decode.tile_tokens = 16;
+  options[3].executor = &pool;
+  options[3].path = mla::AttentionPath::kExpanded;
+  // Prefill 16 tokens, then 8 single steps, with options[i] throughout.
+  const auto run_with = [&](const mla::RunOptions& run, mla::MlaWorkspace<float>& ws,
+                            LatentCache& cache, SequenceId s) {
+    RowMatrix<float> y(24, c.hidden_size);
+    layer.forward(x.topRows(16), 0, cache, s, y.topRows(16), ws, run);
+    for (Index t = 16; t < 24; ++t) layer.forward(x.row(t), t, cache, s, y.row(t), ws, run);
+    return y;
+  };
+  std::vector<RowMatrix<float>> fresh;
+  for (const mla::RunOptions& run : options) {
+    LatentCache cache(c, cache_options(16, 16, CacheStorage::kBFloat16));
+    mla::MlaWorkspace<float> ws;
+    fresh.push_back(run_with(run, ws, cache, cache.add_sequence()));
+  }
+  // The options differ in their results (else the test could not tell them apart).
+  EXPECT_FALSE(bit_equal(fresh[0], fresh[1]));
+  mla::MlaWorkspace<float> shared;
+  for (int round = 0; round < 2; ++round) {
+    for (std::size_t i = options.size(); i-- > 0;) {
+      SCOPED_TRACE("options " + std::to_string(i) + ", round " + std::to_string(round));
+      LatentCache cache(c, cache_options(16, 16, CacheStorage::kBFloat16));
+      EXPECT_TRUE(bit_equal(run_with(options[i], shared, cache, cache.add_sequence()), fresh[i]));
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -231,7 +297,8 @@ TEST(MixedBatch, PrefillChunksAndDecodeTokensTogetherEqualEachSequenceAlone) {
       const SequenceId a = cache.add_sequence(), b = cache.add_sequence(),
                        cc = cache.add_sequence();
       mla::MlaWorkspace<float> ws;
-      ws.set_executor(ex);
+      mla::RunOptions run;
+      run.executor = ex;
       RowMatrix<float> ya(24, c.hidden_size), yb(12, c.hidden_size), yc(25, c.hidden_size);
       std::vector<Index> chunks_a, chunks_b, chunks_c;
       Index la = 0, lb = 0, lc = 0;
@@ -259,7 +326,7 @@ TEST(MixedBatch, PrefillChunksAndDecodeTokensTogetherEqualEachSequenceAlone) {
               io[i].first->middleRows(entries[i].start_pos, entries[i].tokens);
           r += entries[i].tokens;
         }
-        layer.forward_batch(x, entries, cache, y, ws);
+        layer.forward(x, entries, cache, y, ws, run);
         r = 0;
         for (std::size_t i = 0; i < entries.size(); ++i) {
           io[i].second->middleRows(entries[i].start_pos, entries[i].tokens) =
@@ -533,29 +600,28 @@ TEST(EngineThreads, AUserExecutorGivesTheBuiltInPoolsResults) {
     }
     const mla::MlaLayer<float> layer(c, std::move(w));
     const RowMatrix<float> x = test::random_input<float>(40, c.hidden_size, 8);
-    const auto run = [&](mla::Executor* ex) {
+    const auto run_on = [&](mla::Executor* ex) {
       LatentCache cache(c, cache_options(16, 16, CacheStorage::kBFloat16));
       const SequenceId s = cache.add_sequence();
       mla::MlaWorkspace<float> ws;
-      ws.set_executor(ex);
-      mla::DecodeOptions d;
-      d.precision = precision;
-      d.splits = 3;
-      ws.set_decode_options(d);
-      ws.set_projection_precision(precision);
+      mla::RunOptions run;
+      run.executor = ex;
+      run.decode.precision = precision;
+      run.decode.splits = 3;
+      run.projection_precision = precision;
       RowMatrix<float> y(40, c.hidden_size);
-      layer.forward(x.topRows(32), 0, cache, s, y.topRows(32), ws);
-      for (Index t = 32; t < 40; ++t) layer.forward(x.row(t), t, cache, s, y.row(t), ws);
+      layer.forward(x.topRows(32), 0, cache, s, y.topRows(32), ws, run);
+      for (Index t = 32; t < 40; ++t) layer.forward(x.row(t), t, cache, s, y.row(t), ws, run);
       return y;
     };
     mla::ThreadPool pool(3);
     SpawningExecutor mine(3);
-    const RowMatrix<float> with_pool = run(&pool), with_mine = run(&mine);
+    const RowMatrix<float> with_pool = run_on(&pool), with_mine = run_on(&mine);
     EXPECT_GT(mine.calls(), 0);
     // Work is divided by the executor's concurrency, not by who runs it: the same bits.
     EXPECT_TRUE(bit_equal(with_pool, with_mine));
     // And within the bound of the serial run (partial sums merge in another order).
-    const RowMatrix<float> serial = run(nullptr);
+    const RowMatrix<float> serial = run_on(nullptr);
     EXPECT_LT(test::rel_error(test::to_vec(with_mine), test::to_vec(serial)), 1e-5);
   }
 }

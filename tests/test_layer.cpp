@@ -696,14 +696,13 @@ RowMatrix<T> prefill_on(const MlaLayer<T>& layer, const RowMatrix<T>& x, CacheSt
   LatentCache cache(c, o);
   const auto seq = cache.add_sequence();
   MlaWorkspace<T> ws;
-  ws.set_thread_pool(pool);
-  mla::DecodeOptions d;
-  d.splits = splits;
-  d.tile_tokens = 16;
-  d.precision = precision;
-  ws.set_decode_options(d);
+  mla::RunOptions run(path);
+  run.executor = pool;
+  run.decode.splits = splits;
+  run.decode.tile_tokens = 16;
+  run.decode.precision = precision;
   RowMatrix<T> y(x.rows(), c.hidden_size);
-  layer.forward(x, 0, cache, seq, y, ws, path);
+  layer.forward(x, 0, cache, seq, y, ws, run);
   return y;
 }
 
@@ -863,20 +862,19 @@ TEST(LayerSplits, AFloatLayerOnAPoolWithSeveralNonEmptySplitsMatchesTheReference
   const auto seq = cache.add_sequence();
   MlaWorkspace<float> ws;
   mla::ThreadPool pool(2);
-  ws.set_thread_pool(&pool);
-  mla::DecodeOptions d;
-  d.splits = 3;
-  d.tile_tokens = 16;
-  ws.set_decode_options(d);
+  mla::RunOptions run;
+  run.executor = &pool;
+  run.decode.splits = 3;
+  run.decode.tile_tokens = 16;
   const Index prompt = 65, n = 96;
   const RowMatrix<float> x = test::random_input<float>(n, c.hidden_size, 34);
   RowMatrix<float> y(n, c.hidden_size);
-  layer.forward(x.topRows(prompt), 0, cache, seq, y.topRows(prompt), ws);
+  layer.forward(x.topRows(prompt), 0, cache, seq, y.topRows(prompt), ws, run);
   for (Index t = prompt; t < n; ++t) {
     const Index keys = t + 1;
     const Index split_keys = ((keys + 2) / 3 + 15) / 16 * 16;
     ASSERT_LT(2 * split_keys, keys) << "the last split of step " << t << " would be empty";
-    layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+    layer.forward(x.row(t), t, cache, seq, y.row(t), ws, run);
   }
   const std::vector<double> want =
       ref::mla_forward(test::to_ref(c), test::to_ref(w), test::to_vec(x), static_cast<int>(n), 0);
@@ -915,22 +913,20 @@ TEST(LayerPrefill, TheExpandedKernelOnEveryTargetPrecisionAndPoolMatchesTheRefer
           LatentCache cache = make_cache<float>(c);
           const auto seq = cache.add_sequence();
           MlaWorkspace<float> ws;
-          ws.set_thread_pool(threads);
-          mla::DecodeOptions d;
-          d.precision = p;
-          ws.set_decode_options(d);
+          mla::RunOptions run(AttentionPath::kExpanded);
+          run.executor = threads;
+          run.decode.precision = p;
           RowMatrix<float> y(n, c.hidden_size);
           std::vector<double> lse;
           if (chunked) {
-            layer.forward(x.topRows(first), 9, cache, seq, y.topRows(first), ws,
-                          AttentionPath::kExpanded);
+            layer.forward(x.topRows(first), 9, cache, seq, y.topRows(first), ws, run);
             lse = test::to_vec(ws.last_lse().topRows(first));
             layer.forward(x.bottomRows(n - first), 9 + first, cache, seq, y.bottomRows(n - first),
-                          ws, AttentionPath::kExpanded);
+                          ws, run);
             const std::vector<double> rest = test::to_vec(ws.last_lse().topRows(n - first));
             lse.insert(lse.end(), rest.begin(), rest.end());
           } else {
-            layer.forward(x, 9, cache, seq, y, ws, AttentionPath::kExpanded);
+            layer.forward(x, 9, cache, seq, y, ws, run);
             lse = test::to_vec(ws.last_lse().topRows(n));
           }
           // kBf16 rounds the attention's operands (queries, keys, values, weights) to BF16;

@@ -217,17 +217,16 @@ TEST(DecodeAllocations, ThreadedDecodeStepsAllocateNothing) {
     mla::LatentCache cache(c, o);
     const auto seq = cache.add_sequence();
     mla::MlaWorkspace<float> ws;
-    ws.set_thread_pool(&pool);
-    mla::DecodeOptions d;
-    d.splits = 5;
-    d.tile_tokens = 16;
-    ws.set_decode_options(d);
+    mla::RunOptions run;
+    run.executor = &pool;
+    run.decode.splits = 5;
+    run.decode.tile_tokens = 16;
     const RowMatrix<float> x = test::random_input<float>(100, c.hidden_size, 4);
     RowMatrix<float> y(100, c.hidden_size);
-    layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws);
-    layer.forward(x.row(30), 30, cache, seq, y.row(30), ws);
+    layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws, run);
+    layer.forward(x.row(30), 30, cache, seq, y.row(30), ws, run);
     const auto [news, eigen] = count_allocations([&] {
-      for (Index t = 31; t < 100; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws);
+      for (Index t = 31; t < 100; ++t) layer.forward(x.row(t), t, cache, seq, y.row(t), ws, run);
     });
     EXPECT_EQ(news, 0);
     EXPECT_EQ(eigen, 0) << alloc_count::first_failure << " at " << alloc_count::first_file << ":"
@@ -255,23 +254,22 @@ TEST(DecodeAllocations, Bf16AndMultiTokenDecodeStepsAllocateNothing) {
         mla::LatentCache cache(c, o);
         const auto seq = cache.add_sequence();
         mla::MlaWorkspace<float> ws;
-        ws.set_thread_pool(&pool);
-        mla::DecodeOptions d;
-        d.splits = 3;
-        d.tile_tokens = 16;
-        d.precision = p;
-        ws.set_decode_options(d);
+        mla::RunOptions run(mla::AttentionPath::kAbsorbed);
+        run.executor = &pool;
+        run.decode.splits = 3;
+        run.decode.tile_tokens = 16;
+        run.decode.precision = p;
+        mla::RunOptions run_auto = run;
+        run_auto.path = mla::AttentionPath::kAuto;
         const RowMatrix<float> x = test::random_input<float>(120, c.hidden_size, 4);
         RowMatrix<float> y(120, c.hidden_size);
-        layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws);
+        layer.forward(x.topRows(30), 0, cache, seq, y.topRows(30), ws, run_auto);
         // One absorbed chunk of 8 sizes the workspace; then steps of 1 and chunks of 5 and 8.
-        layer.forward(x.middleRows(30, 8), 30, cache, seq, y.middleRows(30, 8), ws,
-                      mla::AttentionPath::kAbsorbed);
+        layer.forward(x.middleRows(30, 8), 30, cache, seq, y.middleRows(30, 8), ws, run);
         const auto [news, eigen] = count_allocations([&] {
           Index t = 38;
           for (Index len : {1, 5, 8, 1, 8, 3}) {
-            layer.forward(x.middleRows(t, len), t, cache, seq, y.middleRows(t, len), ws,
-                          mla::AttentionPath::kAbsorbed);
+            layer.forward(x.middleRows(t, len), t, cache, seq, y.middleRows(t, len), ws, run);
             t += len;
           }
         });

@@ -27,15 +27,9 @@
 #include "mla/matrix.hpp"
 #include "mla/precision.hpp"
 #include "mla/projection.hpp"
+#include "mla/run_options.hpp"
 
 namespace mla {
-
-/// Which attention path a forward call takes.
-enum class AttentionPath : std::uint8_t {
-  kAuto,      ///< absorbed for one token; otherwise whichever needs fewer multiply-adds
-  kExpanded,  ///< rebuild K and V per head from the latent
-  kAbsorbed,  ///< attend over the latent with absorbed queries
-};
 
 /// The path AttentionPath::kAuto takes for `tokens` new tokens after `past` cached ones:
 /// absorbed for a single token; otherwise the one with fewer multiply-adds. Rebuilding K and V

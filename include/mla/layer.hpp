@@ -21,6 +21,7 @@
 #include "mla/norm.hpp"
 #include "mla/projection.hpp"
 #include "mla/rope.hpp"
+#include "mla/run_options.hpp"
 #include "mla/sparse.hpp"
 #include "mla/weights.hpp"
 #include "mla/workspace.hpp"
@@ -30,9 +31,9 @@ namespace mla {
 template <class T>
 class MlaLayer;
 
-/// One sequence's share of a mixed batch (MlaLayer::forward_batch): the next `tokens` rows of
-/// x, the next tokens of sequence `seq`, at positions start_pos, start_pos + 1, ... A prefill
-/// chunk has many tokens, a decode step one.
+/// One sequence's share of a mixed batch (MlaLayer::forward over a LatentCache): the next `tokens`
+/// rows of x, the next tokens of sequence `seq`, at positions start_pos, start_pos + 1, ... A
+/// prefill chunk has many tokens, a decode step one.
 struct BatchEntry {
   SequenceId seq = 0;
   std::int64_t start_pos = 0;
@@ -108,44 +109,88 @@ class MlaLayer {
   /// selection the previous layer with an indexer made for the same rows (checked: the same
   /// rows, each seeing as many keys); in a cache with index keys it leaves zeros in its slots.
   ///
+  /// `run` says which path, which threads and which arithmetic (mla/run_options.hpp; an
+  /// AttentionPath converts to it).
+  ///
   /// Throws mla::Error for wrong shapes, an unknown sequence, a layer index the cache does not
   /// have, a cache of other dimensions, a start_pos that does not continue the sequence, or a
   /// pool too full for the tokens; the cache is then left as it was.
   void forward(ConstMatrixRef<T> x, std::int64_t start_pos, LatentCache& cache, SequenceId seq,
-               MatrixRef<T> y, MlaWorkspace<T>& ws,
-               AttentionPath path = AttentionPath::kAuto) const {
+               MatrixRef<T> y, MlaWorkspace<T>& ws, const RunOptions& run = {}) const {
     check_io(x, y, cache, "forward");
     detail::require(start_pos >= 0 && start_pos <= kMaxPosition - x.rows(),
                     "MlaLayer::forward: start_pos must be in [0, 2^52 - tokens], got ", start_pos);
     if (x.rows() == 0) return;
-    ws.parts.assign(1, {0, x.rows(), start_pos, path});
+    ws.parts.assign(1, {0, x.rows(), start_pos, run.path});
     ws.part_ids.assign(1, seq);
-    run_on_cache(x, cache, y, ws, path);
+    run_on_cache(x, cache, y, ws, run);
   }
 
-  /// A mixed ragged batch (continuous batching): entry i owns the next entries[i].tokens rows
-  /// of `x` [sum of tokens, hidden_size] and of `y`, the next tokens of its sequence. Prefill
-  /// chunks and decode tokens may be mixed freely; the sequences must be distinct. The
-  /// projections run once for all rows; each sequence attends only to its own cache, on the
-  /// path that suits its chunk (kAuto: choose_path(tokens, cached), so decode tokens take the
-  /// absorbed path) or on `path` for all. Each entry's result equals a forward() of it alone.
-  /// Atomic: every entry's position and the room for all of them are checked, and their blocks
-  /// taken, under the cache's lock before anything is written; on an error (mla::Error naming
-  /// the entry) the cache is left as it was.
-  void forward_batch(ConstMatrixRef<T> x, const std::vector<BatchEntry>& entries,
-                     LatentCache& cache, MatrixRef<T> y, MlaWorkspace<T>& ws,
-                     AttentionPath path = AttentionPath::kAuto) const {
-    check_io(x, y, cache, "forward_batch");
+  /// The layer's one door: a mixed ragged batch (continuous batching) over the library's cache.
+  /// Entry i owns the next entries[i].tokens rows of `x` [sum of tokens, hidden_size] and of
+  /// `y`, the next tokens of its sequence. Prefill chunks and decode tokens may be mixed
+  /// freely; the sequences must be distinct. The projections run once for all rows; each
+  /// sequence attends only to its own cache, on the path that suits its chunk (run.path kAuto:
+  /// choose_path(tokens, cached), so decode tokens take the absorbed path) or on run.path for
+  /// all. Each entry's result equals a forward() of it alone. Atomic: every entry's position
+  /// and the room for all of them are checked, and their blocks taken, under the cache's lock
+  /// before anything is written; on an error (mla::Error naming the entry) the cache is left as
+  /// it was.
+  void forward(ConstMatrixRef<T> x, const std::vector<BatchEntry>& entries, LatentCache& cache,
+               MatrixRef<T> y, MlaWorkspace<T>& ws, const RunOptions& run = {}) const {
+    check_io(x, y, cache, "forward");
     set_parts(
         x.rows(), entries.size(),
         [&](std::size_t i) {
           return std::pair<std::int64_t, Index>(entries[i].start_pos, entries[i].tokens);
         },
-        path, ws);
+        run.path, ws);
     if (x.rows() == 0) return;
     ws.part_ids.resize(entries.size());
     for (std::size_t i = 0; i < entries.size(); ++i) ws.part_ids[i] = entries[i].seq;
-    run_on_cache(x, cache, y, ws, path);
+    run_on_cache(x, cache, y, ws, run);
+  }
+
+  /// The same door over an engine's own paged cache (`cache`: this layer's buffers, see
+  /// PagedCache): for each entry, its new tokens' records are written into its blocks (slots
+  /// entry.cached, ...) and its rows attend over its entry.cached + entry.tokens records;
+  /// otherwise as above. The engine keeps positions and block tables: the layer checks that
+  /// every table entry used is a block of the buffers and that the formats match this layer,
+  /// and writes only the new tokens' slots (distinct entries must not share those blocks).
+  /// DeepSeek-V3.2 layers with an indexer of their own need cache.index_keys: the new tokens'
+  /// index keys are written there, and tokens that see more than index_topk records attend to
+  /// the ones the indexer selects. Throws mla::Error before writing anything when a check
+  /// fails.
+  void forward(ConstMatrixRef<T> x, const std::vector<PagedEntry>& entries, const PagedCache& cache,
+               MatrixRef<T> y, MlaWorkspace<T>& ws, const RunOptions& run = {}) const {
+    check_shapes(x, y, "forward");
+    detail::require(cache.latents != nullptr,
+                    "MlaLayer::forward: the PagedCache names no latent buffer");
+    if (config_.has_indexer()) {
+      detail::require(cache.index_keys != nullptr, "MlaLayer::forward: this layer's indexer ",
+                      "(index_topk ", config_.index_topk, ") needs index keys: the PagedCache ",
+                      "names no index-key buffer (index_keys, a PagedIndexBuffer)");
+      const PagedIndexBuffer& keys = *cache.index_keys;
+      detail::require(keys.format.dim() == config_.index_head_dim,
+                      "MlaLayer::forward: the index-key buffer holds keys of ", keys.format.dim(),
+                      " values, this layer's indexer ", config_.index_head_dim);
+      detail::require(keys.block_tokens == cache.latents->block_tokens,
+                      "MlaLayer::forward: the index-key buffer has blocks of ", keys.block_tokens,
+                      " tokens, the latent buffer of ", cache.latents->block_tokens,
+                      " (one block table serves both)");
+    } else {
+      detail::require(cache.index_keys == nullptr, "MlaLayer::forward: an index-key buffer was ",
+                      "given, but this layer has no indexer of its own (index_topk ",
+                      config_.index_topk, config_.index_shared ? ", index_shared" : "", ")");
+    }
+    run_paged(x, *cache.latents, cache.index_keys, entries, y, ws, run);
+  }
+
+  /// forward over a batch of BatchEntry (the same call under its earlier name).
+  void forward_batch(ConstMatrixRef<T> x, const std::vector<BatchEntry>& entries,
+                     LatentCache& cache, MatrixRef<T> y, MlaWorkspace<T>& ws,
+                     const RunOptions& run = {}) const {
+    forward(x, entries, cache, y, ws, run);
   }
 
   /// One decode step for several sequences at once: row b of `x` [batch, hidden_size] is the
@@ -153,7 +198,7 @@ class MlaLayer {
   /// (the mixed forward_batch with one token per entry).
   void forward_batch(ConstMatrixRef<T> x, const std::vector<std::int64_t>& positions,
                      LatentCache& cache, const std::vector<SequenceId>& seqs, MatrixRef<T> y,
-                     MlaWorkspace<T>& ws, AttentionPath path = AttentionPath::kAuto) const {
+                     MlaWorkspace<T>& ws, const RunOptions& run = {}) const {
     const Index batch = x.rows();
     check_io(x, y, cache, "forward_batch");
     detail::require(
@@ -162,52 +207,27 @@ class MlaLayer {
         positions.size(), " positions were given");
     set_parts(
         batch, seqs.size(),
-        [&](std::size_t i) { return std::pair<std::int64_t, Index>(positions[i], 1); }, path, ws);
+        [&](std::size_t i) { return std::pair<std::int64_t, Index>(positions[i], 1); }, run.path,
+        ws);
     if (batch == 0) return;
     ws.part_ids.assign(seqs.begin(), seqs.end());
-    run_on_cache(x, cache, y, ws, path);
+    run_on_cache(x, cache, y, ws, run);
   }
 
-  /// The layer over an engine's own paged cache (`buffer`: this layer's blocks, see
-  /// PagedLatentBuffer): for each entry, its new tokens' records are written into its blocks
-  /// (slots entry.cached, ...) and its rows attend over its entry.cached + entry.tokens
-  /// records; otherwise as forward_batch. The engine keeps positions and block tables: the
-  /// layer checks that every table entry used is a block of the buffer and that the format
-  /// matches this layer, and writes only the new tokens' slots (distinct entries must not share
-  /// those blocks). Throws mla::Error before writing anything when a check fails. Layers
-  /// without an indexer of their own (dense, or index_shared); DeepSeek-V3.2 layers take the
-  /// overload with an index-key buffer.
+  /// forward over an engine's paged cache without index keys (dense layers and index_shared
+  /// ones), under its earlier name.
   void forward_paged(ConstMatrixRef<T> x, const PagedLatentBuffer& buffer,
                      const std::vector<PagedEntry>& entries, MatrixRef<T> y, MlaWorkspace<T>& ws,
-                     AttentionPath path = AttentionPath::kAuto) const {
-    check_shapes(x, y, "forward_paged");
-    detail::require(!config_.has_indexer(), "MlaLayer::forward_paged: this layer's indexer ",
-                    "(index_topk ", config_.index_topk, ") needs index keys: pass a ",
-                    "PagedIndexBuffer");
-    run_paged(x, buffer, nullptr, entries, y, ws, path);
+                     const RunOptions& run = {}) const {
+    forward(x, entries, PagedCache{&buffer, nullptr}, y, ws, run);
   }
 
-  /// forward_paged for DeepSeek-V3.2 layers: the new tokens' index keys are written into
-  /// `index_buffer` (this layer's index-key blocks, PagedIndexBuffer: the same block ids and
-  /// block size as `buffer`, one block table for both, as vLLM keeps its indexer cache), and
-  /// tokens that see more than index_topk records attend to the ones the indexer selects.
+  /// forward over an engine's paged cache with index keys (DeepSeek-V3.2 layers), under its
+  /// earlier name.
   void forward_paged(ConstMatrixRef<T> x, const PagedLatentBuffer& buffer,
                      const PagedIndexBuffer& index_buffer, const std::vector<PagedEntry>& entries,
-                     MatrixRef<T> y, MlaWorkspace<T>& ws,
-                     AttentionPath path = AttentionPath::kAuto) const {
-    check_shapes(x, y, "forward_paged");
-    detail::require(config_.has_indexer(), "MlaLayer::forward_paged: an index-key buffer was ",
-                    "given, but this layer has no indexer of its own (index_topk ",
-                    config_.index_topk, config_.index_shared ? ", index_shared" : "", ")");
-    detail::require(index_buffer.format.dim() == config_.index_head_dim,
-                    "MlaLayer::forward_paged: the index-key buffer holds keys of ",
-                    index_buffer.format.dim(), " values, this layer's indexer ",
-                    config_.index_head_dim);
-    detail::require(index_buffer.block_tokens == buffer.block_tokens,
-                    "MlaLayer::forward_paged: the index-key buffer has blocks of ",
-                    index_buffer.block_tokens, " tokens, the latent buffer of ",
-                    buffer.block_tokens, " (one block table serves both)");
-    run_paged(x, buffer, &index_buffer, entries, y, ws, path);
+                     MatrixRef<T> y, MlaWorkspace<T>& ws, const RunOptions& run = {}) const {
+    forward(x, entries, PagedCache{&buffer, &index_buffer}, y, ws, run);
   }
 
   /// The layer with an attention of the caller's own, for layers whose cache lives elsewhere
@@ -218,9 +238,11 @@ class MlaLayer {
   /// would store), q_latent [tokens * H, d_c + R] (as decode_absorbed takes them, with the
   /// scale softmax_scale()), and o_latent [tokens * H, d_c] and lse [tokens, H] to be filled
   /// (token t attends to its own key and everything before it); then W_UV and W_o into y.
+  /// `run` as for forward (its path is ignored: the attention is the caller's).
   template <class Attend>
   void forward_with_attention(ConstMatrixRef<T> x, std::int64_t start_pos, MatrixRef<T> y,
-                              MlaWorkspace<T>& ws, Attend&& attend) const {
+                              MlaWorkspace<T>& ws, Attend&& attend,
+                              const RunOptions& run = {}) const {
     check_shapes(x, y, "forward_with_attention");
     require_dense("forward_with_attention");
     if (x.rows() == 0) return;
@@ -229,13 +251,15 @@ class MlaLayer {
         [&](std::size_t) { return std::pair<std::int64_t, Index>(start_pos, x.rows()); },
         AttentionPath::kAbsorbed, ws);
     const Index tokens = x.rows(), H = config_.num_attention_heads;
-    ws.reserve(config_, tokens, AttentionPath::kAbsorbed);
-    project_queries_and_latents(x, ws);
-    absorb_queries(0, tokens, ws);
+    RunOptions absorbed = run;
+    absorbed.path = AttentionPath::kAbsorbed;
+    ws.reserve(config_, tokens, absorbed);
+    project_queries_and_latents(x, ws, run);
+    absorb_queries(0, tokens, ws, run);
     attend(ConstMatrixRef<T>(ws.kv.topRows(tokens)),
            ConstMatrixRef<T>(ws.q_latent.topRows(tokens * H)),
            MatrixRef<T>(ws.o_latent.topRows(tokens * H)), MatrixRef<T>(ws.lse.topRows(tokens)));
-    finish(y, tokens, ws);
+    finish(y, tokens, ws, run);
   }
 
  private:
@@ -323,9 +347,10 @@ class MlaLayer {
   }
 
   void require_dense(const char* what) const {
-    detail::require(!config_.has_sparse_attention(), "MlaLayer::", what,
-                    ": sparse attention (index_topk ", config_.index_topk,
-                    ") is not supported here: use forward, forward_batch or forward_paged");
+    detail::require(
+        !config_.has_sparse_attention(), "MlaLayer::", what, ": sparse attention (index_topk ",
+        config_.index_topk,
+        ") is not supported here: use forward (or its other names forward_batch, forward_paged)");
   }
 
   /// The path the workspace must be sized for: the parts' common path, or kAuto (both).
@@ -337,14 +362,15 @@ class MlaLayer {
     return common;
   }
 
-  /// forward_paged (index_buffer: V3.2 layers' index keys, else nullptr): the checks, then run.
+  /// forward over a PagedCache (index_buffer: V3.2 layers' index keys, else nullptr): the
+  /// checks, then run.
   void run_paged(const ConstMatrixRef<T>& x, const PagedLatentBuffer& buffer,
                  const PagedIndexBuffer* index_buffer, const std::vector<PagedEntry>& entries,
-                 MatrixRef<T> y, MlaWorkspace<T>& ws, AttentionPath path) const {
+                 MatrixRef<T> y, MlaWorkspace<T>& ws, const RunOptions& run) const {
     const MlaConfig& c = config_;
     detail::require(buffer.format.kv_lora_rank() == c.kv_lora_rank &&
                         buffer.format.rope_dim() == c.qk_rope_head_dim,
-                    "MlaLayer::forward_paged: the buffer's records hold [",
+                    "MlaLayer::forward: the paged buffer's records hold [",
                     buffer.format.kv_lora_rank(), " + ", buffer.format.rope_dim(),
                     "] per token, this layer [", c.kv_lora_rank, " + ", c.qk_rope_head_dim, "]");
     set_parts(
@@ -352,9 +378,9 @@ class MlaLayer {
         [&](std::size_t i) {
           return std::pair<std::int64_t, Index>(entries[i].start_pos, entries[i].tokens);
         },
-        path, ws);
+        run.path, ws);
     for (std::size_t i = 0; i < entries.size(); ++i) {
-      detail::require(entries[i].cached >= 0, "MlaLayer::forward_paged: entry ", i,
+      detail::require(entries[i].cached >= 0, "MlaLayer::forward: paged entry ", i,
                       " has a negative cached length ", entries[i].cached);
       // Checks the buffers and the table over the records the call writes and reads.
       const Index n = entries[i].cached + entries[i].tokens;
@@ -363,15 +389,15 @@ class MlaLayer {
     }
     if (x.rows() == 0) return;
     detail::PagedTarget<T> target{buffer, index_buffer, entries};
-    run(x, target, y, ws, path);
+    this->run(x, target, y, ws, run);
   }
 
   /// The batch in ws.parts (sequences in ws.part_ids) over a LatentCache.
   void run_on_cache(const ConstMatrixRef<T>& x, LatentCache& cache, MatrixRef<T> y,
-                    MlaWorkspace<T>& ws, AttentionPath path) const {
+                    MlaWorkspace<T>& ws, const RunOptions& run) const {
     detail::CacheTarget<T, Part> target{cache,       layer_index_,   ws.parts,
                                         ws.part_ids, ws.part_counts, ws.part_positions};
-    run(x, target, y, ws, path);
+    this->run(x, target, y, ws, run);
   }
 
   /// The one forward pass, for the parts in ws.parts over `target`: each part's path, the
@@ -379,11 +405,13 @@ class MlaLayer {
   /// new records written, every part's attention over its records, and the output projection.
   template <class Target>
   void run(const ConstMatrixRef<T>& x, Target& target, MatrixRef<T> y, MlaWorkspace<T>& ws,
-           AttentionPath path) const {
-    choose_paths([&](std::size_t i) { return target.cached(i); }, path, x.rows(), ws);
-    ws.reserve(config_, x.rows(), batch_path(ws));
+           const RunOptions& run) const {
+    choose_paths([&](std::size_t i) { return target.cached(i); }, run.path, x.rows(), ws);
+    RunOptions sized = run;
+    sized.path = batch_path(ws);
+    ws.reserve(config_, x.rows(), sized);
     target.prepare();  // nothing fails after this
-    project_queries_and_latents(x, ws);
+    project_queries_and_latents(x, ws, run);
     const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim;
     const Index DI = target.index_key_dim();
     if (DI > 0 && !config_.has_indexer()) {
@@ -398,15 +426,16 @@ class MlaLayer {
           DI > 0 ? ws.index_k.block(p.row0, 0, p.tokens, DI) : ws.index_k.block(0, 0, 0, 0));
     }
     attend_parts(
-        ws, [&](std::size_t i) { return target.view(i); },
+        ws, run, [&](std::size_t i) { return target.view(i); },
         [&](std::size_t i) { return target.index_view(i); });
-    finish(y, x.rows(), ws);
+    finish(y, x.rows(), ws, run);
   }
 
   /// The attention of every part (view(i): its cache after the append), absorbing the queries
   /// of runs of absorbed parts together.
   template <class View, class IndexView>
-  void attend_parts(MlaWorkspace<T>& ws, View&& view, IndexView&& index_view) const {
+  void attend_parts(MlaWorkspace<T>& ws, const RunOptions& run, View&& view,
+                    IndexView&& index_view) const {
     const std::size_t n = ws.parts.size();
     for (std::size_t i = 0; i < n;) {
       std::size_t j = i + 1;
@@ -414,16 +443,16 @@ class MlaLayer {
       if (absorbed) {
         while (j < n && ws.parts[j].path == AttentionPath::kAbsorbed) ++j;
         const Index row0 = ws.parts[i].row0;
-        absorb_queries(row0, ws.parts[j - 1].row0 + ws.parts[j - 1].tokens - row0, ws);
+        absorb_queries(row0, ws.parts[j - 1].row0 + ws.parts[j - 1].tokens - row0, ws, run);
       }
       for (std::size_t k = i; k < j; ++k) {
         const Part& p = ws.parts[k];
         const LatentView v = view(k);
         if (config_.has_sparse_attention() && v.tokens() > config_.index_topk) {
           attend_sparse(v, config_.has_indexer() ? index_view(k) : IndexKeyView(), p.row0, p.tokens,
-                        ws);
+                        ws, run);
         } else {
-          attend(v, p.row0, p.tokens, p.path, ws);
+          attend(v, p.row0, p.tokens, p.path, ws, run);
         }
       }
       i = j;
@@ -456,7 +485,8 @@ class MlaLayer {
   }
 
   /// q and [c^KV ; k^R] for every row of x, RoPE applied at the positions of ws.parts.
-  void project_queries_and_latents(const ConstMatrixRef<T>& x, MlaWorkspace<T>& ws) const {
+  void project_queries_and_latents(const ConstMatrixRef<T>& x, MlaWorkspace<T>& ws,
+                                   const RunOptions& run) const {
     const MlaConfig& c = config_;
     const Index tokens = x.rows();
     const Index H = c.num_attention_heads, P = c.qk_nope_head_dim, D = c.kv_lora_rank;
@@ -464,17 +494,17 @@ class MlaLayer {
     auto q = ws.q.topRows(tokens);  // (T, H * (P + R))
     if (c.has_q_lora()) {
       auto cq = ws.cq.topRows(tokens);  // (T, q_lora_rank)
-      project(weights_.wq_a, x, cq, ws.context());
+      project(weights_.wq_a, x, cq, ws.context(run));
       rms_norm<T>(cq, weights_.q_norm, c.rms_norm_eps);
       if (c.q_lora_scale != 1.0) cq *= static_cast<T>(c.q_lora_scale);  // LongCat's s_q
-      project(weights_.wq_b, cq, q, ws.context());
+      project(weights_.wq_b, cq, q, ws.context(run));
     } else {
-      project(weights_.wq, x, q, ws.context());
+      project(weights_.wq, x, q, ws.context(run));
     }
     // Keys and values: [c_raw ; k_raw] = W_kva x; c^KV = RMSNorm(c_raw), normalised before
     // it is cached; k^R = RoPE(k_raw), one rotary key shared by all heads.
     auto kv = ws.kv.topRows(tokens);  // (T, d_c + R)
-    project(weights_.wkv_a, x, kv, ws.context());
+    project(weights_.wkv_a, x, kv, ws.context(run));
     if (c.kv_latent_norm) rms_norm<T>(kv.leftCols(D), weights_.kv_norm, c.rms_norm_eps);
     // LongCat's s_kv: the cache holds the scaled latent (so keys and values carry it).
     if (c.kv_lora_scale != 1.0) kv.leftCols(D) *= static_cast<T>(c.kv_lora_scale);
@@ -495,15 +525,16 @@ class MlaLayer {
     // The output gate sigmoid(W_g x), applied in finish().
     if (c.mla_use_output_gate) {
       auto g = ws.gate.topRows(tokens);  // (T, H * V)
-      project(weights_.wg, x, g, ws.context());
+      project(weights_.wg, x, g, ws.context(run));
       g = (T(1) + (-g.array()).exp()).inverse().matrix();
     }
-    if (c.has_indexer()) project_indexer(x, ws);
+    if (c.has_indexer()) project_indexer(x, ws, run);
   }
 
   /// DeepSeek-V3.2's indexer for every row: the index keys (always: the cache keeps them) and,
   /// when a row attends sparsely, the index queries and head weights.
-  void project_indexer(const ConstMatrixRef<T>& x, MlaWorkspace<T>& ws) const {
+  void project_indexer(const ConstMatrixRef<T>& x, MlaWorkspace<T>& ws,
+                       const RunOptions& run) const {
     const MlaConfig& c = config_;
     const IndexerWeights<T>& ix = weights_.indexer;
     const Index tokens = x.rows(), HI = c.index_n_heads, DI = c.index_head_dim;
@@ -512,11 +543,11 @@ class MlaLayer {
                                 RowMatrix<float>& out, auto&& before_cast) {
       if constexpr (std::is_same_v<T, float>) {
         auto o = out.topRows(tokens);
-        project(w, in, o, ws.context());
+        project(w, in, o, ws.context(run));
         before_cast(o);
       } else {
         auto t = ws.index_t.block(0, 0, tokens, cols);
-        project(w, in, t, ws.context());
+        project(w, in, t, ws.context(run));
         before_cast(t);
         out.topRows(tokens) = t.template cast<float>();
       }
@@ -537,10 +568,10 @@ class MlaLayer {
     {
       Eigen::Map<RowMatrix<float>> qrows(ws.index_q.data(), tokens, HI * DI);
       if constexpr (std::is_same_v<T, float>) {
-        project(ix.wq_b, ws.cq.topRows(tokens), qrows, ws.context());
+        project(ix.wq_b, ws.cq.topRows(tokens), qrows, ws.context(run));
       } else {
         auto t = ws.index_t.block(0, 0, tokens, HI * DI);
-        project(ix.wq_b, ws.cq.topRows(tokens), t, ws.context());
+        project(ix.wq_b, ws.cq.topRows(tokens), t, ws.context(run));
         qrows = t.template cast<float>();
       }
     }
@@ -557,7 +588,7 @@ class MlaLayer {
   /// q~_h = W_UK^(h)^T q_h^nope and q^pe for rows [row0, row0 + tokens): q_latent
   /// [tokens * H, d_c + R] from row row0 * H. The heads run on the pool's threads, each
   /// multiplying its rows of wkv_b in place.
-  void absorb_queries(Index row0, Index tokens, MlaWorkspace<T>& ws) const {
+  void absorb_queries(Index row0, Index tokens, MlaWorkspace<T>& ws, const RunOptions& run) const {
     const Index H = config_.num_attention_heads, P = config_.qk_nope_head_dim;
     const Index D = config_.kv_lora_rank, R = config_.qk_rope_head_dim, QK = P + R;
     const Index V = config_.v_head_dim;
@@ -565,31 +596,31 @@ class MlaLayer {
     auto q = ws.q.middleRows(row0, tokens);
     auto q_latent = ws.q_latent.middleRows(row0 * H, tokens * H);
     // Absorb W_UK into the query: <q, W_UK c> = <W_UK^T q, c>, so scores read the cache.
-    for_each_head(ws, [&](Index h, int thread) {
+    for_each_head(run, [&](Index h, int thread) {
       Strided q_abs(q_latent.data() + h * (D + R), tokens, D, per_token);
       Strided q_pe(q_latent.data() + h * (D + R) + D, tokens, R, per_token);
       weights_.wkv_b.apply_rows_transposed(h * (P + V), P, q.middleCols(h * QK, P), q_abs,
-                                           ws.thread_context(thread));
+                                           ws.thread_context(run, thread));
       q_pe = q.middleCols(h * QK + P, R);
     });
   }
 
-  /// Calls f(h, thread) for every head, on the workspace's pool when it has one.
+  /// Calls f(h, thread) for every head, on the call's executor when it has one.
   template <class F>
-  void for_each_head(MlaWorkspace<T>& ws, F&& f) const {
+  void for_each_head(const RunOptions& run, F&& f) const {
     const Index H = config_.num_attention_heads;
-    mla::parallel_for(ws.pool_, H, f);
+    mla::parallel_for(run.executor, H, f);
   }
 
   /// Attention of rows [row0, row0 + n), the last n tokens of `view`.
-  void attend(const LatentView& view, Index row0, Index n, AttentionPath path,
-              MlaWorkspace<T>& ws) const {
+  void attend(const LatentView& view, Index row0, Index n, AttentionPath path, MlaWorkspace<T>& ws,
+              const RunOptions& run) const {
     const Index H = config_.num_attention_heads, V = config_.v_head_dim;
     auto lse = ws.lse.middleRows(row0, n);
     if (path == AttentionPath::kExpanded) {
       attention_expanded<T>(config_, view, ws.q.middleRows(row0, n), weights_.wkv_b, softmax_scale_,
-                            ws.o.block(row0, 0, n, H * V), lse, ws.attention, ws.context(),
-                            ws.decode_options_.precision);
+                            ws.o.block(row0, 0, n, H * V), lse, ws.attention, ws.context(run),
+                            run.decode.precision);
     } else if constexpr (std::is_same_v<T, float>) {
       // The SIMD kernel, up to kDecodeChunk query tokens per pass over the cache: token t sees
       // the first past + t + 1 keys.
@@ -599,7 +630,7 @@ class MlaLayer {
         const Index r = (row0 + t0) * H;
         decode_absorbed(config_, view, ws.q_latent.middleRows(r, m * H), softmax_scale_,
                         ws.o_latent.middleRows(r, m * H), lse.middleRows(t0, m), ws.decode,
-                        ws.pool_, ws.decode_options_, past + t0 + m);
+                        run.executor, run.decode, past + t0 + m);
       }
     } else {
       attention_absorbed<T>(config_, view, ws.q_latent.middleRows(row0 * H, n * H), softmax_scale_,
@@ -611,11 +642,13 @@ class MlaLayer {
   /// rows that see at most index_topk keys densely, the others over the positions the indexer
   /// selects from `keys` (the index keys of the same tokens).
   void attend_sparse(const LatentView& view, const IndexKeyView& keys, Index row0, Index n,
-                     MlaWorkspace<T>& ws) const {
+                     MlaWorkspace<T>& ws, const RunOptions& run) const {
     const Index H = config_.num_attention_heads, HI = config_.index_n_heads;
     const Index topk = config_.index_topk, past = view.tokens() - n;
     const Index dense = std::clamp<Index>(topk - past, 0, n);
-    if (dense > 0) attend(view.subview(0, past + dense), row0, dense, AttentionPath::kAbsorbed, ws);
+    if (dense > 0) {
+      attend(view.subview(0, past + dense), row0, dense, AttentionPath::kAbsorbed, ws, run);
+    }
     TopkSelection& sel = ws.selection;
     const bool own = config_.has_indexer();  // else: the shared selection, checked already
     if (own && ws.index_scores.cols() < view.tokens()) {  // grows geometrically with the context
@@ -630,7 +663,7 @@ class MlaLayer {
           ws.index_visible[static_cast<std::size_t>(r)] = past + t0 + r + 1;
         index_scores(keys, ws.index_q.middleRows(row * HI, rows * HI),
                      ws.index_w.middleRows(row, rows), ws.index_visible.data(), ws.index_scores,
-                     ws.indexer, ws.pool_);
+                     ws.indexer, run.executor);
         for (Index r = 0; r < rows; ++r) {
           select_top_k(ws.index_scores.row(r).data(), past + t0 + r + 1, topk, sel.row(row + r),
                        ws.topk_scratch);
@@ -640,13 +673,13 @@ class MlaLayer {
         sparse_attention_absorbed<T>(
             config_, view, sel.row(row + r), topk, ws.q_latent.middleRows((row + r) * H, H),
             softmax_scale_, ws.o_latent.middleRows((row + r) * H, H), ws.lse.middleRows(row + r, 1),
-            ws.sparse, ws.pool_, ws.decode_options_);
+            ws.sparse, run.executor, run.decode);
       }
     }
   }
 
   /// Absorbed path: o_h = W_UV^(h) o~_h for every row. Then u = W_o o.
-  void finish(MatrixRef<T> y, Index tokens, MlaWorkspace<T>& ws) const {
+  void finish(MatrixRef<T> y, Index tokens, MlaWorkspace<T>& ws, const RunOptions& run) const {
     const Index H = config_.num_attention_heads, D = config_.kv_lora_rank, V = config_.v_head_dim;
     const Index P = config_.qk_nope_head_dim;
     auto o = ws.o.topRows(tokens);  // (T, H * V)
@@ -664,16 +697,16 @@ class MlaLayer {
       const Index row0 = ws.parts[i].row0;
       const Index rows = ws.parts[j - 1].row0 + ws.parts[j - 1].tokens - row0;
       const Eigen::OuterStride<> per_token(H * D);
-      for_each_head(ws, [&](Index h, int thread) {
+      for_each_head(run, [&](Index h, int thread) {
         const Strided o_lat(ws.o_latent.data() + row0 * H * D + h * D, rows, D, per_token);
         weights_.wkv_b.apply_rows(h * (P + V) + P, V, o_lat, o.block(row0, h * V, rows, V),
-                                  ws.thread_context(thread));
+                                  ws.thread_context(run, thread));
       });
       i = j;
     }
     // The output gate: o (.) sigmoid(W_g x), per head and value, before W_o.
     if (config_.mla_use_output_gate) o.array() *= ws.gate.topRows(tokens).array();
-    project(weights_.wo, o, y, ws.context());  // (T, hidden)
+    project(weights_.wo, o, y, ws.context(run));  // (T, hidden)
   }
 
   using Strided = Eigen::Map<RowMatrix<T>, 0, Eigen::OuterStride<>>;

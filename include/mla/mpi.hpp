@@ -251,7 +251,7 @@ class ContextParallelLayer {
   /// mla::Error on every rank (nothing changed anywhere) for a bad argument on any rank or a
   /// shard without room.
   void forward(ConstMatrixRef<float> x, std::int64_t start_pos, SequenceId seq, MatrixRef<float> y,
-               MlaWorkspace<float>& ws) {
+               MlaWorkspace<float>& ws, const RunOptions& run = {}) {
     const MlaConfig& c = layer_->config();
     const Index n = x.rows();
     Sequence* s = nullptr;
@@ -305,8 +305,8 @@ class ContextParallelLayer {
               continue;
             }
             decode_absorbed(c, view, q.middleRows(t * H, H), layer_->softmax_scale(),
-                            o.middleRows(t * H, H), lse.middleRows(t, 1), decode_ws_, ws.executor(),
-                            ws.decode_options());
+                            o.middleRows(t * H, H), lse.middleRows(t, 1), decode_ws_, run.executor,
+                            run.decode);
             for (Index h = 0; h < H; ++h) {
               part[h * (D + 1)] = lse(t, h);
               std::copy(o.row(t * H + h).data(), o.row(t * H + h).data() + D,
@@ -321,7 +321,8 @@ class ContextParallelLayer {
               std::copy(part + 1, part + 1 + D, o.row(t * H + h).data());
             }
           }
-        });
+        },
+        run);
     if (s->length == 0) s->first_position = start_pos;
     s->length += n;
   }
@@ -421,8 +422,8 @@ class HeadParallelLayer {
   /// Collective: as MlaLayer::forward on every rank's heads, then the sum of their W_o
   /// products (one MPI_Allreduce of tokens x hidden floats) in `y` on every rank.
   void forward(ConstMatrixRef<float> x, std::int64_t start_pos, SequenceId seq, MatrixRef<float> y,
-               MlaWorkspace<float>& ws, AttentionPath path = AttentionPath::kAuto) {
-    collectively(comm_, [&] { layer_->forward(x, start_pos, *cache_, seq, y, ws, path); });
+               MlaWorkspace<float>& ws, const RunOptions& run = {}) {
+    collectively(comm_, [&] { layer_->forward(x, start_pos, *cache_, seq, y, ws, run); });
     if (y.outerStride() == y.cols()) {
       MPI_Allreduce(MPI_IN_PLACE, y.data(), static_cast<int>(y.size()), MPI_FLOAT, MPI_SUM, comm_);
     } else {

@@ -1,8 +1,8 @@
 #pragma once
 /// \file
 /// `MlaWorkspace`: the scratch memory of MlaLayer's forward passes, sized by the longest chunk
-/// seen and reused, and the run settings a model's calls share (executor, projection precision,
-/// decode options).
+/// seen and reused. How a call runs (threads, arithmetic) is its RunOptions
+/// (mla/run_options.hpp), not the workspace's.
 
 #include <algorithm>
 #include <cstdint>
@@ -16,6 +16,7 @@
 #include "mla/latent_cache.hpp"
 #include "mla/matrix.hpp"
 #include "mla/projection.hpp"
+#include "mla/run_options.hpp"
 #include "mla/sparse.hpp"
 
 namespace mla {
@@ -24,13 +25,17 @@ template <class T>
 class MlaLayer;
 
 /// Scratch memory of MlaLayer::forward: sized by the longest chunk seen so far and reused.
-/// Once it has been sized (by a call or by reserve), a call with a chunk that fits allocates
-/// nothing. One workspace can serve every layer of a model, one call at a time.
+/// Once it has been sized (by a call or by reserve), a call with a chunk that fits and the same
+/// RunOptions allocates nothing. One workspace can serve every layer of a model, one call at a
+/// time.
 template <class T>
 class MlaWorkspace {
  public:
-  /// Makes room for chunks of up to `tokens` tokens of `config` on `path` (kAuto: both).
-  void reserve(const MlaConfig& c, Index tokens, AttentionPath path = AttentionPath::kAuto) {
+  /// Makes room for chunks of up to `tokens` tokens of `config` run with `run` (run.path
+  /// kAuto: room for both paths; the executor's threads, the precisions and the decode
+  /// options size the per-thread and decode scratch).
+  void reserve(const MlaConfig& c, Index tokens, const RunOptions& run = {}) {
+    const AttentionPath path = run.path;
     const Index H = c.num_attention_heads;
     using detail::grow;
     grow(cq, tokens, c.q_lora_rank);
@@ -64,12 +69,12 @@ class MlaWorkspace {
     part_ids.reserve(entries);
     part_counts.reserve(entries);
     part_positions.reserve(entries);
-    const int threads = mla::concurrency(pool_);
+    const int threads = mla::concurrency(run.executor);
     if (static_cast<int>(per_thread.size()) < threads) {
       per_thread.resize(static_cast<std::size_t>(threads));
     }
     // Projections: the pool's panels, and BF16 activations of the decode shapes.
-    const bool bf16 = projection_precision_ == Precision::kBf16;
+    const bool bf16 = run.projection_precision == Precision::kBf16;
     const Index widest = std::max({c.hidden_size, c.q_lora_rank, c.kv_lora_rank, H * c.v_head_dim});
     projection.reserve(threads, std::min<Index>(tokens, 8), widest, bf16);
     for (ProjectionWorkspace& p : per_thread) {
@@ -78,7 +83,7 @@ class MlaWorkspace {
     if constexpr (std::is_same_v<T, float>) {
       if (path != AttentionPath::kAbsorbed) attention.reserve_threads(c, threads);
       if (path != AttentionPath::kExpanded) {
-        decode.reserve(c, decode_options_, mla::concurrency(pool_), std::min<Index>(tokens, 8));
+        decode.reserve(c, run.decode, threads, std::min<Index>(tokens, 8));
       }
     }
   }
@@ -95,25 +100,6 @@ class MlaWorkspace {
   /// shared layer on another workspace, copy it there.
   const TopkSelection& topk_selection() const { return selection; }
   TopkSelection& topk_selection() { return selection; }
-
-  /// Threads for the projections, the absorbed per-head products and the decode attention of
-  /// float layers: the pool is used, not owned, and must outlive the calls; nullptr (the
-  /// default) runs on the calling thread.
-  void set_executor(Executor* executor) { pool_ = executor; }
-  Executor* executor() const { return pool_; }
-  /// The same as set_executor (an mla::ThreadPool is an Executor).
-  void set_thread_pool(Executor* pool) { pool_ = pool; }
-
-  /// The arithmetic of the projections of float layers whose weights are BF16 or FP8
-  /// (Precision::kFp32, the default, or kBf16: activations rounded to BF16 once). The decode
-  /// attention's precision is DecodeOptions::precision.
-  void set_projection_precision(Precision p) { projection_precision_ = p; }
-  Precision projection_precision() const { return projection_precision_; }
-
-  /// How decode_absorbed divides its work and which arithmetic it uses (float layers; the
-  /// default is Precision::kFp32).
-  void set_decode_options(const DecodeOptions& options) { decode_options_ = options; }
-  const DecodeOptions& decode_options() const { return decode_options_; }
 
  private:
   friend class MlaLayer<T>;
@@ -154,15 +140,14 @@ class MlaWorkspace {
   std::vector<SequenceId> part_ids;
   std::vector<Index> part_counts;
   std::vector<std::int64_t> part_positions;
-  Executor* pool_ = nullptr;
-  DecodeOptions decode_options_;
-  Precision projection_precision_ = Precision::kFp32;
 
-  /// Whole projections: on the pool, with this workspace's scratch.
-  ProjectionContext context() { return {pool_, projection_precision_, &projection}; }
+  /// Whole projections: on the call's executor, with this workspace's scratch.
+  ProjectionContext context(const RunOptions& run) {
+    return {run.executor, run.projection_precision, &projection};
+  }
   /// One thread's part of the per-head products (the threads run heads, not columns).
-  ProjectionContext thread_context(int thread) {
-    return {nullptr, projection_precision_, &per_thread[static_cast<std::size_t>(thread)]};
+  ProjectionContext thread_context(const RunOptions& run, int thread) {
+    return {nullptr, run.projection_precision, &per_thread[static_cast<std::size_t>(thread)]};
   }
 };
 

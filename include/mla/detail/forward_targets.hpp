@@ -12,19 +12,9 @@
 #include "mla/latent_cache.hpp"
 #include "mla/latent_view.hpp"
 #include "mla/matrix.hpp"
+#include "mla/paged_cache.hpp"
 
 namespace mla {
-
-/// One sequence's share of a batch over an engine's own cache (MlaLayer::forward_paged): its
-/// block table (it must already hold the blocks of the new tokens: the engine allocates them),
-/// the `cached` tokens it holds before the call, and `tokens` new ones at positions start_pos,
-/// start_pos + 1, ... The new tokens' records are written into slots cached, cached + 1, ...
-struct PagedEntry {
-  const std::int32_t* block_table = nullptr;
-  Index cached = 0;
-  std::int64_t start_pos = 0;
-  Index tokens = 1;
-};
 
 namespace detail {
 
