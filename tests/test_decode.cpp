@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "mla/decode.hpp"
+#include "mla/detail/isa/tile_counts.hpp"
 #include "mla/detail/lse_merge.hpp"
 #include "mla/layer.hpp"
 #include "reference/mla_reference.hpp"
@@ -253,7 +254,7 @@ TEST(DecodeAbsorbed, BadArgumentsAreClearErrors) {
   EXPECT_TRUE(test::throws_error_containing(run(dims(4, 32, 8), -1), "q_latent [8, 40]"));
   DecodeOptions bad;
   bad.tile_tokens = 20;
-  EXPECT_TRUE(test::throws_error_containing(run(c, -1, bad), "tile_tokens a multiple of 16"));
+  EXPECT_TRUE(test::throws_error_containing(run(c, -1, bad), "tile_tokens 0 or a multiple of 16"));
   bad = DecodeOptions{};
   bad.head_groups = 0;
   EXPECT_TRUE(test::throws_error_containing(run(c, -1, bad), "head_groups >= 1"));
@@ -476,6 +477,121 @@ TEST(DecodeTokens, DeepSeekWidthsAndHeadCountsInBothPrecisions) {
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The AMX tile kernels' blocks of 256 keys
+
+TEST(DecodeTiles, KeyCountsAroundTheBlockMatchTheReferenceOnEveryTarget) {
+  // DeepSeek widths (the tile kernels read BF16 key rows straight from the records when 16 keys
+  // lie at one stride) and key counts on both sides of a 256-key block; caches in blocks of 16
+  // (every 16 keys in place) and of 5 tokens (16 keys cross blocks: copied rows).
+  const MlaConfig c = dims(16, 512, 64);
+  const Index H = 16, K = 576;
+  double worst[2] = {0, 0};  // kFp32, kBf16 on the tile targets
+  for (CacheStorage storage : {CacheStorage::kBFloat16, CacheStorage::kFp8E4M3}) {
+    for (Index block_tokens : {16, 5}) {
+      const Index cached = block_tokens == 16 ? 32768 : 1000;
+      mla::LatentCacheOptions lo;
+      lo.block_tokens = block_tokens;
+      lo.num_blocks = cached / block_tokens + 1;
+      lo.storage = storage;
+      LatentCache cache(c, lo);
+      const auto seq = cache.add_sequence();
+      const RowMatrix<float> kv0 = random_query_rows(cached, K, 41);
+      cache.append<float>(seq, 0, kv0.leftCols(512), kv0.rightCols(64));
+      const mla::LatentView view = cache.view(seq, 0);
+      const RowMatrix<double> kv = test::cache_contents_of(view);
+      for (Index T : {1, 3}) {
+        const RowMatrix<float> q = random_query_rows(T * H, K, 43 + static_cast<unsigned>(T));
+        const double scale = 1.0 / std::sqrt(192.0);
+        for (Index keys : {1, 255, 256, 257, 1000, 32768}) {
+          if (keys < T || keys > cached || (keys == 32768 && T > 1)) continue;
+          std::vector<double> want_out, want_lse;
+          reference_tokens(c, kv, q, scale, keys, T, want_out, want_lse);
+          test::for_each_isa([&](mla::Isa isa) {
+            for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+              const bool bf16 = p == mla::Precision::kBf16;
+              SCOPED_TRACE(std::string(bf16 ? "bf16 " : "fp32 ") + mla::to_string(storage) +
+                           " blocks of " + std::to_string(block_tokens) + ", tokens " +
+                           std::to_string(T) + " keys " + std::to_string(keys));
+              DecodeOptions o;
+              o.precision = p;
+              const DecodeErrors e =
+                  decode_tokens_error(c, view, q, scale, keys, T, 2, o, want_out, want_lse);
+              EXPECT_LE(e.out, bf16 ? kBf16OutTolerance : kTolerance);
+              EXPECT_LE(e.lse, bf16 ? kBf16LseTolerance : kTolerance);
+              if (isa == mla::Isa::kAmx || isa == mla::Isa::kAmxModel) {
+                worst[bf16 ? 1 : 0] = std::max(worst[bf16 ? 1 : 0], e.worst());
+              }
+            }
+          });
+        }
+      }
+    }
+  }
+  std::printf("    [measured] tiles: fp32 worst %.2e, bf16 worst %.2e\n", worst[0], worst[1]);
+}
+
+TEST(DecodeTiles, TheTileModelCountsTheMinimalProductsAndOneAccumulatorPassPerBlock) {
+  // Counted on the tile model: every TDPBF16PS, every accumulator tile load and store, and the
+  // cache bytes the blocks fetch. Products: each 16 keys x 16 query rows x 32-wide k block once
+  // per query part for the scores; each 16 rows x 16 latent values x 32 keys a token sees once
+  // per weight part for the outputs. Accumulators: each output tile loaded and stored once per
+  // block of 256 keys (once more for the 32-key step a token must not see all of); score tiles
+  // stored once. Records: fetched once per call, whatever the number of query tokens.
+  if (!mla::isa_available(mla::Isa::kAmxModel)) GTEST_SKIP() << "no AVX512-BF16 for the model";
+  const Index H = 16, D = 512, R = 64, K = D + R, keys = 1000, block = 256;
+  const MlaConfig c = dims(H, D, R);
+  const Filled f = fill(c, CacheStorage::kBFloat16, keys, 3);
+  const mla::LatentView view = f.cache.view(f.seq, 0);
+  mla::force_isa(mla::Isa::kAmxModel);
+  for (Index T : {1, 4}) {
+    for (mla::Precision p : {mla::Precision::kFp32, mla::Precision::kBf16}) {
+      SCOPED_TRACE(std::string(p == mla::Precision::kBf16 ? "bf16" : "fp32") + ", tokens " +
+                   std::to_string(T));
+      const Index q_parts = p == mla::Precision::kBf16 ? 1 : 3;
+      const Index p_parts = p == mla::Precision::kBf16 ? 1 : 2;
+      const RowMatrix<float> q = random_query_rows(T * H, K, 5);
+      RowMatrix<float> out(T * H, D), lse(T, H);
+      mla::DecodeWorkspace ws;
+      DecodeOptions o;
+      o.precision = p;
+      o.splits = 1;
+      mla::detail::isa::TileCounts& counts = mla::detail::isa::tile_counts();
+      counts.reset();
+      mla::decode_absorbed(c, view, q, 0.05, out, lse, ws, nullptr, o, keys);
+      std::int64_t products = 0, c_loads = 0, c_stores = 0;
+      const Index row_tiles = T, d_tiles = D / 16, k_blocks = K / 32;
+      for (Index j0 = 0; j0 < keys; j0 += block) {
+        const Index n = std::min(block, keys - j0), key_tiles = (n + 15) / 16;
+        products += key_tiles * row_tiles * k_blocks * q_parts;
+        c_stores += key_tiles * row_tiles;
+        for (Index t = 0; t < T; ++t) {
+          const Index seen = std::clamp<Index>(keys - (T - 1 - t) - j0, 0, n);
+          if (seen == 0) continue;
+          const Index steps = (seen + 31) / 32;
+          const bool masked = seen % 32 != 0 && seen < n;
+          products += d_tiles * steps * p_parts;
+          c_loads += d_tiles * (masked ? 2 : 1);
+          c_stores += d_tiles * (masked ? 2 : 1);
+        }
+      }
+      EXPECT_EQ(counts.products.load(), products);
+      EXPECT_EQ(counts.c_load_bytes.load(), c_loads * 1024);
+      EXPECT_EQ(counts.c_store_bytes.load(), c_stores * 1024);
+      EXPECT_EQ(counts.record_bytes.load(), keys * 2 * K);
+      std::printf(
+          "    [measured] tile model, %s, %lld tokens: per 256 keys %.0f products, %.0f KB "
+          "of operand loads, %.0f KB of accumulator loads and stores\n",
+          mla::to_string(p), static_cast<long long>(T),
+          static_cast<double>(counts.products.load()) * block / keys,
+          static_cast<double>(counts.operand_bytes.load()) * block / keys / 1024,
+          static_cast<double>(counts.c_load_bytes.load() + counts.c_store_bytes.load()) * block /
+              keys / 1024);
+    }
+  }
+  mla::reset_isa();
 }
 
 TEST(DecodeTokens, SeveralTokensInOneCallEqualEachTokenDecodedAlone) {

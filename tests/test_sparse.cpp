@@ -441,7 +441,9 @@ TEST(SparseEngine, ForwardPagedWithAnIndexBufferEqualsTheCache) {
   const auto seq = cache.add_sequence();
   RowMatrix<float> want(n, c.hidden_size);
   layer.forward(x, 0, cache, seq, want, ws);
-  EXPECT_LT(test::rel_error(test::to_vec(y), test::to_vec(want)), 1e-6);
+  // Chunks against one call: other paths for the same rows, each within kFp32's bound of the
+  // exact result (the AMX kernel's weights hold 16 bits: 2.4e-6 here, 1e-7 elsewhere).
+  EXPECT_LT(test::rel_error(test::to_vec(y), test::to_vec(want)), 5e-6);
   // Mismatched buffers are named; dense forward_paged refuses a V3.2 layer.
   mla::PagedIndexBuffer wrong = ibuf;
   wrong.block_tokens = 8;

@@ -37,10 +37,18 @@ class DecodeWorkspace {
   detail::decode::Buffers buffers_;
 };
 
+/// The keys per block the active kernels take for `options` (options.tile_tokens, or the
+/// kernels' own when it is 0).
+inline Index decode_block_tokens(const DecodeOptions& options = {}) {
+  return options.tile_tokens > 0 ? options.tile_tokens : detail::isa::kernels().decode_block;
+}
+
 inline void DecodeWorkspace::reserve(const MlaConfig& c, const DecodeOptions& o, int threads,
                                      Index tokens) {
   const detail::isa::Kernels& k = detail::isa::kernels();
-  k.reserve_decode(buffers_, c, o, threads, tokens);
+  DecodeOptions resolved = o;
+  resolved.tile_tokens = decode_block_tokens(o);
+  k.reserve_decode(buffers_, c, resolved, threads, tokens);
 }
 
 /// Most query tokens one decode_absorbed call takes (speculative decoding and multi-token
@@ -86,15 +94,18 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
   detail::require(keys >= T && keys <= cache.tokens(), "decode_absorbed: ", keys,
                   " keys requested for ", T, " query tokens, the cache holds ", cache.tokens(),
                   " tokens (the keys must cover every query token)");
-  detail::require(options.tile_tokens >= 16 && options.tile_tokens % 16 == 0 &&
-                      options.tile_tokens <= 4096 && options.splits >= 0 &&
-                      options.splits <= 4096 && options.head_groups >= 1,
-                  "decode_absorbed: options need tile_tokens a multiple of 16 in [16, 4096], "
-                  "splits in [0, 4096] and head_groups >= 1; got ",
-                  options.tile_tokens, ", ", options.splits, ", ", options.head_groups);
+  detail::require(
+      (options.tile_tokens == 0 || (options.tile_tokens >= 16 && options.tile_tokens % 16 == 0 &&
+                                    options.tile_tokens <= 4096)) &&
+          options.splits >= 0 && options.splits <= 4096 && options.head_groups >= 1,
+      "decode_absorbed: options need tile_tokens 0 or a multiple of 16 in [16, ",
+      "4096], splits in [0, 4096] and head_groups >= 1; got ", options.tile_tokens, ", ",
+      options.splits, ", ", options.head_groups);
   const detail::isa::Kernels& k = detail::isa::kernels();
   const int threads = mla::concurrency(pool);
-  k.reserve_decode(ws.buffers(), c, options, threads, T);
+  DecodeOptions resolved = options;
+  resolved.tile_tokens = decode_block_tokens(options);
+  k.reserve_decode(ws.buffers(), c, resolved, threads, T);
 
   detail::isa::DecodeArgs a;
   a.cache = cache.blocks();
@@ -109,7 +120,7 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
   a.lse_stride = lse.outerStride();
   a.buffers = &ws.buffers();
   a.pool = pool;
-  a.options = options;
+  a.options = resolved;
   a.keys = keys;
   if (options.precision == Precision::kBf16) {
     k.decode_absorbed_bf16(a);

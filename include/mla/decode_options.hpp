@@ -18,8 +18,10 @@ struct DecodeOptions {
   /// once for all heads, which is what makes the kernel fast; more groups give threads work
   /// when the context is too short to split.
   Index head_groups = 1;
-  /// Keys per tile, a multiple of 16 (the softmax and the FP8/BF16 conversion work per tile).
-  Index tile_tokens = 64;
+  /// Keys per block, a multiple of 16 (the softmax and the FP8/BF16 conversion work per block);
+  /// 0 (the default) takes the kernel's own: 64 on the FMA and AVX512-BF16 kernels, 256 on AMX
+  /// tiles (see mla::decode_block_tokens()).
+  Index tile_tokens = 0;
   /// The arithmetic (mla/precision.hpp): kFp32 (the default) or kBf16.
   Precision precision = Precision::kFp32;
 };

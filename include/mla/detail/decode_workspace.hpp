@@ -71,11 +71,11 @@ struct Buffers {
     AlignedVector<std::uint32_t> p_pairs;  // [segments][tile / 2][h_group], weight pairs
     AlignedVector<float> mult;             // [tile][segments], per key and segment
     // The AMX tile kernels only (detail/isa/decode_amx.inl):
-    AlignedVector<std::uint16_t> tile_keys;  // [tile][K padded], keys as BF16 (the A operand)
-    AlignedVector<std::uint16_t> tile_ct;    // [tile / 32 + 1][d_c][32], latent transposed
-    AlignedVector<std::uint32_t> tile_p;     // [segments][parts][tile / 2][h_group], weights
-    AlignedVector<float> tile_ot;            // [d_c][h_group], outputs transposed
-    AlignedVector<float> tile_c;             // [4][16][16], accumulator tiles
+    AlignedVector<std::uint16_t> tile_keys;       // [tile + 1][K padded], key rows copied as BF16
+    std::vector<const unsigned char*> tile_rows;  // [tile / 16]: each 16 keys' first row
+    AlignedVector<std::uint32_t> tile_v;          // [tile / 2 + 16][d_c]: latent pairs of keys (B)
+    AlignedVector<std::uint16_t> tile_p;  // [segments][parts][tile / 32][h_group][32]: weights (A)
+    AlignedVector<float> tile_c;          // [4][16][16], accumulator tiles
   };
   // sigma * queries, padded with zero heads, in the order the score kernel reads them.
   AlignedVector<float> q;
@@ -114,14 +114,13 @@ struct Buffers {
       }
       if (tiles) {
         const Index segments = bf16_segments(c), k_pad = tile_key_width(c);
-        const Index parts = tile_parts(o.precision);
-        grow(t.tile_keys, o.tile_tokens * k_pad);
-        grow(t.tile_ct, (o.tile_tokens / 32 + 2) * D * 32);
-        grow(t.tile_p, segments * parts * (o.tile_tokens / 2 + 16) * h_group);
-        grow(t.tile_ot, D * h_group);
+        const Index parts = tile_parts(o.precision), blocks32 = (o.tile_tokens + 31) / 32;
+        grow(t.tile_keys, (blocks32 * 32 + 1) * k_pad);
+        grow(t.tile_rows, blocks32 * 2);
+        grow(t.tile_v, (blocks32 + 1) * 16 * D);
+        grow(t.tile_p, segments * parts * blocks32 * h_group * 32);
         grow(t.tile_c, 4 * 256);
-        grow(t.mult, o.tile_tokens * segments);
-        grow(t.rows16, o.tile_tokens);
+        grow(t.mult, blocks32 * 32 * segments);
       }
     }
     if (tiles) grow(tile_q, (tile_parts(o.precision) * (tile_key_width(c) / 2) + 1) * g.h_pad);

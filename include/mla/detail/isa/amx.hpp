@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "mla/detail/isa/avx512.hpp"
+#include "mla/detail/isa/tile_counts.hpp"
 
 #if MLA_ISA_X86
 
@@ -105,10 +106,13 @@ struct EmulatedTiles {
   void release() {}
   template <int T>
   void zero() {
+    tile_counts().c_zeros += 1;
     std::memset(t[T], 0, sizeof(t[T]));
   }
   template <int T>
   void load(const void* p, Index stride) {
+    (T < 4 ? tile_counts().c_load_bytes : tile_counts().operand_bytes) +=
+        std::int64_t{cfg.rows[T]} * cfg.colsb[T];
     std::memset(t[T], 0, sizeof(t[T]));
     for (int r = 0; r < cfg.rows[T]; ++r) {
       std::memcpy(t[T][r], static_cast<const unsigned char*>(p) + r * stride, cfg.colsb[T]);
@@ -116,12 +120,14 @@ struct EmulatedTiles {
   }
   template <int T>
   void store(void* p, Index stride) {
+    tile_counts().c_store_bytes += std::int64_t{cfg.rows[T]} * cfg.colsb[T];
     for (int r = 0; r < cfg.rows[T]; ++r) {
       std::memcpy(static_cast<unsigned char*>(p) + r * stride, t[T][r], cfg.colsb[T]);
     }
   }
   template <int C, int A, int B>
   void dp() {
+    tile_counts().products += 1;
     const int pairs = cfg.colsb[A] / 4;
     for (int m = 0; m < cfg.rows[C]; ++m) {
       __m512 acc = _mm512_loadu_ps(t[C][m]);
@@ -194,6 +200,7 @@ const Kernels& table_on() {
     Kernels t = avx512_bf16::table();
     t.isa = Tiles::kEmulated ? Isa::kAmxModel : Isa::kAmx;
     t.tiles = true;
+    t.decode_block = 256;  // a key block per pass of the accumulator tiles (decode_amx.inl)
     t.reserve_decode = &reserve_decode;
     t.decode_absorbed = &decode_amx::decode_absorbed<Tiles>;
     t.decode_absorbed_bf16 = &decode_amx::decode_absorbed_bf16<Tiles>;

@@ -3,40 +3,60 @@
 // the decode frame (decode_frame.inl) for the amx and amx_model targets. Included inside the
 // AMX namespace, after amx.hpp's backends and the frame. No include guard on purpose.
 //
-// Per tile of keys:
-//   scores  S [keys][rows] = K [keys][k] Q^T: A = the keys as BF16 rows (exact for BF16
-//           records and FP8 codes; FP8 scales multiply each 128-wide segment's FP32 partial
-//           sums), B = the queries in BF16 pairs;
-//   outputs O^T [d_c][rows] += C^T [d_c][keys] P^T: A = the latent transposed (one 32-key block
-//           of BF16 per tile row), B = the softmax weights in BF16 pairs of consecutive keys
-//           (times each output segment's FP8 scale); O^T is turned back once per part.
+// Per block of keys (256 by default: DecodeOptions::tile_tokens 0):
+//   scores  S^T [keys][rows] = K [keys][k] Q^T: A = the key rows, read straight from BF16
+//           records when 16 consecutive keys lie at one stride (no copy), else copied as BF16
+//           (FP8 codes widened exactly, once per block; their scales multiply each 128-wide
+//           segment's FP32 partial sums); B = the queries in BF16 pairs, built once per call.
+//           The query rows' pairs are the outer loop, so their panel stays in L1 while the
+//           keys stream.
+//   outputs O [rows][d_c] += P [rows][keys] C [keys][d_c]: A = the softmax weights in BF16
+//           (rows in M, 32 consecutive keys per tile row), B = the latent in pairs of
+//           consecutive keys (two records interleaved, no transpose); O is the frame's output,
+//           each accumulator tile loaded and stored once per block (FP8: accumulated from zero
+//           per output segment and added with its unit). O is rescaled in memory only for rows
+//           whose running maximum rose.
 // Precision: kBf16 rounds the queries (times the softmax scale) and the weights once to BF16;
-// kFp32 splits each into three BF16 parts whose sum is the FP32 value (24 significant bits),
-// one tile product per part, so that only the FP32 sums round. FP32 and FP64 caches keep the
-// AVX-512 FMA kernel for kFp32 (their keys are not BF16 values); latent widths that are not a
-// multiple of 16 keep the AVX-512 kernels.
+// kFp32 splits the queries into three BF16 parts and the weights into two (sums of parts hold
+// 24 and 16 significant bits; the tested bound is 1e-5 relative), one tile product per part,
+// so that only the FP32 sums round. FP32 and FP64 caches keep the AVX-512 FMA kernel for kFp32
+// (their keys are not BF16 values); latent widths that are not a multiple of 16 keep the
+// AVX-512 kernels.
 //
 // Keys a query row must not see (the newest keys, for all but the last of several query
-// tokens) are never multiplied into its output: their weights are zero and their latent
-// columns are zero in a masked copy of the block that holds them, so a non-finite record
-// cannot reach the rows before it.
+// tokens) are never multiplied into its output: their weights are zero and their latent pairs
+// are zero in a masked copy of the 32-key step that holds them, so a non-finite record cannot
+// reach the rows before it. Rows past the last key of a block are never read from the cache.
 
 namespace decode_amx {
 
 /// Tile roles: C accumulators 0..3 (C(i, j) = 2 i + j), A operands 4, 5, B operands 6, 7.
-/// An operand's 16-row tile at (i, k, part): base + i * step_i + k * step_k + part * step_p.
+/// An operand's 16-row tile at (i, k, part): base(i) + k * step_k + part * step_p, with
+/// base(i) = bases[i] when `bases` is set (tiles of rows that do not lie at one stride from
+/// each other: the key rows of records), base + i * step_i otherwise.
 struct Operand {
   const unsigned char* base = nullptr;
+  const unsigned char* const* bases = nullptr;
   Index stride = 0, step_i = 0, step_k = 0, step_p = 0;
   const unsigned char* at(Index i, Index k, Index p = 0) const {
-    return base + i * step_i + k * step_k + p * step_p;
+    return (bases ? bases[i] : base + i * step_i) + k * step_k + p * step_p;
+  }
+  Operand shifted(Index i) const {
+    Operand o = *this;
+    if (bases) {
+      o.bases += i;
+    } else {
+      o.base += i * step_i;
+    }
+    return o;
   }
 };
 
-/// C(i, j) (+)= sum over k in [k0, k1) and parts p of A(i, k) B(j, k, p) for i < MI, j < NJ.
-/// C(i, j) is the FP32 tile at c + i * c_i + j * c_j bytes, rows c_stride bytes apart; loaded
-/// first when `load_c`, zero otherwise; stored at the end.
-template <int MI, int NJ, class Tiles>
+/// C(i, j) (+)= sum over k in [k0, k1) and parts p of A(i, k, p) B(j, k, p) for i < MI,
+/// j < NJ, with the parts on A (kPartsOnA: B is the same for every part) or on B. C(i, j) is
+/// the FP32 tile at c + i * c_i + j * c_j bytes, rows c_stride bytes apart; loaded first when
+/// `load_c`, zero otherwise; stored at the end.
+template <int MI, int NJ, bool kPartsOnA, class Tiles>
 MLA_KERNEL_INLINE void product(Tiles& t, const Operand& A, const Operand& B, Index k0, Index k1,
                                Index parts, unsigned char* c, Index c_stride, Index c_i, Index c_j,
                                bool load_c) {
@@ -52,17 +72,25 @@ MLA_KERNEL_INLINE void product(Tiles& t, const Operand& A, const Operand& B, Ind
     if constexpr (MI > 1 && NJ > 1) t.template zero<3>();
   }
   for (Index k = k0; k < k1; ++k) {
-    t.template load<4>(A.at(0, k), A.stride);
-    if constexpr (MI > 1) t.template load<5>(A.at(1, k), A.stride);
+    if constexpr (kPartsOnA) {
+      t.template load<6>(B.at(0, k), B.stride);
+      if constexpr (NJ > 1) t.template load<7>(B.at(1, k), B.stride);
+    } else {
+      t.template load<4>(A.at(0, k), A.stride);
+      if constexpr (MI > 1) t.template load<5>(A.at(1, k), A.stride);
+    }
     for (Index p = 0; p < parts; ++p) {
-      t.template load<6>(B.at(0, k, p), B.stride);
+      if constexpr (kPartsOnA) {
+        t.template load<4>(A.at(0, k, p), A.stride);
+        if constexpr (MI > 1) t.template load<5>(A.at(1, k, p), A.stride);
+      } else {
+        t.template load<6>(B.at(0, k, p), B.stride);
+        if constexpr (NJ > 1) t.template load<7>(B.at(1, k, p), B.stride);
+      }
       t.template dp<0, 4, 6>();
       if constexpr (MI > 1) t.template dp<2, 5, 6>();
-      if constexpr (NJ > 1) {
-        t.template load<7>(B.at(1, k, p), B.stride);
-        t.template dp<1, 4, 7>();
-        if constexpr (MI > 1) t.template dp<3, 5, 7>();
-      }
+      if constexpr (NJ > 1) t.template dp<1, 4, 7>();
+      if constexpr (MI > 1 && NJ > 1) t.template dp<3, 5, 7>();
     }
   }
   t.template store<0>(c, c_stride);
@@ -71,24 +99,36 @@ MLA_KERNEL_INLINE void product(Tiles& t, const Operand& A, const Operand& B, Ind
   if constexpr (MI > 1 && NJ > 1) t.template store<3>(c + c_i + c_j, c_stride);
 }
 
-/// C(i, j) for every i < mi and j < nj tile, two by two: calls f(MI, NJ, i, j) with the
-/// compile-time block shape.
+/// Calls f(MI, NJ, i, j) with the compile-time block shape for the 2 x 2 (or smaller) block
+/// of C tiles at (i, j).
 template <class F>
-MLA_KERNEL_INLINE void for_blocks(Index mi, Index nj, F&& f) {
+MLA_KERNEL_INLINE void block_at(Index mi, Index nj, Index i, Index j, F& f) {
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
+  if (i + 1 < mi && j + 1 < nj) {
+    f(Two{}, Two{}, i, j);
+  } else if (i + 1 < mi) {
+    f(Two{}, One{}, i, j);
+  } else if (j + 1 < nj) {
+    f(One{}, Two{}, i, j);
+  } else {
+    f(One{}, One{}, i, j);
+  }
+}
+
+/// C(i, j) for every i < mi and j < nj tile, two by two, i (the A operand) in the outer loop.
+template <class F>
+MLA_KERNEL_INLINE void for_blocks(Index mi, Index nj, F&& f) {
   for (Index i = 0; i < mi; i += 2) {
-    for (Index j = 0; j < nj; j += 2) {
-      if (i + 1 < mi && j + 1 < nj) {
-        f(Two{}, Two{}, i, j);
-      } else if (i + 1 < mi) {
-        f(Two{}, One{}, i, j);
-      } else if (j + 1 < nj) {
-        f(One{}, Two{}, i, j);
-      } else {
-        f(One{}, One{}, i, j);
-      }
-    }
+    for (Index j = 0; j < nj; j += 2) block_at(mi, nj, i, j, f);
+  }
+}
+
+/// The same with j (the B operand) in the outer loop: B's panel stays in L1 while A streams.
+template <class F>
+MLA_KERNEL_INLINE void for_blocks_b_outer(Index mi, Index nj, F&& f) {
+  for (Index j = 0; j < nj; j += 2) {
+    for (Index i = 0; i < mi; i += 2) block_at(mi, nj, i, j, f);
   }
 }
 
@@ -133,7 +173,6 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
-/// How a call lays its operands out.
 /// The power of two just above x > 0 (x / it is in [0.5, 1)); 1 for 0, infinities and NaN. What
 /// queries and FP8-scaled weights are divided by before they are split into BF16 parts.
 inline float power_of_two_above(float x) {
@@ -146,18 +185,29 @@ inline float power_of_two_above(float x) {
 /// Most FP8 scale tiles of a latent the tile kernels take (d_c up to 4096).
 inline constexpr Index kMaxTiles8 = 32;
 
+/// BF16 parts of the weights for kFp32 (the queries take tile_parts(kFp32) = 3): two hold 16
+/// significant bits, a relative error of at most 2^-17 (7.6e-6) per weight, which the sums over
+/// keys average. Measured on AMX (V3, 32K keys, kFp32): a third part costs 13-15% of the step.
+/// The scores keep three: their error is multiplied by the exponential.
+inline constexpr Index kMaxWeightParts = 2;
+inline Index weight_parts(Index query_parts) { return query_parts > 1 ? kMaxWeightParts : 1; }
+
+/// How a call lays its operands out.
 struct Layout {
   Index D = 0, R = 0;
   Index d_pad = 0, k_pad = 0;  // latent, and latent + k^R, each padded to 32
-  Index parts = 1;             // BF16 parts of the queries and weights
+  Index parts = 1;             // BF16 parts of the queries
+  Index p_parts = 1;           // BF16 parts of the weights
   Index tiles8 = 0;            // FP8 scale tiles of the latent (0: no FP8)
   bool fp8 = false;
+  bool direct = false;  // key rows read from the records (BF16 records of whole 32-wide blocks)
+  Index record_bytes = 0;
 };
 
 /// The tile policy (see the file comment).
 template <class Tiles>
 struct TilePolicy {
-  static constexpr bool kAccumulatesInOutput = false;
+  static constexpr bool kAccumulatesInOutput = true;
   RecordSegments record;    // the cache's record segments
   const std::uint32_t* qp;  // [parts][k_pad / 2][h_pad] query pairs
   const float* units;       // [h_pad] the rows' units
@@ -172,8 +222,12 @@ struct TilePolicy {
     L.d_pad = (L.D + 31) / 32 * 32;
     L.k_pad = L.d_pad + (L.R + 31) / 32 * 32;
     L.parts = parts;
+    L.p_parts = weight_parts(parts);
     L.fp8 = cache.layout.storage == CacheStorage::kFp8E4M3;
     L.tiles8 = L.fp8 ? LatentLayout::fp8_tiles(L.D) : 0;
+    L.record_bytes = static_cast<Index>(cache.layout.token_bytes);
+    L.direct = cache.layout.storage == CacheStorage::kBFloat16 && L.D % 32 == 0 && L.R % 32 == 0 &&
+               L.record_bytes == 2 * (L.D + L.R);
     // sigma * queries as `parts` BF16 parts in pairs [k_pad / 2][h_pad] each, in the key rows'
     // layout; padding rows and columns zero.
     const Index rows = geo.h_pad, kp_n = L.k_pad / 2;
@@ -224,85 +278,102 @@ struct TilePolicy {
     const decode_frame::Group& g;
     const Layout& L;
     Tiles tiles;
-    float* ot;
-    Operand qB, kA;
+    Operand qB;   // the queries: B(j, k, p) = 16 pair rows of k block k, row block j, part p
+    Operand kA;   // this block's key rows: A(i, k) = keys 16 i .., k block k
     Index n = 0;  // keys of the current block
-
-    // The key rows of one tile as BF16 [n][k_pad] (latent, zeros, k^R, zeros), multipliers per
-    // key and segment, and the latent transposed into 32-key blocks [block][d_c][32].
-    void load_keys(const LatentBlocks& cache, Index j0, decode::Buffers::PerThread& t,
-                   Index segments) const {
-      decode_bf16::KeyLayout kl(cache.layout);
-      kl.d_even = L.d_pad;
-      kl.k_even = L.d_pad + L.R;
-      const Index n16 = (n + 15) / 16 * 16;
-      for (Index j = 0; j < n16; ++j) {
-        std::uint16_t* row = t.tile_keys.data() + j * L.k_pad;
-        if (j >= n) {
-          std::fill(row, row + L.k_pad, std::uint16_t{0});
-          continue;
-        }
-        const unsigned char* rec = cache.record(j0 + j);
-        decode_bf16::key_to_bf16(p.record, kl, rec, row, t.tile.data());
-        std::fill(row + L.D, row + L.d_pad, std::uint16_t{0});
-        std::fill(row + L.d_pad + L.R, row + L.k_pad, std::uint16_t{0});
-        if (L.fp8) decode_bf16::segment_multipliers(p.record, rec, t.mult.data() + j * segments);
-      }
-      // Latent transposed: block b, row d holds keys 32 b .. 32 b + 31 at d (zero past n).
-      const Index blocks = (n + 31) / 32;
-      for (Index b = 0; b < blocks; ++b) {
-        for (Index d = 0; d < L.D; d += 16) {
-          __m512i r[16];
-          for (int i = 0; i < 16; ++i) {
-            const Index j = 32 * b + 2 * i;
-            const __m512i lo =
-                j < n ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                            reinterpret_cast<const __m256i*>(t.tile_keys.data() + j * L.k_pad + d)))
-                      : _mm512_setzero_si512();
-            const __m512i hi =
-                j + 1 < n
-                    ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                          t.tile_keys.data() + (j + 1) * L.k_pad + d)))
-                    : _mm512_setzero_si512();
-            r[i] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));  // lane = d, pair i
-          }
-          transpose16(r);  // r[d'] lane i = pair i of dimension d + d'
-          std::uint16_t* dst = t.tile_ct.data() + (b * L.D + d) * 32;
-          for (int i = 0; i < 16; ++i) {
-            _mm512_storeu_si512(reinterpret_cast<void*>(dst + i * 32), r[i]);
-          }
-        }
-      }
-    }
+    Index segments = 1;
 
     Worker(const TilePolicy& policy, const decode_frame::Group& group)
-        : p(policy), g(group), L(policy.L), ot(group.t->tile_ot.data()) {
-      std::fill(ot, ot + L.D * g.stride, 0.0f);
+        : p(policy), g(group), L(policy.L), segments(policy.L.tiles8 + 1) {
       tiles.configure(full_tiles());
-      // Queries: B(j, k, p) = 16 pair rows of k block k, 16 rows from head block j, part p.
       qB.base = reinterpret_cast<const unsigned char*>(p.qp + g.h0);
       qB.stride = g.h_pad * 4;
       qB.step_i = 16 * 4;
       qB.step_k = 16 * g.h_pad * 4;
       qB.step_p = (L.k_pad / 2) * g.h_pad * 4;
-      // Keys: A(i, k) = key block i (16 rows), k block k.
-      kA.base = reinterpret_cast<const unsigned char*>(g.t->tile_keys.data());
-      kA.stride = L.k_pad * 2;
-      kA.step_i = 16 * L.k_pad * 2;
-      kA.step_k = 64;
+    }
+
+    /// The block's key rows (kA: records in place, or rows of tile_keys) and FP8 multipliers,
+    /// and the latent pairs of consecutive keys [n32 / 2][d_c] (zero past n).
+    void load_keys(Index j0) {
+      decode::Buffers::PerThread& t = *g.t;
+      const LatentBlocks& cache = g.a->cache;
+      const Index groups = (n + 15) / 16, n32 = (n + 31) / 32 * 32;
+      if constexpr (Tiles::kEmulated) tile_counts().record_bytes += n * L.record_bytes;
+      const std::uint16_t* zero_row = t.tile_keys.data() + n32 * L.k_pad;
+      std::fill(t.tile_keys.data() + n32 * L.k_pad, t.tile_keys.data() + (n32 + 1) * L.k_pad,
+                std::uint16_t{0});
+      decode_bf16::KeyLayout kl(cache.layout);
+      kl.d_even = L.d_pad;
+      kl.k_even = L.d_pad + L.R;
+      // Each 16 keys: their records when they lie at one stride (direct layout), else copies.
+      const unsigned char** bases = t.tile_rows.data();
+      for (Index gi = 0; gi < groups; ++gi) {
+        const Index first = 16 * gi, count = std::min<Index>(16, n - first);
+        const unsigned char* rec0 = cache.record(j0 + first);
+        if (L.direct && count == 16 &&
+            cache.record(j0 + first + 15) == rec0 + 15 * L.record_bytes) {
+          bases[gi] = rec0;
+          continue;
+        }
+        std::uint16_t* rows = t.tile_keys.data() + first * L.k_pad;
+        for (Index j = 0; j < 16; ++j) {
+          std::uint16_t* row = rows + j * L.k_pad;
+          if (j >= count) {
+            std::fill(row, row + L.k_pad, std::uint16_t{0});
+            continue;
+          }
+          const unsigned char* rec = cache.record(j0 + first + j);
+          decode_bf16::key_to_bf16(p.record, kl, rec, row, t.tile.data());
+          std::fill(row + L.D, row + L.d_pad, std::uint16_t{0});
+          std::fill(row + L.d_pad + L.R, row + L.k_pad, std::uint16_t{0});
+          if (L.fp8) {
+            decode_bf16::segment_multipliers(p.record, rec, t.mult.data() + (first + j) * segments);
+          }
+        }
+        // Copied rows are k_pad values apart; records record_bytes: one stride for all.
+        bases[gi] = reinterpret_cast<const unsigned char*>(rows);
+      }
+      kA = Operand{};
+      kA.bases = bases;
+      kA.step_k = 64;  // the row stride is per group: key_stride
+      // Latent pairs: B rows of the outputs.
+      std::uint32_t* vp = t.tile_v.data();
+      for (Index jp = 0; jp < n32 / 2; ++jp) {
+        const Index j = 2 * jp;
+        const std::uint16_t* lo = j < n ? key_row(j) : zero_row;
+        const std::uint16_t* hi = j + 1 < n ? key_row(j + 1) : zero_row;
+        std::uint32_t* dst = vp + jp * L.D;
+        for (Index d = 0; d < L.D; d += kW) {
+          Ops::store(reinterpret_cast<float*>(dst + d), Ops::interleave_bf16(lo + d, hi + d));
+        }
+      }
+    }
+
+    /// Key row j of the block (after load_keys' choice for its group).
+    const std::uint16_t* key_row(Index j) const {
+      return reinterpret_cast<const std::uint16_t*>(
+          g.t->tile_rows[static_cast<std::size_t>(j / 16)] + (j % 16) * key_stride(j / 16));
+    }
+    /// Bytes between the key rows of group gi: the record size when read in place.
+    Index key_stride(Index gi) const {
+      const unsigned char* b = g.t->tile_rows[static_cast<std::size_t>(gi)];
+      const auto* keys = reinterpret_cast<const unsigned char*>(g.t->tile_keys.data());
+      const bool copied = b >= keys && b < keys + g.t->tile_keys.size() * sizeof(std::uint16_t);
+      return copied ? L.k_pad * 2 : L.record_bytes;
     }
 
     MLA_KERNEL_NOINLINE void score(Index j0, Index keys) {
       n = keys;
       decode::Buffers::PerThread& t = *g.t;
-      const Index h_group = g.stride, segments = L.tiles8 + 1;
+      const Index h_group = g.stride;
       const Index nb = (n + 15) / 16, hb = g.hw / 16;  // key and row blocks
       const Index kblocks_latent = L.d_pad / 32, kblocks = L.k_pad / 32;
       const float* units = p.units;
       const Index h0 = g.h0;
       float* sc = g.scores;
       float* ctmp = t.tile_c.data();
-      load_keys(g.a->cache, j0, t, segments);
+      load_keys(j0);
       // Scores per segment (FP8: each scale tile of the latent, then k^R; otherwise the whole
       // row), each segment's FP32 sums times the rows' units and the keys' multipliers, added.
       const Index score_segments = L.fp8 ? segments : 1;
@@ -312,59 +383,74 @@ struct TilePolicy {
                          : seg < L.tiles8 ? std::min(kblocks_latent, 4 * seg + 4)
                                           : kblocks;
         if (k0 >= k1) continue;
-        for_blocks(nb, hb, [&](auto mi, auto nj, Index i, Index j) {
+        for_blocks_b_outer(nb, hb, [&](auto mi, auto nj, Index i, Index j) {
           constexpr int MI = decltype(mi)::value, NJ = decltype(nj)::value;
-          Operand A = kA;
-          A.base += i * kA.step_i;
-          Operand B = qB;
-          B.base += j * qB.step_i;
-          product<MI, NJ>(tiles, A, B, k0, k1, L.parts, reinterpret_cast<unsigned char*>(ctmp),
-                          16 * 4, 2 * 256 * 4, 256 * 4, false);
-          // sc[key][h] (+)= tile * unit[h] * mult[key][seg].
-          for (int ii = 0; ii < MI; ++ii) {
-            for (int jj = 0; jj < NJ; ++jj) {
-              const float* c = ctmp + (2 * ii + jj) * 256;
-              const V u = Ops::load(units + h0 + (j + jj) * 16);
-              for (int r = 0; r < 16; ++r) {
-                const Index key = (i + ii) * 16 + r;
-                V x = Ops::mul(Ops::load(c + r * 16), u);
-                if (L.fp8) {
-                  x = Ops::mul(
-                      x,
-                      Ops::set1(
-                          t.mult[static_cast<std::size_t>(std::min(key, n - 1) * segments + seg)]));
-                }
-                float* dst = sc + key * h_group + (j + jj) * 16;
-                Ops::store(dst, seg == 0 ? x : Ops::add(Ops::load(dst), x));
-              }
-            }
+          Operand A = kA.shifted(i);
+          // The two groups of A share one stride (both copied or both in place) or run alone.
+          A.stride = key_stride(i);
+          if (MI > 1 && key_stride(i + 1) != A.stride) {
+            run_scores<1, NJ>(A, i, j, k0, k1, seg, ctmp, units, h0, sc, h_group);
+            Operand A1 = kA.shifted(i + 1);
+            A1.stride = key_stride(i + 1);
+            run_scores<1, NJ>(A1, i + 1, j, k0, k1, seg, ctmp, units, h0, sc, h_group);
+            return;
           }
+          run_scores<MI, NJ>(A, i, j, k0, k1, seg, ctmp, units, h0, sc, h_group);
         });
       }
-      // Per query token: online softmax over the keys it sees, the weights as BF16 pairs, the
-      // outputs O^T over the same keys.
     }
 
-    /// Rows [r0, r1): the weights as BF16 pairs, the outputs O^T over the keys they see.
-    MLA_KERNEL_NOINLINE void accumulate(Index r0, Index r1, Index seen, Index) {
-      decode::Buffers::PerThread& t = *g.t;
-      const Index D = L.D, h_group = g.stride, segments = L.tiles8 + 1;
-      const Index out_segments = L.fp8 ? L.tiles8 : 1;
-      const Index tile = g.a->options.tile_tokens;
-      const Index pair_rows = tile / 2 + 16;  // weight pairs per part, room for 32-key rounding
-      const float* sc = g.scores;
-      const float* corr = g.corr;
-      float* ctmp = t.tile_c.data();
-      std::uint32_t* pp = t.tile_p.data();
-      std::uint16_t* ct_mask = t.tile_ct.data() + ((tile + 31) / 32) * D * 32;
-      for (Index d = 0; d < D; ++d) {
-        float* row = ot + d * h_group;
-        for (Index r = r0; r < r1; r += kW) {
-          Ops::store(row + r, Ops::mul(Ops::load(row + r), Ops::load(corr + r)));
+    /// Key blocks i .. i + MI - 1 against row blocks j .. j + NJ - 1 over k blocks [k0, k1):
+    /// sc[key][h] (+)= tile * unit[h] (* mult[key][seg] for FP8).
+    template <int MI, int NJ>
+    MLA_KERNEL_INLINE void run_scores(const Operand& A, Index i, Index j, Index k0, Index k1,
+                                      Index seg, float* ctmp, const float* units, Index h0,
+                                      float* sc, Index h_group) {
+      Operand B = qB.shifted(j);
+      product<MI, NJ, false>(tiles, A, B, k0, k1, L.parts, reinterpret_cast<unsigned char*>(ctmp),
+                             16 * 4, 2 * 256 * 4, 256 * 4, false);
+      const float* mult = g.t->mult.data();
+      for (int ii = 0; ii < MI; ++ii) {
+        for (int jj = 0; jj < NJ; ++jj) {
+          const float* c = ctmp + (2 * ii + jj) * 256;
+          const V u = Ops::load(units + h0 + (j + jj) * 16);
+          for (int r = 0; r < 16; ++r) {
+            const Index key = (i + ii) * 16 + r;
+            V x = Ops::mul(Ops::load(c + r * 16), u);
+            if (L.fp8) {
+              x = Ops::mul(
+                  x,
+                  Ops::set1(mult[static_cast<std::size_t>(std::min(key, n - 1) * segments + seg)]));
+            }
+            float* dst = sc + key * h_group + (j + jj) * 16;
+            Ops::store(dst, seg == 0 ? x : Ops::add(Ops::load(dst), x));
+          }
         }
       }
-      const Index kb_seen = (seen + 31) / 32;  // 32-key blocks the weights cover
-      const Index pairs = kb_seen * 16;
+    }
+
+    /// Rows [r0, r1) (one query token's): O rescaled where the maximum rose, the weights as
+    /// BF16 tile rows, then O += P C over the keys they see.
+    MLA_KERNEL_NOINLINE void accumulate(Index r0, Index r1, Index seen, Index) {
+      decode::Buffers::PerThread& t = *g.t;
+      const Index D = L.D, h_group = g.stride;
+      const Index out_segments = L.fp8 ? L.tiles8 : 1;
+      const Index rows = r1 - r0;
+      const float* sc = g.scores;
+      const float* corr = g.corr;
+      float* o = g.o;
+      // The rescale, only for rows whose correction is not 1 (the maximum rose).
+      for (Index r = r0; r < r1; r += kW) {
+        const __mmask16 changed =
+            _mm512_cmp_ps_mask(Ops::load(corr + r), Ops::set1(1.0f), _CMP_NEQ_UQ);
+        for (unsigned m = changed; m != 0; m &= m - 1) {
+          const Index row = r + __builtin_ctz(m);
+          const V c = Ops::set1(corr[row]);
+          float* orow = o + row * D;
+          for (Index d = 0; d < D; d += kW) Ops::store(orow + d, Ops::mul(Ops::load(orow + d), c));
+        }
+      }
+      const Index kb_seen = (seen + 31) / 32;  // 32-key steps the weights cover
       // FP8: each output segment's scales divided by a power of two near their largest
       // (unit[os], multiplied back into the FP32 sums), so that the BF16 parts of the
       // weights stay clear of the subnormals the tiles treat as zero, whatever the scales.
@@ -378,100 +464,134 @@ struct TilePolicy {
         }
         unit[os] = L.fp8 ? power_of_two_above(mx) : 1.0f;
       }
+      // Weights: P[os][part][kb] [rows][32 keys] in BF16, from the scores [key][row]: pairs of
+      // consecutive keys for 16 rows, transposed 16 x 16 into tile rows.
+      std::uint16_t* pa = t.tile_p.data();
+      const Index p_parts = L.p_parts;
+      const Index part_step = kb_seen * rows * 32, seg_step = p_parts * part_step;
       for (Index os = 0; os < out_segments; ++os) {
         const float inv = 1.0f / unit[os];
-        for (Index jp = 0; jp < pairs; ++jp) {
-          const Index j = 2 * jp;
-          const float mu0 =
-              L.fp8 && j < n ? t.mult[static_cast<std::size_t>(j * segments + os)] * inv : 1.0f;
-          const float mu1 = L.fp8 && j + 1 < n
-                                ? t.mult[static_cast<std::size_t>((j + 1) * segments + os)] * inv
-                                : 1.0f;
-          for (Index r = r0; r < r1; r += kW) {
-            V x0 =
-                j < seen ? Ops::mul(Ops::load(sc + j * h_group + r), Ops::set1(mu0)) : Ops::zero();
-            V x1 = j + 1 < seen ? Ops::mul(Ops::load(sc + (j + 1) * h_group + r), Ops::set1(mu1))
-                                : Ops::zero();
-            for (Index p = 0; p < L.parts; ++p) {
-              _mm512_storeu_si512(
-                  reinterpret_cast<void*>(pp + ((os * L.parts + p) * pair_rows + jp) * h_group + r),
-                  next_part(x0, x1));
+        for (Index kb = 0; kb < kb_seen; ++kb) {
+          for (Index rb = r0; rb < r1; rb += 16) {
+            __m512i parts[kMaxWeightParts][16];
+            for (int i = 0; i < 16; ++i) {
+              const Index j = 32 * kb + 2 * i;
+              V x0 = Ops::zero(), x1 = Ops::zero();
+              if (j < seen) {
+                x0 = Ops::load(sc + j * h_group + rb);
+                if (L.fp8) {
+                  x0 = Ops::mul(
+                      x0, Ops::set1(t.mult[static_cast<std::size_t>(j * segments + os)] * inv));
+                }
+              }
+              if (j + 1 < seen) {
+                x1 = Ops::load(sc + (j + 1) * h_group + rb);
+                if (L.fp8) {
+                  x1 = Ops::mul(
+                      x1,
+                      Ops::set1(t.mult[static_cast<std::size_t>((j + 1) * segments + os)] * inv));
+                }
+              }
+              for (Index pp = 0; pp < p_parts; ++pp) parts[pp][i] = next_part(x0, x1);
+            }
+            for (Index pp = 0; pp < p_parts; ++pp) {
+              transpose16(parts[pp]);  // parts[pp][r] = row rb + r's 16 pairs
+              std::uint16_t* dst = pa + os * seg_step + pp * part_step + (kb * rows + rb - r0) * 32;
+              for (int r = 0; r < 16; ++r) {
+                _mm512_storeu_si512(reinterpret_cast<void*>(dst + r * 32), parts[pp][r]);
+              }
             }
           }
         }
       }
-      // The block holding the first key this token must not see, with that key and the
+      // The 32-key step holding the first key this token must not see, with that key and the
       // ones after it zero (their weights are zero; their values may not be finite).
       const Index full = seen / 32;
       const bool masked = seen % 32 != 0 && seen < n;
+      const std::uint32_t* vp = t.tile_v.data();
+      std::uint32_t* vmask = t.tile_v.data() + ((n + 31) / 32) * 16 * D;
       if (masked) {
-        const std::uint16_t* src = t.tile_ct.data() + full * D * 32;
-        for (Index d = 0; d < D; ++d) {
-          for (Index jj = 0; jj < 32; ++jj) {
-            ct_mask[d * 32 + jj] = full * 32 + jj < seen ? src[d * 32 + jj] : std::uint16_t{0};
+        for (Index jp = 0; jp < 16; ++jp) {
+          const Index j = 32 * full + 2 * jp;
+          const std::uint32_t keep = j + 1 < seen ? 0xFFFFFFFFu : j < seen ? 0x0000FFFFu : 0u;
+          const std::uint32_t* src = vp + (16 * full + jp) * D;
+          std::uint32_t* dst = vmask + jp * D;
+          const __m512i k = _mm512_set1_epi32(static_cast<int>(keep));
+          for (Index d = 0; d < D; d += kW) {
+            _mm512_storeu_si512(reinterpret_cast<void*>(dst + d),
+                                _mm512_and_si512(_mm512_loadu_si512(src + d), k));
           }
         }
       }
       const Index kb_plain = masked ? full : kb_seen;
-      const Index db = D / 16, rb0 = r0 / 16, rbn = (r1 - r0) / 16;
+      const Index db = D / 16, rbn = rows / 16;
+      float* ctmp = t.tile_c.data();
       for (Index os = 0; os < out_segments; ++os) {
         const Index d0 = L.fp8 ? os * 8 : 0, d1 = L.fp8 ? std::min(db, os * 8 + 8) : db;
-        Operand B;  // weights: B(j, k, p) = pair rows 16 k.., rows from block rb0 + j
-        B.base = reinterpret_cast<const unsigned char*>(pp + (os * L.parts * pair_rows) * h_group +
-                                                        rb0 * 16);
-        B.stride = h_group * 4;
-        B.step_i = 16 * 4;
-        B.step_k = 16 * h_group * 4;
-        B.step_p = pair_rows * h_group * 4;
-        for_blocks(d1 - d0, rbn, [&](auto mi, auto nj, Index i, Index j) {
+        Operand A;  // weights: A(i, k, p) = rows 16 i .., 32-key step k, part p
+        A.base = reinterpret_cast<const unsigned char*>(pa + os * seg_step);
+        A.stride = 64;
+        A.step_i = 16 * 64;
+        A.step_k = rows * 64;
+        A.step_p = part_step * 2;
+        Operand B;  // latent pairs: B(j, k) = dimensions 16 (d0 + j).., 32-key step k
+        B.base = reinterpret_cast<const unsigned char*>(vp + d0 * 16);
+        B.stride = D * 4;
+        B.step_i = 64;
+        B.step_k = 16 * D * 4;
+        Operand Bm = B;  // the masked step (k = full)
+        Bm.base = reinterpret_cast<const unsigned char*>(vmask + d0 * 16) - full * B.step_k;
+        for_blocks_b_outer(rbn, d1 - d0, [&](auto mi, auto nj, Index i, Index j) {
           constexpr int MI = decltype(mi)::value, NJ = decltype(nj)::value;
-          Operand A;  // latent: A(i, k) = dimensions 16 (d0 + i).., key block k
-          A.base = reinterpret_cast<const unsigned char*>(t.tile_ct.data() + (d0 + i) * 16 * 32);
-          A.stride = 64;
-          A.step_i = 16 * 64;
-          A.step_k = D * 64;
-          Operand Bj = B;
-          Bj.base += j * B.step_i;
-          float* c = ot + (d0 + i) * 16 * h_group + (rb0 + j) * 16;
-          // Non-FP8: the products add to O^T in the tiles. FP8: into fresh tiles, then
-          // O^T += unit * tiles.
-          const auto add = [&](const Operand& Ak, Index k0, Index k1) {
-            if (!L.fp8) {
-              product<MI, NJ>(tiles, Ak, Bj, k0, k1, L.parts, reinterpret_cast<unsigned char*>(c),
-                              h_group * 4, 16 * h_group * 4, 16 * 4, true);
-              return;
+          const Operand Ai = A.shifted(i), Bj = B.shifted(j), Bmj = Bm.shifted(j);
+          float* c = o + (r0 + 16 * i) * D + (d0 + j) * 16;
+          const Index c_stride = D * 4, c_i = 16 * D * 4, c_j = 64;
+          if (!L.fp8) {
+            // Accumulators loaded from O and stored back once per block (and once more for a
+            // masked step).
+            auto* cb = reinterpret_cast<unsigned char*>(c);
+            if (kb_plain > 0) {
+              product<MI, NJ, true>(tiles, Ai, Bj, 0, kb_plain, p_parts, cb, c_stride, c_i, c_j,
+                                    true);
             }
-            product<MI, NJ>(tiles, Ak, Bj, k0, k1, L.parts, reinterpret_cast<unsigned char*>(ctmp),
-                            16 * 4, 2 * 256 * 4, 256 * 4, false);
-            const V u = Ops::set1(unit[os]);
-            for (int ii = 0; ii < MI; ++ii) {
-              for (int jj = 0; jj < NJ; ++jj) {
-                const float* src = ctmp + (2 * ii + jj) * 256;
-                for (int r = 0; r < 16; ++r) {
-                  float* dst = c + (ii * 16 + r) * h_group + jj * 16;
-                  Ops::store(dst, Ops::fmadd(u, Ops::load(src + r * 16), Ops::load(dst)));
-                }
-              }
+            if (masked) {
+              product<MI, NJ, true>(tiles, Ai, Bmj, full, full + 1, p_parts, cb, c_stride, c_i, c_j,
+                                    true);
             }
-          };
-          if (kb_plain > 0) add(A, 0, kb_plain);
+            return;
+          }
+          // FP8: fresh tiles over the whole block, then O += unit * tiles.
+          auto* ct = reinterpret_cast<unsigned char*>(ctmp);
+          if (kb_plain > 0) {
+            product<MI, NJ, true>(tiles, Ai, Bj, 0, kb_plain, p_parts, ct, 16 * 4, 2 * 256 * 4,
+                                  256 * 4, false);
+            add_tiles<MI, NJ>(ctmp, c, unit[os]);
+          }
           if (masked) {
-            Operand Am = A;
-            Am.base = reinterpret_cast<const unsigned char*>(ct_mask + (d0 + i) * 16 * 32) -
-                      full * A.step_k;
-            add(Am, full, full + 1);
+            product<MI, NJ, true>(tiles, Ai, Bmj, full, full + 1, p_parts, ct, 16 * 4, 2 * 256 * 4,
+                                  256 * 4, false);
+            add_tiles<MI, NJ>(ctmp, c, unit[os]);
           }
         });
       }
     }
 
-    /// O^T [d_c][h_group] back to the frame's [h_group][d_c].
-    void finish() {
-      tiles.release();
-      for (Index d = 0; d < L.D; ++d) {
-        for (Index r = 0; r < g.hw; ++r) g.o[r * L.D + d] = ot[d * g.stride + r];
+    /// O (row stride d_c) += u * the MI x NJ tiles in ctmp.
+    template <int MI, int NJ>
+    MLA_KERNEL_INLINE void add_tiles(const float* ctmp, float* c, float unit) const {
+      const V u = Ops::set1(unit);
+      for (int ii = 0; ii < MI; ++ii) {
+        for (int jj = 0; jj < NJ; ++jj) {
+          const float* src = ctmp + (2 * ii + jj) * 256;
+          for (int r = 0; r < 16; ++r) {
+            float* dst = c + (ii * 16 + r) * L.D + jj * 16;
+            Ops::store(dst, Ops::fmadd(u, Ops::load(src + r * 16), Ops::load(dst)));
+          }
+        }
       }
     }
+
+    void finish() { tiles.release(); }
   };
 };
 

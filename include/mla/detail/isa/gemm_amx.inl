@@ -92,8 +92,9 @@ void rows_panels(const GemmArgs& a) {
           Bpj.base += j * Bp.step_i;
           auto* c = reinterpret_cast<unsigned char*>(ctmp);
           const Index plain = pad ? kb - 1 : kb;
-          product<MI, NJ>(tiles, Ai, Bj, 0, plain, 1, c, 64, 2 * 1024, 1024, false);
-          if (pad) product<MI, NJ>(tiles, Ai, Bpj, kb - 1, kb, 1, c, 64, 2 * 1024, 1024, true);
+          product<MI, NJ, false>(tiles, Ai, Bj, 0, plain, 1, c, 64, 2 * 1024, 1024, false);
+          if (pad)
+            product<MI, NJ, false>(tiles, Ai, Bpj, kb - 1, kb, 1, c, 64, 2 * 1024, 1024, true);
           // acc[row][token] += tile * scale[row] (* the tokens' W8A8 scales).
           for (int ii = 0; ii < MI; ++ii) {
             for (int jj = 0; jj < NJ; ++jj) {

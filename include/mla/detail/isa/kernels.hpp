@@ -121,7 +121,9 @@ inline constexpr Index attention_tile_scratch_floats(Index qk, Index v, Index ke
 /// The kernels of one target.
 struct Kernels {
   Isa isa = Isa::kPortable;
-  int width = 1;       ///< floats per SIMD vector
+  int width = 1;  ///< floats per SIMD vector
+  /// Keys per block of the absorbed decode step when DecodeOptions::tile_tokens is 0.
+  Index decode_block = 64;
   bool tiles = false;  ///< the decode steps may run on AMX tiles (their buffers need room)
   /// BF16 dot products (GemmArgs::dp) run in hardware (VDPBF16PS), at twice the FMA rate; where
   /// they are emulated, callers that may choose FP32 FMA instead (the indexer) do so.
