@@ -337,17 +337,35 @@ struct TilePolicy {
       kA = Operand{};
       kA.bases = bases;
       kA.step_k = 64;  // the row stride is per group: key_stride
-      // Latent pairs: B rows of the outputs.
+      // Latent pairs: B rows of the outputs, 32 values at a time in the order of the 16-bit
+      // unpacks (see kPairOrder); a last 16 in order.
       std::uint32_t* vp = t.tile_v.data();
+      const Index d32 = L.D / 32 * 32;
       for (Index jp = 0; jp < n32 / 2; ++jp) {
         const Index j = 2 * jp;
         const std::uint16_t* lo = j < n ? key_row(j) : zero_row;
         const std::uint16_t* hi = j + 1 < n ? key_row(j + 1) : zero_row;
         std::uint32_t* dst = vp + jp * L.D;
-        for (Index d = 0; d < L.D; d += kW) {
-          Ops::store(reinterpret_cast<float*>(dst + d), Ops::interleave_bf16(lo + d, hi + d));
+        for (Index d = 0; d < d32; d += 32) {
+          const __m512i a = _mm512_loadu_si512(lo + d), b = _mm512_loadu_si512(hi + d);
+          _mm512_storeu_si512(dst + d, _mm512_unpacklo_epi16(a, b));
+          _mm512_storeu_si512(dst + d + 16, _mm512_unpackhi_epi16(a, b));
+        }
+        if (d32 < L.D) {
+          Ops::store(reinterpret_cast<float*>(dst + d32), Ops::interleave_bf16(lo + d32, hi + d32));
         }
       }
+    }
+
+    /// Column c of each 32 of the outputs holds latent value kPairOrder[c] of those 32 (the
+    /// order 16-bit unpacks leave within 128-bit lanes); finish() puts them back in order.
+    static __m512i natural_order(int half) {
+      alignas(64) std::int32_t idx[16];
+      for (int k = 0; k < 16; ++k) {
+        const int dim = 16 * half + k, q = dim / 8, w = dim % 8;
+        idx[k] = w < 4 ? 4 * q + w : 16 + 4 * q + w - 4;
+      }
+      return _mm512_load_si512(idx);
     }
 
     /// Key row j of the block (after load_keys' choice for its group).
@@ -591,7 +609,19 @@ struct TilePolicy {
       }
     }
 
-    void finish() { tiles.release(); }
+    void finish() {
+      tiles.release();
+      const __m512i first = natural_order(0), second = natural_order(1);
+      const Index d32 = L.D / 32 * 32;
+      for (Index r = 0; r < g.hw; ++r) {
+        float* row = g.o + r * L.D;
+        for (Index d = 0; d < d32; d += 32) {
+          const __m512 lo = _mm512_loadu_ps(row + d), hi = _mm512_loadu_ps(row + d + 16);
+          _mm512_storeu_ps(row + d, _mm512_permutex2var_ps(lo, first, hi));
+          _mm512_storeu_ps(row + d + 16, _mm512_permutex2var_ps(lo, second, hi));
+        }
+      }
+    }
   };
 };
 
