@@ -15,11 +15,14 @@
 //                                                   attention
 //         prefill_chunked/<preset>/<tokens>/<chunk> the same in calls of <chunk> tokens
 //         project/<preset>/<matrix>/<dtype>/<batch> one projection (project_bf16: kBf16)
-// The FP32 FMA peak, the BF16 dot-product and AMX peaks (where the CPU has them) and the read
-// bandwidth are measured at start-up with the same threads and written to the JSON context
-// (fma_peak_gflops, bf16_peak_gflops, amx_peak_gflops, read_gbs); the counters peak_fraction,
-// bf16_peak_fraction, amx_fraction and roofline_fraction compare each benchmark with them, so the
-// ratios come from one run.
+// The FP32 FMA peak, the BF16 dot-product and AMX peaks (where the CPU has them: the tiles with
+// operands in registers, and as kernels feed them, A from L1 and B streamed from L2) and the
+// read bandwidth are measured at start-up with the same threads and written to the JSON context
+// (fma_peak_gflops, bf16_peak_gflops, amx_peak_gflops, amx_streamed_gflops, read_gbs); the
+// counters peak_fraction, bf16_peak_fraction, amx_fraction, tile_ceiling_fraction (against the
+// streamed tile ceiling), roofline_fraction and read_floor_fraction (the time to read the
+// benchmark's bytes once, a decode step's cache, over the step's) compare each benchmark with
+// them, so the ratios come from one run.
 //
 // A decode step here is the attention of one new token over `ctx` cached tokens: the part in
 // which the paths differ (the projections before and after are the same GEMVs for all). One
@@ -133,8 +136,14 @@ void run_steps(benchmark::State& state, double flops, double bytes, Step&& step)
   if (g_limits.bf16_gflops > 0)
     state.counters["bf16_peak_fraction"] = gflops / g_limits.bf16_gflops;
   if (g_limits.amx_gflops > 0) state.counters["amx_fraction"] = gflops / g_limits.amx_gflops;
+  if (g_limits.amx_streamed_gflops > 0) {
+    state.counters["tile_ceiling_fraction"] = gflops / g_limits.amx_streamed_gflops;
+  }
   state.counters["roofline_fraction"] = gflops / roof;
-  state.counters["step_ms"] = total / static_cast<double>(state.iterations()) * 1e3;
+  const double seconds = total / static_cast<double>(state.iterations());
+  state.counters["step_ms"] = seconds * 1e3;
+  // The time to read `bytes` once at the measured bandwidth, over the step's.
+  state.counters["read_floor_fraction"] = bytes / (g_limits.read_gbs * 1e9) / seconds;
 }
 
 void require_finite(benchmark::State& state, const RowMatrix<float>& m) {
@@ -657,6 +666,7 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("threads", std::to_string(kThreads));
   benchmark::AddCustomContext("bf16_peak_gflops", std::to_string(g_limits.bf16_gflops));
   benchmark::AddCustomContext("amx_peak_gflops", std::to_string(g_limits.amx_gflops));
+  benchmark::AddCustomContext("amx_streamed_gflops", std::to_string(g_limits.amx_streamed_gflops));
   benchmark::AddCustomContext("active_isa", mla::to_string(mla::active_isa()));
   register_all();
   benchmark::RunSpecifiedBenchmarks();

@@ -23,7 +23,10 @@ namespace bench {
 struct MachineLimits {
   double fma_gflops = 0;   // FP32 FMA, all threads
   double bf16_gflops = 0;  // AVX512-BF16 dot products, all threads (0 without them)
-  double amx_gflops = 0;   // AMX-BF16 tiles, all threads (0 without AMX)
+  double amx_gflops = 0;   // AMX-BF16 tiles, all threads (0 without AMX): operands in registers
+  /// AMX-BF16 tiles as kernels can feed them: 2 x 2 accumulators, A reloaded from L1 and B
+  /// streamed from L2 every k step (the decode kernels' pattern; 0 without AMX).
+  double amx_streamed_gflops = 0;
   double read_gbs = 0;     // GB/s, all threads
   int fma_width = 0;       // floats per FMA vector measured
 };
@@ -113,6 +116,37 @@ __attribute__((target("amx-tile,amx-bf16"))) inline float amx_chains(long iterat
   return c[0];
 }
 
+/// 2 x 2 accumulators; per k step A0, A1 reloaded from 2 KB (L1) and B0, B1 from the next 2 KB
+/// of 1 MB (L2), then 4 TDPBF16PS.
+__attribute__((target("amx-tile,amx-bf16"))) inline float amx_streamed(long iterations) {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  _tile_loadconfig(&cfg);
+  constexpr std::size_t kB = std::size_t{1} << 20;  // bytes of streamed B tiles
+  static thread_local std::vector<std::uint16_t> a(2 * 16 * 32, std::uint16_t{0x3f80});
+  static thread_local std::vector<std::uint16_t> b(kB / 2, std::uint16_t{0x3f80});
+  alignas(64) static thread_local float c[16 * 16];
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  const long steps = static_cast<long>(kB / 2048);
+  for (long k = 0; k < iterations; ++k) {
+    const std::uint16_t* bk = b.data() + (k % steps) * 1024;
+    _tile_loadd(4, a.data(), 64);
+    _tile_loadd(5, a.data() + 512, 64);
+    _tile_loadd(6, bk, 64);
+    _tile_loadd(7, bk + 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_release();
+  return c[0];
+}
+
 inline float sum_floats(const float* p, std::size_t n) {
   float a = 0, b = 0, c = 0, d = 0;
   std::size_t i = 0;
@@ -179,6 +213,11 @@ inline MachineLimits measure_machine(int threads) {
     const double a = detail::best_seconds(
         threads, 3, [&](int t) { sink[static_cast<std::size_t>(t)] = detail::amx_chains(tiles); });
     m.amx_gflops = 4.0 * 16 * 16 * 32 * 2 * static_cast<double>(tiles) * threads / a / 1e9;
+    const double st = detail::best_seconds(threads, 3, [&](int t) {
+      sink[static_cast<std::size_t>(t)] = detail::amx_streamed(tiles);
+    });
+    m.amx_streamed_gflops =
+        4.0 * 16 * 16 * 32 * 2 * static_cast<double>(tiles) * threads / st / 1e9;
   }
 
   std::vector<float> buffer(std::size_t{1} << 27, 1.0f);  // 512 MiB
