@@ -27,8 +27,8 @@ struct MachineLimits {
   /// AMX-BF16 tiles as kernels can feed them: 2 x 2 accumulators, A reloaded from L1 and B
   /// streamed from L2 every k step (the decode kernels' pattern; 0 without AMX).
   double amx_streamed_gflops = 0;
-  double read_gbs = 0;     // GB/s, all threads
-  int fma_width = 0;       // floats per FMA vector measured
+  double read_gbs = 0;  // GB/s, all threads
+  int fma_width = 0;    // floats per FMA vector measured
 };
 
 namespace detail {
