@@ -533,6 +533,39 @@ TEST(DecodeTiles, KeyCountsAroundTheBlockMatchTheReferenceOnEveryTarget) {
   std::printf("    [measured] tiles: fp32 worst %.2e, bf16 worst %.2e\n", worst[0], worst[1]);
 }
 
+TEST(DecodeTiles, RecordsThatOnlySeemStridedAreNotReadInPlace) {
+  // An engine's buffer in blocks of 5 records, no padding, whose table puts block 3 where the
+  // 16th key's record lies 15 records after the first one's, with other blocks between: the
+  // tile kernels may read 16 keys in place only when every one of them is at that stride.
+  const MlaConfig c = dims(16, 512, 64);
+  const Index K = 576, bt = 5, keys = 40, blocks = 16;
+  const mla::LatentRecordFormat format(512, 64, CacheStorage::kBFloat16);
+  std::vector<float> memory(blocks * bt * format.bytes() / sizeof(float) + 16);
+  mla::PagedLatentBuffer buf{format, memory.data(), blocks, bt, 0};
+  // Key 15 is block 3's slot 0: 15 records after key 0, with blocks 7 and 9 between.
+  const std::vector<std::int32_t> table = {0, 7, 9, 3, 11, 4, 13, 2};
+  const RowMatrix<float> kv0 = random_query_rows(keys, K, 47);
+  for (Index j = 0; j < keys; ++j) {
+    format.encode<float>(kv0.row(j).data(), kv0.row(j).data() + 512,
+                         buf.record(table[static_cast<std::size_t>(j / bt)], j % bt));
+  }
+  const mla::LatentView view(buf, table.data(), keys);
+  const RowMatrix<double> kv = test::cache_contents_of(view);
+  const RowMatrix<float> q = random_query_rows(16, K, 48);
+  const double scale = 1.0 / std::sqrt(192.0);
+  std::vector<double> want_out, want_lse;
+  reference_tokens(c, kv, q, scale, keys, 1, want_out, want_lse);
+  test::for_each_isa([&](mla::Isa isa) {
+    SCOPED_TRACE(mla::to_string(isa));
+    DecodeOptions o;
+    o.precision = mla::Precision::kBf16;
+    const DecodeErrors e =
+        decode_tokens_error(c, view, q, scale, keys, 1, 1, o, want_out, want_lse);
+    EXPECT_LE(e.out, kBf16OutTolerance);
+    EXPECT_LE(e.lse, kBf16LseTolerance);
+  });
+}
+
 TEST(DecodeTiles, TheTileModelCountsTheMinimalProductsAndOneAccumulatorPassPerBlock) {
   // Counted on the tile model: every TDPBF16PS, every accumulator tile load and store, and the
   // cache bytes the blocks fetch. Products: each 16 keys x 16 query rows x 32-wide k block once

@@ -306,13 +306,18 @@ struct TilePolicy {
       decode_bf16::KeyLayout kl(cache.layout);
       kl.d_even = L.d_pad;
       kl.k_even = L.d_pad + L.R;
-      // Each 16 keys: their records when they lie at one stride (direct layout), else copies.
+      // Each 16 keys: their records when every one lies at one stride from the first (direct
+      // layout), else copies. (The first and last alone prove nothing: a block table or a
+      // selection may put other records between them.)
       const unsigned char** bases = t.tile_rows.data();
       for (Index gi = 0; gi < groups; ++gi) {
         const Index first = 16 * gi, count = std::min<Index>(16, n - first);
         const unsigned char* rec0 = cache.record(j0 + first);
-        if (L.direct && count == 16 &&
-            cache.record(j0 + first + 15) == rec0 + 15 * L.record_bytes) {
+        bool strided = L.direct && count == 16;
+        for (Index j = 1; strided && j < 16; ++j) {
+          strided = cache.record(j0 + first + j) == rec0 + j * L.record_bytes;
+        }
+        if (strided) {
           bases[gi] = rec0;
           continue;
         }
