@@ -282,6 +282,7 @@ struct TilePolicy {
     Operand kA;   // this block's key rows: A(i, k) = keys 16 i .., k block k
     Index n = 0;  // keys of the current block
     Index segments = 1;
+    float out_units[kMaxTiles8] = {};  // FP8: each output segment's unit (0: none yet)
 
     Worker(const TilePolicy& policy, const decode_frame::Group& group)
         : p(policy), g(group), L(policy.L), segments(policy.L.tiles8 + 1) {
@@ -474,18 +475,20 @@ struct TilePolicy {
         }
       }
       const Index kb_seen = (seen + 31) / 32;  // 32-key steps the weights cover
-      // FP8: each output segment's scales divided by a power of two near their largest
-      // (unit[os], multiplied back into the FP32 sums), so that the BF16 parts of the
-      // weights stay clear of the subnormals the tiles treat as zero, whatever the scales.
-      float unit[kMaxTiles8];
-      for (Index os = 0; os < out_segments; ++os) {
+      // FP8: each output segment's scales divided by a power of two above the largest so far
+      // (out_units[os]: O's columns of the segment hold sums / unit, multiplied back in finish()),
+      // so that the BF16 parts of the weights stay clear of the subnormals the tiles treat as
+      // zero, whatever the scales. A larger scale raises the unit and rescales those columns
+      // (by a power of two: exact) for every row, so the accumulators stay in O.
+      for (Index os = 0; os < out_segments && L.fp8; ++os) {
         float mx = 0.0f;
-        if (L.fp8) {
-          for (Index j = 0; j < seen; ++j) {
-            mx = std::max(mx, t.mult[static_cast<std::size_t>(j * segments + os)]);
-          }
+        for (Index j = 0; j < seen; ++j) {
+          mx = std::max(mx, t.mult[static_cast<std::size_t>(j * segments + os)]);
         }
-        unit[os] = L.fp8 ? power_of_two_above(mx) : 1.0f;
+        const float u = power_of_two_above(mx);
+        if (u <= out_units[os]) continue;
+        if (out_units[os] > 0.0f) scale_columns(os, out_units[os] / u);
+        out_units[os] = u;
       }
       // Weights: P[os][part][kb] [rows][32 keys] in BF16, from the scores [key][row]: pairs of
       // consecutive keys for 16 rows, transposed 16 x 16 into tile rows.
@@ -493,7 +496,7 @@ struct TilePolicy {
       const Index p_parts = L.p_parts;
       const Index part_step = kb_seen * rows * 32, seg_step = p_parts * part_step;
       for (Index os = 0; os < out_segments; ++os) {
-        const float inv = 1.0f / unit[os];
+        const float inv = L.fp8 ? 1.0f / out_units[os] : 1.0f;
         for (Index kb = 0; kb < kb_seen; ++kb) {
           for (Index rb = r0; rb < r1; rb += 16) {
             __m512i parts[kMaxWeightParts][16];
@@ -548,7 +551,6 @@ struct TilePolicy {
       }
       const Index kb_plain = masked ? full : kb_seen;
       const Index db = D / 16, rbn = rows / 16;
-      float* ctmp = t.tile_c.data();
       for (Index os = 0; os < out_segments; ++os) {
         const Index d0 = L.fp8 ? os * 8 : 0, d1 = L.fp8 ? std::min(db, os * 8 + 8) : db;
         Operand A;  // weights: A(i, k, p) = rows 16 i .., 32-key step k, part p
@@ -569,53 +571,36 @@ struct TilePolicy {
           const Operand Ai = A.shifted(i), Bj = B.shifted(j), Bmj = Bm.shifted(j);
           float* c = o + (r0 + 16 * i) * D + (d0 + j) * 16;
           const Index c_stride = D * 4, c_i = 16 * D * 4, c_j = 64;
-          if (!L.fp8) {
-            // Accumulators loaded from O and stored back once per block (and once more for a
-            // masked step).
-            auto* cb = reinterpret_cast<unsigned char*>(c);
-            if (kb_plain > 0) {
-              product<MI, NJ, true>(tiles, Ai, Bj, 0, kb_plain, p_parts, cb, c_stride, c_i, c_j,
-                                    true);
-            }
-            if (masked) {
-              product<MI, NJ, true>(tiles, Ai, Bmj, full, full + 1, p_parts, cb, c_stride, c_i, c_j,
-                                    true);
-            }
-            return;
-          }
-          // FP8: fresh tiles over the whole block, then O += unit * tiles.
-          auto* ct = reinterpret_cast<unsigned char*>(ctmp);
+          // Accumulators loaded from O and stored back once per block (and once more for a
+          // masked step).
+          auto* cb = reinterpret_cast<unsigned char*>(c);
           if (kb_plain > 0) {
-            product<MI, NJ, true>(tiles, Ai, Bj, 0, kb_plain, p_parts, ct, 16 * 4, 2 * 256 * 4,
-                                  256 * 4, false);
-            add_tiles<MI, NJ>(ctmp, c, unit[os]);
+            product<MI, NJ, true>(tiles, Ai, Bj, 0, kb_plain, p_parts, cb, c_stride, c_i, c_j,
+                                  true);
           }
           if (masked) {
-            product<MI, NJ, true>(tiles, Ai, Bmj, full, full + 1, p_parts, ct, 16 * 4, 2 * 256 * 4,
-                                  256 * 4, false);
-            add_tiles<MI, NJ>(ctmp, c, unit[os]);
+            product<MI, NJ, true>(tiles, Ai, Bmj, full, full + 1, p_parts, cb, c_stride, c_i, c_j,
+                                  true);
           }
         });
       }
     }
 
-    /// O (row stride d_c) += u * the MI x NJ tiles in ctmp.
-    template <int MI, int NJ>
-    MLA_KERNEL_INLINE void add_tiles(const float* ctmp, float* c, float unit) const {
-      const V u = Ops::set1(unit);
-      for (int ii = 0; ii < MI; ++ii) {
-        for (int jj = 0; jj < NJ; ++jj) {
-          const float* src = ctmp + (2 * ii + jj) * 256;
-          for (int r = 0; r < 16; ++r) {
-            float* dst = c + (ii * 16 + r) * L.D + jj * 16;
-            Ops::store(dst, Ops::fmadd(u, Ops::load(src + r * 16), Ops::load(dst)));
-          }
-        }
+    /// O's columns of FP8 output segment os, every row, times f.
+    void scale_columns(Index os, float f) {
+      const V x = Ops::set1(f);
+      const Index d0 = os * 128, d1 = std::min(L.D, d0 + 128);
+      for (Index r = 0; r < g.hw; ++r) {
+        float* row = g.o + r * L.D;
+        for (Index d = d0; d < d1; d += kW) Ops::store(row + d, Ops::mul(Ops::load(row + d), x));
       }
     }
 
     void finish() {
       tiles.release();
+      for (Index os = 0; os < L.tiles8; ++os) {
+        if (out_units[os] > 0.0f) scale_columns(os, out_units[os]);
+      }
       const __m512i first = natural_order(0), second = natural_order(1);
       const Index d32 = L.D / 32 * 32;
       for (Index r = 0; r < g.hw; ++r) {
