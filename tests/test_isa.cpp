@@ -243,6 +243,33 @@ TEST(IsaKernels, AnAmxTileProductMatchesScalarSums) {
 #endif
 }
 
+TEST(IsaKernels, EveryE4M3CodeWidensToItsExactBf16Value) {
+  // The AMX decode step's widening of FP8 keys (bit arithmetic, a table for the subnormals):
+  // each of the 256 codes, in every lane position, against the scalar decoder; NaN stays NaN.
+#if MLA_ISA_X86
+  if (!mla::isa_available(Isa::kAmxModel)) GTEST_SKIP() << "needs AVX512-BF16 (AVX512-BW)";
+  std::vector<unsigned char> codes(256 + 31);
+  for (std::size_t i = 0; i < codes.size(); ++i) codes[i] = static_cast<unsigned char>(i * 37 + 5);
+  for (std::size_t shift = 0; shift < 32; ++shift) {  // each code through each lane
+    std::vector<std::uint16_t> got(256);
+    mla::detail::isa::amx::decode_amx::e4m3_to_bf16(codes.data() + shift, 256, got.data());
+    for (std::size_t i = 0; i < 256; ++i) {
+      const float want = mla::detail::decode_fp8<mla::detail::E4M3FNFormat>(codes[i + shift]);
+      const std::uint32_t bits = std::uint32_t{got[i]} << 16;
+      float value;
+      std::memcpy(&value, &bits, sizeof value);
+      if (std::isnan(want)) {
+        EXPECT_TRUE(std::isnan(value)) << "code " << int{codes[i + shift]};
+      } else {
+        EXPECT_EQ(value, want) << "code " << int{codes[i + shift]};
+      }
+    }
+  }
+#else
+  GTEST_SKIP() << "this build has only the portable kernels";
+#endif
+}
+
 TEST(IsaKernels, TheTileModelMatchesScalarSums) {
   // The software model the amx_model target runs the AMX kernels on: the same products, so
   // that the tile kernels' operand layouts are tested on any AVX512-BF16 CPU.
