@@ -655,10 +655,20 @@ inline bool tiles_take(const LatentLayout& l) {
   return l.kv_lora_rank % 16 == 0 && l.kv_lora_rank <= 128 * kMaxTiles8;
 }
 
+/// The call with its query rows in groups of at most 256 (unless the caller chose the groups):
+/// each group's output, scores and query panel then stay in L2 beside the key block.
+inline DecodeArgs in_row_groups(const DecodeArgs& a) {
+  DecodeArgs b = a;
+  const Index rows = decode::query_rows(a.heads, a.tokens, kW);
+  if (b.options.head_groups == 1 && rows > 256) b.options.head_groups = (rows + 255) / 256;
+  return b;
+}
+
 /// Precision::kFp32: tiles for BF16 and FP8 caches (three parts), the AVX-512 FMA kernel for
 /// the others.
 template <class Tiles>
-void decode_absorbed(const DecodeArgs& a) {
+void decode_absorbed(const DecodeArgs& args) {
+  const DecodeArgs a = in_row_groups(args);
   const CacheStorage st = a.cache.layout.storage;
   if (!tiles_take(a.cache.layout) ||
       (st != CacheStorage::kBFloat16 && st != CacheStorage::kFp8E4M3)) {
@@ -670,7 +680,8 @@ void decode_absorbed(const DecodeArgs& a) {
 
 /// Precision::kBf16: tiles for every cache whose latent width is a multiple of 16.
 template <class Tiles>
-void decode_absorbed_bf16(const DecodeArgs& a) {
+void decode_absorbed_bf16(const DecodeArgs& args) {
+  const DecodeArgs a = in_row_groups(args);
   if (!tiles_take(a.cache.layout)) {
     avx512_bf16::decode_absorbed_bf16(a);
     return;
