@@ -17,6 +17,7 @@
 
 #include "mla/detail/isa/intrinsics.hpp"
 #include "mla/isa.hpp"
+#include "mla/matrix.hpp"
 
 namespace bench {
 
@@ -88,19 +89,31 @@ struct alignas(64) TileConfig {
   std::uint8_t rows[16] = {};
 };
 
-/// 4 accumulator tiles, 2 A and 2 B tiles; each TDPBF16PS is 16 x 16 x 32 multiply-adds.
-__attribute__((target("amx-tile,amx-bf16"))) inline float amx_chains(long iterations) {
+/// Every tile 16 rows of 64 bytes, the 4 accumulators zero.
+__attribute__((target("amx-tile,amx-bf16"))) inline void start_tiles() {
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
   _tile_loadconfig(&cfg);
-  alignas(64) static thread_local std::uint16_t a[16 * 32], b[16 * 32];
-  alignas(64) static thread_local float c[16 * 16];
-  std::fill(a, a + 16 * 32, std::uint16_t{0x3f80});
-  std::fill(b, b + 16 * 32, std::uint16_t{0x3f80});
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
+}
+
+/// One accumulator's first value (keeps the products alive), the tile state released.
+__attribute__((target("amx-tile,amx-bf16"))) inline float finish_tiles() {
+  alignas(64) static thread_local float c[16 * 16];
+  _tile_stored(0, c, 64);
+  _tile_release();
+  return c[0];
+}
+
+/// 4 accumulator tiles, 2 A and 2 B tiles; each TDPBF16PS is 16 x 16 x 32 multiply-adds.
+__attribute__((target("amx-tile,amx-bf16"))) inline float amx_chains(long iterations) {
+  start_tiles();
+  alignas(64) static thread_local std::uint16_t a[16 * 32], b[16 * 32];
+  std::fill(a, a + 16 * 32, std::uint16_t{0x3f80});
+  std::fill(b, b + 16 * 32, std::uint16_t{0x3f80});
   _tile_loadd(4, a, 64);
   _tile_loadd(5, b, 64);
   _tile_loadd(6, a, 64);
@@ -111,25 +124,17 @@ __attribute__((target("amx-tile,amx-bf16"))) inline float amx_chains(long iterat
     _tile_dpbf16ps(2, 6, 5);
     _tile_dpbf16ps(3, 6, 7);
   }
-  _tile_stored(0, c, 64);
-  _tile_release();
-  return c[0];
+  return finish_tiles();
 }
 
 /// 2 x 2 accumulators; per k step A0, A1 reloaded from 2 KB (L1) and B0, B1 from the next 2 KB
-/// of 1 MB (L2), then 4 TDPBF16PS.
+/// of 1 MB (L2), then 4 TDPBF16PS. Tile rows 64-byte aligned, as the kernels keep them.
 __attribute__((target("amx-tile,amx-bf16"))) inline float amx_streamed(long iterations) {
-  TileConfig cfg;
-  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-  _tile_loadconfig(&cfg);
+  start_tiles();
   constexpr std::size_t kB = std::size_t{1} << 20;  // bytes of streamed B tiles
-  static thread_local std::vector<std::uint16_t> a(2 * 16 * 32, std::uint16_t{0x3f80});
-  static thread_local std::vector<std::uint16_t> b(kB / 2, std::uint16_t{0x3f80});
-  alignas(64) static thread_local float c[16 * 16];
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  static thread_local mla::detail::AlignedVector<std::uint16_t> a(2 * 16 * 32,
+                                                                  std::uint16_t{0x3f80});
+  static thread_local mla::detail::AlignedVector<std::uint16_t> b(kB / 2, std::uint16_t{0x3f80});
   const long steps = static_cast<long>(kB / 2048);
   for (long k = 0; k < iterations; ++k) {
     const std::uint16_t* bk = b.data() + (k % steps) * 1024;
@@ -142,9 +147,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline float amx_streamed(long iter
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, c, 64);
-  _tile_release();
-  return c[0];
+  return finish_tiles();
 }
 
 inline float sum_floats(const float* p, std::size_t n) {

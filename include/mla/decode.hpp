@@ -101,11 +101,7 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
       "decode_absorbed: options need tile_tokens 0 or a multiple of 16 in [16, ",
       "4096], splits in [0, 4096] and head_groups >= 1; got ", options.tile_tokens, ", ",
       options.splits, ", ", options.head_groups);
-  const detail::isa::Kernels& k = detail::isa::kernels();
-  const int threads = mla::concurrency(pool);
-  DecodeOptions resolved = options;
-  resolved.tile_tokens = decode_block_tokens(options);
-  k.reserve_decode(ws.buffers(), c, resolved, threads, T);
+  ws.reserve(c, options, mla::concurrency(pool), T);
 
   detail::isa::DecodeArgs a;
   a.cache = cache.blocks();
@@ -120,8 +116,10 @@ inline void decode_absorbed(const MlaConfig& c, const LatentView& cache,
   a.lse_stride = lse.outerStride();
   a.buffers = &ws.buffers();
   a.pool = pool;
-  a.options = resolved;
+  a.options = options;
+  a.options.tile_tokens = decode_block_tokens(options);
   a.keys = keys;
+  const detail::isa::Kernels& k = detail::isa::kernels();
   if (options.precision == Precision::kBf16) {
     k.decode_absorbed_bf16(a);
   } else {

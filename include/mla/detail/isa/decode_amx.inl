@@ -13,9 +13,9 @@
 //   outputs O [rows][d_c] += P [rows][keys] C [keys][d_c]: A = the softmax weights in BF16
 //           (rows in M, 32 consecutive keys per tile row), B = the latent in pairs of
 //           consecutive keys (two records interleaved, no transpose); O is the frame's output,
-//           each accumulator tile loaded and stored once per block (FP8: accumulated from zero
-//           per output segment and added with its unit). O is rescaled in memory only for rows
-//           whose running maximum rose.
+//           each accumulator tile loaded and stored once per block (FP8: each output segment's
+//           columns hold their sums over a power-of-two unit kept for the part). O is rescaled
+//           in memory only for rows whose running maximum rose.
 // Precision: kBf16 rounds the queries (times the softmax scale) and the weights once to BF16;
 // kFp32 splits the queries into three BF16 parts and the weights into two (sums of parts hold
 // 24 and 16 significant bits; the tested bound is 1e-5 relative), one tile product per part,
@@ -353,19 +353,10 @@ struct TilePolicy {
             continue;
           }
           const unsigned char* rec = cache.record(j0 + first + j);
-          if (L.fp8) {
-            for (const RecordSegment& sg : p.record) {
-              const unsigned char* src = rec + sg.offset;
-              std::uint16_t* out = row + (sg.first < L.D ? sg.first : L.d_pad + sg.first - L.D);
-              if (sg.element == Element::kE4M3) {
-                e4m3_to_bf16(src, sg.count, out);
-              } else {  // k^R in BF16
-                std::memcpy(out, src, sizeof(std::uint16_t) * static_cast<std::size_t>(sg.count));
-              }
-            }
-          } else {
-            decode_bf16::key_to_bf16(p.record, kl, rec, row, t.tile.data());
-          }
+          decode_bf16::key_to_bf16(p.record, kl, rec, row, t.tile.data(),
+                                   [](const unsigned char* src, Index count, std::uint16_t* out) {
+                                     e4m3_to_bf16(src, count, out);  // 32 codes at a time
+                                   });
           std::fill(row + L.D, row + L.d_pad, std::uint16_t{0});
           std::fill(row + L.d_pad + L.R, row + L.k_pad, std::uint16_t{0});
           if (L.fp8) {
@@ -379,7 +370,7 @@ struct TilePolicy {
       kA.bases = bases;
       kA.step_k = 64;  // the row stride is per group: key_stride
       // Latent pairs: B rows of the outputs, 32 values at a time in the order of the 16-bit
-      // unpacks (see kPairOrder); a last 16 in order.
+      // unpacks (see natural_order); a last 16 in order.
       std::uint32_t* vp = t.tile_v.data();
       const Index d32 = L.D / 32 * 32;
       for (Index jp = 0; jp < n32 / 2; ++jp) {
@@ -398,8 +389,9 @@ struct TilePolicy {
       }
     }
 
-    /// Column c of each 32 of the outputs holds latent value kPairOrder[c] of those 32 (the
-    /// order 16-bit unpacks leave within 128-bit lanes); finish() puts them back in order.
+    /// The outputs' columns of each 32 hold the latent values in the order 16-bit unpacks leave
+    /// them (within 128-bit lanes); finish() puts them back in order with these indices (the
+    /// first or second 16 values of the 32).
     static __m512i natural_order(int half) {
       alignas(64) std::int32_t idx[16];
       for (int k = 0; k < 16; ++k) {

@@ -23,11 +23,23 @@ struct KeyLayout {
       : d(l.kv_lora_rank), r(l.rope_dim), d_even((d + 1) / 2 * 2), k_even(d_even + r) {}
 };
 
+/// E4M3 codes to BF16 through the target's widening to float, a vector at a time.
+struct WidenE4M3 {
+  void operator()(const unsigned char* src, Index count, std::uint16_t* out) const {
+    Index i = 0;
+    for (; i + kW <= count; i += kW) Ops::store_bf16_exact(out + i, Ops::widen_e4m3(src + i));
+    for (; i < count; ++i) out[i] = bf16_bits(decode_fp8<E4M3FNFormat>(src[i]));
+  }
+};
+
 /// One record's [c ; k^R] as BF16 into dst [k_even], segment by segment: exact for BF16
-/// segments and E4M3 codes (unscaled: the scales are applied as multipliers), rounded for FP32
-/// and FP64. `scratch` holds d + r floats.
+/// segments and E4M3 codes (unscaled: the scales are applied as multipliers; `e4m3` widens
+/// them, a target may pass a faster route), rounded for FP32 and FP64. `scratch` holds d + r
+/// floats.
+template <class E4M3 = WidenE4M3>
 inline void key_to_bf16(const RecordSegments& segments, const KeyLayout& k,
-                        const unsigned char* rec, std::uint16_t* dst, float* scratch) {
+                        const unsigned char* rec, std::uint16_t* dst, float* scratch,
+                        E4M3 e4m3 = {}) {
   for (const RecordSegment& s : segments) {
     // The segment's fields in locals: the vector stores below may alias anything in memory.
     const unsigned char* src = rec + s.offset;
@@ -39,8 +51,7 @@ inline void key_to_bf16(const RecordSegments& segments, const KeyLayout& k,
         std::memcpy(out, src, sizeof(std::uint16_t) * static_cast<std::size_t>(count));
         break;
       case Element::kE4M3:
-        for (; i + kW <= count; i += kW) Ops::store_bf16_exact(out + i, Ops::widen_e4m3(src + i));
-        for (; i < count; ++i) out[i] = bf16_bits(decode_fp8<E4M3FNFormat>(src[i]));
+        e4m3(src, count, out);
         break;
       default:  // FP32, FP64: widened to float (FP64 rounds once), then rounded to BF16
         widen_segment(s, rec, scratch);
